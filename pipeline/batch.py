@@ -20,8 +20,9 @@ fixed rows pads each row to ``row_len``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,32 +130,24 @@ class PackedBatch:
             return 0.0
         return 1.0 - self.total_tokens / capacity
 
-    def to(self, device, non_blocking: bool = False) -> PackedBatch:
-        """A copy on ``device``; the derived Python ints stay as they are (no device sync)."""
+    _TENSOR_FIELDS = ("frames", "n_frames", "labels", "frame_shift_ms", "rows", "tokens", "cu_seqlens")
 
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        out = replace(
-            self,
-            frames=move(self.frames),
-            n_frames=self.n_frames,
-            labels=move(self.labels),
-            frame_shift_ms=self.frame_shift_ms,
-            rows=self.rows,
-        )
-        # Derived fields were computed on the CPU in __post_init__; only their copies move.
-        out.tokens = move(self.tokens)
-        out.cu_seqlens = move(self.cu_seqlens)
-        out.n_frames = move(self.n_frames)
-        out.frame_shift_ms = move(self.frame_shift_ms)
-        out.rows = move(self.rows)
+    def _map_tensors(self, fn) -> PackedBatch:
+        """A shallow copy with ``fn`` applied to every tensor field; derived Python ints are kept (no device sync)."""
+        out = copy.copy(self)
+        for name in self._TENSOR_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(out, name, fn(value))
         return out
+
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
+        """A copy on ``device``."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedBatch:
         """Pinned copy for fast host-to-device transfer (DataLoader ``pin_memory=True`` calls this)."""
-        out = replace(self, frames=self.frames.pin_memory(), labels=self.labels.pin_memory())
-        return out
+        return self._map_tensors(lambda t: t.pin_memory())
 
     def clip_frames(self) -> list[torch.Tensor]:
         """The clips as a list of ``(T_i, F)`` views."""

@@ -24,7 +24,7 @@ def ms_to_samples(ms: float, sr: float) -> int:
 
 def seconds_to_samples(s: float, sr: float) -> int:
     """Nearest whole sample for a time in seconds (segment boundaries, length caps)."""
-    return int(math.floor(s * sr + 0.5))
+    return math.floor(s * sr + 0.5)
 
 
 def samples_to_seconds(n: int, sr: float) -> float:
