@@ -1,0 +1,381 @@
+"""One config schema for every training recipe: dataclasses loaded from YAML, validated all at once.
+
+Sections: ``run`` (where and how), ``data`` (shards, resolution, length, augmentation, token budget),
+``model`` (size, patch, positions, pooling), ``recipe`` (ast | flexiast | elasticast | coarse_to_fine),
+``optim`` (optimizer, schedule, steps) and ``eval`` (what to measure while training).
+
+Loading collects every problem (unknown keys, wrong types, bad values) with its dotted key path and
+raises one :class:`ConfigError` listing them all. ``--set a.b=value`` overrides are coerced to the
+field's declared type (``optim.lr=1e-4`` becomes a float even though YAML 1.1 reads it as a string).
+
+Units: lengths in frames, frame shifts in milliseconds, learning rates per optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how the run is executed."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    log_every: int = 10
+    ckpt_every: int = 0  # steps between checkpoints; 0: only at the end of each epoch/phase
+    keep_last: int = 3  # step checkpoints kept (epoch checkpoints are kept for weight averaging)
+    progress: bool = True
+    tensorboard: bool = True
+    attention: str = "auto"  # backend override passed to the model
+
+
+@dataclass
+class SpecAugConfig:
+    freq_mask: int = 0  # max width in mel bins (AST AudioSet: 48)
+    time_mask: int = 0  # max width in 10 ms frames, scaled by 1/C at coarser resolutions (AST AudioSet: 192)
+
+
+@dataclass
+class DataConfig:
+    """Shards and the per-clip data path (resolution, length, augmentation, packing)."""
+
+    train: str = ""  # index.json, folder, glob, brace pattern or URL of training shards
+    valid: str = ""  # same for the held-out set ('' = no evaluation during training)
+    labels: Literal["multi", "single"] = "multi"  # multi-hot + BCE, or class index + CE
+    resolution: Literal["fixed", "random", "pool"] = "fixed"
+    shift_ms: float = 10.0  # fixed policy, and the base shift of the pool policy
+    shifts_ms: list[float] = field(default_factory=list)  # random policy: draw per clip ([] = every stored shift)
+    pool_factors: list[int] = field(default_factory=lambda: [1])  # pool policy: R drawn per clip
+    pool_mode: Literal["avg", "max"] = "avg"
+    max_frames: int = 1024  # length cap in frames at the clip's own shift (random crop in training)
+    pad_to: int = 0  # >0: classic AST fixed length (pad or cut to this many frames, padded model input)
+    token_budget: int = 4096  # tokens per optimizer micro-step (flat mode)
+    row_len: int = 0  # >0: ElasticAST rows of this many tokens (row mode), token_budget = rows × row_len
+    pack_buffer: int = 64  # clips the packer looks ahead over
+    shuffle_buffer: int = 256
+    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+    mixup: float = 0.0  # probability of mixing a batch (AST: 0.5), λ ~ Beta(mixup_alpha, mixup_alpha)
+    mixup_alpha: float = 10.0
+    balanced: bool = False  # AST balanced sampling weights
+    norm: list[float] = field(default_factory=list)  # [mean, std]; [] = per-shift stats from index.json
+    workers: int = 0
+    eval_max_frames: int = 0  # cap for held-out clips (0: max_frames); cut only, never padded
+
+
+@dataclass
+class ModelConfig:
+    """Encoder size and the flexible parts (patch, positions, pooling)."""
+
+    preset: str = "tiny"  # tiny | small | base | custom (then embed_dim/depth/heads are used)
+    embed_dim: int = 0  # 0 = preset value
+    depth: int = 0
+    heads: int = 0
+    mlp_ratio: float = 4.0
+    n_mels: int = 128
+    base_patch: list[int] = field(default_factory=lambda: [16, 16])  # (p_f, p_t) of the stored kernel
+    pos: Literal["grid", "factorised"] = "grid"
+    pool: Literal["cls", "cls_dist", "attention", "mean"] = "cls"
+    max_time_tokens: int = 256  # time positions of the table (grid width or factorised time table)
+    token_dropout: float = 0.0  # fraction of tokens dropped per clip in training (ElasticAST: 0.1)
+    drop_path: float = 0.0
+    fstride: int = 0  # padded AST input: overlap strides (0 = patch size, no overlap; AST: 10)
+    tstride: int = 0
+    init: str = ""  # checkpoint to start from ('' = random)
+    init_format: Literal["flexast", "official", "hf"] = "flexast"
+
+
+@dataclass
+class KDConfig:
+    teacher: str = ""  # flexast checkpoint directory of a frozen teacher ('' = supervised)
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of the KL term; the label loss gets 1 - alpha
+    teacher_patch: list[int] = field(default_factory=list)  # [] = the teacher's own base patch
+
+
+@dataclass
+class PhaseConfig:
+    """One coarse-to-fine phase: a temporal compression by ``factor`` and how long to train."""
+
+    method: Literal["fshift", "pool", "patch", "none"] = "none"
+    factor: int = 1  # R
+    pool_mode: Literal["avg", "max"] = "avg"
+    transfer: Literal["pi", "bilinear"] = "pi"  # Patch method: how weights move to the next phase's kernel
+    epochs: float = 0.0
+    steps: int = 0  # used when epochs == 0
+    recipe: Literal["ast", "flexiast", "elasticast"] = "ast"  # what trains inside the phase
+
+
+@dataclass
+class RecipeConfig:
+    name: Literal["ast", "flexiast", "elasticast", "coarse_to_fine"] = "ast"
+    patch: list[int] = field(default_factory=lambda: [16, 16])  # fixed patch (ast, elasticast)
+    patch_sizes: list[int] = field(default_factory=lambda: [8, 10, 12, 16, 20, 24, 30, 32, 40, 48])
+    time_only: bool = False  # flexiast: patches (p_f_fixed, p) (VoxCeleb)
+    resize: Literal["pi", "bilinear"] = "pi"
+    kd: KDConfig = field(default_factory=KDConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 5e-7
+    loss: Literal["auto", "bce", "ce"] = "auto"  # auto: bce for multi labels, ce for single
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    warmup_steps: int = 1000
+    decay_start_epoch: int = 2  # step schedule: first epoch (0-based) at the decayed lr
+    decay_every: int = 1
+    decay_factor: float = 0.5
+    min_lr: float = 0.0
+    epochs: float = 5.0
+    steps: int = 0  # >0 overrides epochs
+    steps_per_epoch: int = 0  # 0 = measured by one pass over the loader plan / index counts
+    grad_accum_tokens: int = 0  # accumulate micro-steps until this many tokens (0 = one micro-step)
+    grad_clip: float = 0.0
+    ema: float = 0.0  # >0: keep an EMA of the weights with this decay
+    average: list[int] = field(default_factory=list)  # [a, b]: average epoch checkpoints a..b at the end
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between held-out evaluations (0 = end of each epoch)
+    patch_sizes: list[int] = field(default_factory=list)  # [] = the training patch only
+    max_clips: int = 0  # 0 = the whole held-out set
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and coercion
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool) -> Any:
+    """``value`` converted to type ``tp``; problems are appended to ``errors`` with ``path``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, path, errors)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, errors, from_text)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{path}: {value!r} is not one of {list(args)}")
+            return args[0]
+        return value
+    if origin is list:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        return [_coerce(v, args[0], f"{path}[{i}]", errors, from_text) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        errors.append(f"{path}: expected true/false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, bool):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+            return 0
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+            if f.is_integer():
+                return int(f)
+        except (TypeError, ValueError):
+            pass
+        errors.append(f"{path}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, bool):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return 0.0
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return 0.0
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            errors.append(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+            return ""
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls, raw: dict, path: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            errors.append(f"{where}: unknown key (valid keys of {path or 'the top level'}: {sorted(names)})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], where, errors, from_text=False)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, errors: list[str]) -> None:
+    """Cross-field checks; every failure is appended, none raised early."""
+
+    def positive(path: str, value, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            errors.append(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+    positive("optim.lr", cfg.optim.lr)
+    positive("data.max_frames", cfg.data.max_frames)
+    positive("data.token_budget", cfg.data.token_budget)
+    positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
+    positive("optim.steps", cfg.optim.steps, allow_zero=True)
+    positive("optim.epochs", cfg.optim.epochs, allow_zero=True)
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        errors.append(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas!r}")
+    if cfg.optim.average and (len(cfg.optim.average) != 2 or cfg.optim.average[0] > cfg.optim.average[1]):
+        errors.append(f"optim.average: expected [first_epoch, last_epoch], got {cfg.optim.average!r}")
+    if not 0.0 <= cfg.optim.ema < 1.0:
+        errors.append(f"optim.ema: must be in [0, 1), got {cfg.optim.ema!r}")
+    if not 0.0 <= cfg.model.token_dropout < 1.0:
+        errors.append(f"model.token_dropout: must be in [0, 1), got {cfg.model.token_dropout!r}")
+    for key in ("base_patch",):
+        value = getattr(cfg.model, key)
+        if len(value) != 2 or min(value, default=0) <= 0:
+            errors.append(f"model.{key}: expected [p_f, p_t] > 0, got {value!r}")
+    if len(cfg.recipe.patch) != 2 or min(cfg.recipe.patch, default=0) <= 0:
+        errors.append(f"recipe.patch: expected [p_f, p_t] > 0, got {cfg.recipe.patch!r}")
+    if cfg.recipe.name == "flexiast" and not cfg.recipe.patch_sizes:
+        errors.append("recipe.patch_sizes: flexiast needs at least one patch size")
+    if any(p <= 0 for p in cfg.recipe.patch_sizes):
+        errors.append(f"recipe.patch_sizes: sizes must be > 0, got {cfg.recipe.patch_sizes!r}")
+    if cfg.recipe.name == "coarse_to_fine":
+        if not cfg.recipe.phases:
+            errors.append("recipe.phases: coarse_to_fine needs at least one phase")
+        for i, ph in enumerate(cfg.recipe.phases):
+            if ph.factor < 1:
+                errors.append(f"recipe.phases[{i}].factor: must be >= 1, got {ph.factor}")
+            if ph.epochs <= 0 and ph.steps <= 0:
+                errors.append(f"recipe.phases[{i}]: give epochs > 0 or steps > 0")
+    elif cfg.recipe.phases:
+        errors.append(f"recipe.phases: only used by coarse_to_fine, but recipe.name is {cfg.recipe.name!r}")
+    if cfg.recipe.kd.teacher and cfg.recipe.kd.temperature <= 0:
+        errors.append(f"recipe.kd.temperature: must be > 0, got {cfg.recipe.kd.temperature}")
+    if cfg.data.norm and len(cfg.data.norm) != 2:
+        errors.append(f"data.norm: expected [mean, std], got {cfg.data.norm!r}")
+    if cfg.data.resolution == "pool" and any(r < 1 for r in cfg.data.pool_factors):
+        errors.append(f"data.pool_factors: factors must be >= 1, got {cfg.data.pool_factors!r}")
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
+    """``["optim.lr=1e-4", …]`` as ``[(path, text), …]``; a pair without ``=`` is a ConfigError."""
+    out, bad = [], []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            bad.append(pair)
+        else:
+            out.append((key.strip(), value.strip()))
+    if bad:
+        raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-4); got {bad}")
+    return out
+
+
+def _apply_override(cfg: Config, path: str, text: str, errors: list[str]) -> None:
+    parts = path.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(obj):
+            errors.append(f"--set {path}: {'.'.join(parts[:i])} is not a section")
+            return
+        names = {f.name for f in dataclasses.fields(obj)}
+        if part not in names:
+            errors.append(f"--set {where}: unknown key (valid keys: {sorted(names)})")
+            return
+        if i == len(parts) - 1:
+            tp = typing.get_type_hints(type(obj))[part]
+            try:
+                raw = text if tp is str else yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                errors.append(f"--set {where}: cannot parse {text!r}: {exc}")
+                return
+            setattr(obj, part, _coerce(raw, tp, where, errors, from_text=True))
+        else:
+            obj = getattr(obj, part)
+
+
+def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    """A validated :class:`Config` from a plain mapping plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and bad value at once, with dotted paths.
+    """
+    errors: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    cfg = _build(Config, raw, "", errors)
+    for path, text in parse_overrides(overrides or []):
+        _apply_override(cfg, path, text, errors)
+    _validate(cfg, errors)
+    if errors:
+        lines = "\n  - ".join(errors)
+        raise ConfigError(f"{source}: {len(errors)} config error(s):\n  - {lines}")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (safe loader only) and validate it; see :func:`from_dict`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return from_dict(raw, overrides, source=str(path))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (what is saved next to checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

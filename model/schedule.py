@@ -1,0 +1,49 @@
+"""Learning-rate schedules as one pure function of the optimizer step (nanoGPT's ``get_lr``).
+
+``step`` counts optimizer updates from 0 within the current phase (coarse-to-fine resets it);
+``steps_per_epoch`` converts it to a 0-based epoch for AST's step decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    warmup_steps: int = 0,
+    schedule: str = "step",
+    total_steps: int = 0,
+    steps_per_epoch: int = 1,
+    decay_start_epoch: int = 2,
+    decay_every: int = 1,
+    decay_factor: float = 0.5,
+    min_lr: float = 0.0,
+) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Warm-up rises linearly from ``base_lr / warmup_steps`` to ``base_lr`` over the first
+    ``warmup_steps`` steps. After it:
+
+    - ``step`` (AST): ``base_lr · decay_factor ** k`` with ``k = (epoch − decay_start_epoch) // decay_every + 1``
+      once ``epoch >= decay_start_epoch`` (AST AudioSet: halve every epoch from the 3rd, i.e. after the 2nd);
+    - ``cosine``: from ``base_lr`` down to ``min_lr`` at ``total_steps``;
+    - ``constant``: ``base_lr``.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        epoch = step // max(1, steps_per_epoch)
+        if epoch < decay_start_epoch:
+            return base_lr
+        k = (epoch - decay_start_epoch) // max(1, decay_every) + 1
+        return max(min_lr, base_lr * decay_factor**k)
+    raise ValueError(f"unknown lr schedule {schedule!r} (expected step, cosine or constant)")
