@@ -1,0 +1,129 @@
+"""Per-clip time resolution: which stored frame shift a clip uses, and whether it is pooled.
+
+Notation: ``T`` frames at a stored shift ``s`` ms; pooling by ``R`` over time turns ``T`` frames at
+``s`` ms into ``T // R`` (tail ``floor``) or ``ceil(T / R)`` (tail ``ceil``) frames at ``s·R`` ms.
+A clip's compression ``C = s·R / 10``.
+
+Policies (chosen per clip with the clip's own generator):
+
+* ``fixed``: one stored shift (``shift_ms``).
+* ``random``: a shift drawn uniformly from ``shifts_ms`` (default: all stored shifts), ElasticAST's
+  mixed-resolution training.
+* ``pool``: the stored ``shift_ms`` features pooled over time by a factor drawn from ``pool_factors``
+  with ``pool_mode`` avg or max (ElasticAST's pooling ablation, coarse-to-fine's Pool method), using
+  the numba kernels of :mod:`pipeline.pooling`.
+* ``phase``: a :class:`PhaseSchedule` gives the policy of each training phase (coarse-to-fine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import ConfigError, ShardError
+from pipeline.units import shift_name
+
+POLICIES = ("fixed", "random", "pool")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A clip's resolution: stored shift name, pooling factor and the frames it then has."""
+
+    shift: str
+    shift_ms: float
+    pool: int
+    n_frames: int
+
+    @property
+    def frame_shift_ms(self) -> float:
+        return self.shift_ms * self.pool
+
+    @property
+    def compression(self) -> float:
+        return self.frame_shift_ms / 10.0
+
+
+@dataclass
+class ResolutionPolicy:
+    """How a clip's resolution is chosen (see the module docstring)."""
+
+    kind: str = "fixed"
+    shift_ms: float = 10.0
+    shifts_ms: Sequence[float] = ()
+    pool_factors: Sequence[int] = (2,)
+    pool_mode: str = "avg"
+    pool_tail: str = "floor"
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.kind not in POLICIES:
+            errors.append(f"kind={self.kind!r} (expected one of {POLICIES})")
+        if self.pool_mode not in ("avg", "max"):
+            errors.append(f"pool_mode={self.pool_mode!r} (expected 'avg' or 'max')")
+        if self.pool_tail not in ("floor", "ceil"):
+            errors.append(f"pool_tail={self.pool_tail!r} (expected 'floor' or 'ceil')")
+        if any(int(r) < 1 for r in self.pool_factors) or not self.pool_factors:
+            errors.append(f"pool_factors={list(self.pool_factors)} (need integers >= 1)")
+        if errors:
+            raise ConfigError("bad resolution policy: " + "; ".join(errors))
+
+    def choose(self, frames: dict[str, int], rng: np.random.Generator) -> Resolution:
+        """Pick a resolution for a clip whose stored frame counts are ``frames`` (``{"s10": T, ...}``)."""
+        if self.kind == "random":
+            names = [shift_name(s) for s in self.shifts_ms] if self.shifts_ms else sorted(frames)
+            missing = [n for n in names if n not in frames]
+            if missing:
+                raise ShardError(
+                    f"random resolution needs shifts {missing} that the clip does not store ({sorted(frames)})"
+                )
+            name = names[int(rng.integers(len(names)))]
+            return Resolution(name, _ms(name), 1, int(frames[name]))
+        name = shift_name(self.shift_ms)
+        if name not in frames:
+            raise ShardError(f"resolution {self.kind!r} needs shift {name!r}; the clip stores {sorted(frames)}")
+        t = int(frames[name])
+        if self.kind == "fixed":
+            return Resolution(name, float(self.shift_ms), 1, t)
+        r = int(self.pool_factors[int(rng.integers(len(self.pool_factors)))])
+        pooled = t // r if self.pool_tail == "floor" else math.ceil(t / r)
+        return Resolution(name, float(self.shift_ms), r, pooled)
+
+
+def _ms(name: str) -> float:
+    from pipeline.units import parse_shift_name
+
+    return parse_shift_name(name)
+
+
+def apply_pool(x: np.ndarray, res: Resolution, mode: str = "avg", tail: str = "floor") -> np.ndarray:
+    """``(T, F)`` → ``(T', F)`` pooled over time by ``res.pool`` with :func:`pipeline.pooling.pool_time`."""
+    if res.pool == 1:
+        return x
+    from pipeline.pooling import pool_time
+
+    return np.asarray(pool_time(x, res.pool, mode=mode, tail=tail))
+
+
+@dataclass
+class PhaseSchedule:
+    """Coarse-to-fine: ``phases[k] = (first_epoch, policy)``, sorted by epoch; the last phase started wins."""
+
+    phases: list[tuple[int, ResolutionPolicy]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise ConfigError("phase schedule has no phases")
+        starts = [int(e) for e, _ in self.phases]
+        if starts != sorted(starts) or starts[0] != 0:
+            raise ConfigError(f"phase start epochs must be sorted and begin at 0, got {starts}")
+
+    def policy(self, epoch: int) -> ResolutionPolicy:
+        current = self.phases[0][1]
+        for start, pol in self.phases:
+            if epoch >= start:
+                current = pol
+        return current
