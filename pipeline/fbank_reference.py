@@ -79,6 +79,7 @@ def reference_fbank(
     high_freq: float = 0.0,
     htk_compat: bool = False,
     low_freq: float = 20.0,
+    min_duration: float = 0.0,
     num_mel_bins: int = 23,
     preemphasis_coefficient: float = 0.97,
     raw_energy: bool = True,
@@ -103,6 +104,8 @@ def reference_fbank(
     padded = 1 << (size - 1).bit_length() if round_to_power_of_two else size
     if not 2 <= size <= waveform.numel():
         raise ValueError(f"window of {size} samples does not fit a clip of {waveform.numel()} samples")
+    if waveform.numel() < min_duration * sample_frequency:
+        return torch.empty(0, dtype=dtype)
     n_frames = 1 + (waveform.numel() - size) // shift
     frames = waveform.as_strided((n_frames, size), (shift * waveform.stride(0), waveform.stride(0)))  # (T, W)
     if dither != 0.0:
