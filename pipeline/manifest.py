@@ -1,0 +1,263 @@
+"""Manifests: the list of audio inputs a build reads, as dataclasses with units in their names.
+
+Supported inputs (format picked from the path):
+    * ``*.csv`` / ``*.tsv`` with a header: ``path``, ``label`` or ``labels`` (comma-separated), optional
+      ``key``, ``split``, ``start`` and ``end`` (seconds, for segments of a longer file);
+    * ``*.jsonl``: one object per line with the same fields;
+    * ``*.json``: the AST data file ``{"data": [{"wav": ..., "labels": "mid1,mid2"}]}``, with the
+      ``class_labels_indices.csv`` (``index,mid,display_name``) found beside it or given explicitly;
+    * a folder tree ``root/<label>/*.{wav,flac,ogg,mp3}``.
+
+Relative paths resolve against the manifest's folder; absolute paths and fsspec URLs (``s3://``,
+``http(s)://``) are kept as they are. A row whose own fields are unusable (a bad number, an empty path)
+does not stop the build: it is kept in ``Manifest.invalid`` and ends up in ``rejected.jsonl``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import fsspec
+
+from pipeline.errors import ManifestError
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One input of a build.
+
+    Attributes:
+        row: 0-based position in the manifest (the row number ``rejected.jsonl`` reports).
+        source: resolved local path or fsspec URL of the audio file.
+        key: sample key; no dots and no slashes (WebDataset splits member names at the first dot).
+        labels: label names (vocabulary entries, e.g. AudioSet mids), possibly empty.
+        split: split name from the manifest, or None.
+        start_s: start of the segment in seconds, or None for the file start.
+        end_s: end of the segment in seconds, or None for the file end.
+    """
+
+    row: int
+    source: str
+    key: str
+    labels: tuple[str, ...] = ()
+    split: str | None = None
+    start_s: float | None = None
+    end_s: float | None = None
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    """A manifest row that could not be turned into a :class:`ManifestRow` (reason tag ``bad_row``)."""
+
+    row: int
+    source: str
+    key: str
+    detail: str
+
+
+@dataclass
+class Vocabulary:
+    """Label vocabulary in index order, with human-readable names (``display_names[i]`` names ``names[i]``)."""
+
+    names: list[str]
+    display_names: list[str]
+
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+@dataclass
+class Manifest:
+    """Rows of a manifest, the rows that could not be parsed, and the vocabulary if the manifest fixes one."""
+
+    path: str
+    rows: list[ManifestRow]
+    invalid: list[InvalidRow] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows) + len(self.invalid)
+
+
+def is_url(path: str) -> bool:
+    """True for fsspec URLs such as ``s3://b/k`` or ``https://h/p`` (not for ``file://`` or plain paths)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve(path: str, base: str) -> str:
+    """``path`` as written in a manifest, resolved against the manifest folder ``base`` unless absolute or a URL."""
+    if is_url(path) or path.startswith("/") or path.startswith("file://"):
+        return path
+    if is_url(base):
+        return base.rstrip("/") + "/" + path
+    return posixpath.normpath(posixpath.join(base, path))
+
+
+def key_from_path(path: str) -> str:
+    """A sample key from a relative path: extension dropped, unsafe characters (dots, slashes) become ``_``."""
+    stem = path.rsplit(".", 1)[0] if "." in posixpath.basename(path) else path
+    return sanitize_key(stem)
+
+
+def sanitize_key(key: str) -> str:
+    """Key with every run of characters outside ``[A-Za-z0-9_-]`` replaced by ``_``."""
+    return _KEY_UNSAFE.sub("_", key).strip("_") or "_"
+
+
+def split_labels(value) -> tuple[str, ...]:
+    """Labels from a comma-separated string or a list; blanks dropped, order kept."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(s.strip() for s in (str(x) for x in items) if s.strip())
+
+
+def read_vocabulary(path: str, storage_options: dict | None = None) -> Vocabulary:
+    """Read ``class_labels_indices.csv`` (``index,mid,display_name``) or a text file of one label per line."""
+    with fsspec.open(path, "r", encoding="utf-8", **(storage_options or {})) as f:
+        text = f.read()
+    if path.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        fields = set(reader.fieldnames or ())
+        if not {"mid", "display_name"} <= fields:
+            raise ManifestError(f"{path}: a label file needs columns index,mid,display_name; found {sorted(fields)}")
+        rows = list(reader)
+        if "index" in fields:
+            rows.sort(key=lambda r: int(r["index"]))
+        return Vocabulary([r["mid"] for r in rows], [r["display_name"] for r in rows])
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return Vocabulary(names, list(names))
+
+
+def _number(value, name: str) -> float | None:
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}={value!r} is not a number of seconds") from exc
+
+
+def _row_from_record(i: int, rec: dict, base: str, path_field: str = "path") -> ManifestRow | InvalidRow:
+    raw_path = str(rec.get(path_field) or "").strip()
+    key_raw = str(rec.get("key") or "").strip()
+    key = sanitize_key(key_raw) if key_raw else (key_from_path(raw_path) if raw_path else f"row{i}")
+    if not raw_path:
+        return InvalidRow(i, "", key, f"row {i} has no {path_field!r}")
+    source = resolve(raw_path, base)
+    try:
+        start_s = _number(rec.get("start"), "start")
+        end_s = _number(rec.get("end"), "end")
+    except ValueError as exc:
+        return InvalidRow(i, source, key, str(exc))
+    if (start_s is not None and start_s < 0) or (end_s is not None and end_s <= (start_s or 0.0)):
+        return InvalidRow(i, source, key, f"bad segment start={start_s} end={end_s}")
+    if not key_raw and start_s is not None:
+        key = sanitize_key(f"{key}_{round(start_s * 1000):09d}ms")
+    labels = split_labels(rec.get("labels", rec.get("label")))
+    split = str(rec["split"]).strip() if rec.get("split") not in (None, "") else None
+    return ManifestRow(i, source, key, labels, split, start_s, end_s)
+
+
+def _collect(path: str, records: list[dict], path_field: str = "path") -> Manifest:
+    base = posixpath.dirname(path) if is_url(path) else posixpath.dirname(posixpath.abspath(path))
+    rows, invalid = [], []
+    for i, rec in enumerate(records):
+        item = _row_from_record(i, rec, base, path_field)
+        (invalid if isinstance(item, InvalidRow) else rows).append(item)
+    return Manifest(path, rows, invalid)
+
+
+def _read_text(path: str, storage_options: dict | None) -> str:
+    try:
+        with fsspec.open(path, "r", encoding="utf-8", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"manifest not found: {path}") from exc
+
+
+def read_delimited(path: str, storage_options: dict | None = None) -> Manifest:
+    """CSV (comma) or TSV (tab) manifest with a header row."""
+    text = _read_text(path, storage_options)
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    fields = set(reader.fieldnames or ())
+    if "path" not in fields:
+        raise ManifestError(f"{path}: the header needs a 'path' column; found {sorted(fields)}")
+    return _collect(path, list(reader))
+
+
+def read_jsonl(path: str, storage_options: dict | None = None) -> Manifest:
+    """JSON-lines manifest: one object per line with ``path``, ``label(s)``, optional ``key/split/start/end``."""
+    records = []
+    for n, line in enumerate(_read_text(path, storage_options).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: line {n + 1} is not JSON ({exc.msg})") from exc
+    return _collect(path, records)
+
+
+def read_ast_json(path: str, labels_csv: str | None = None, storage_options: dict | None = None) -> Manifest:
+    """AST data file ``{"data": [{"wav", "labels"}]}`` plus its ``class_labels_indices.csv``."""
+    try:
+        data = json.loads(_read_text(path, storage_options))["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{path}: not an AST data file with a top-level 'data' list ({exc})") from exc
+    manifest = _collect(path, list(data), path_field="wav")
+    if labels_csv is None:
+        labels_csv = posixpath.join(posixpath.dirname(path), "class_labels_indices.csv")
+    manifest.vocabulary = read_vocabulary(labels_csv, storage_options)
+    return manifest
+
+
+def read_folder(root: str, storage_options: dict | None = None) -> Manifest:
+    """Folder tree ``root/<label>/<file>``: one row per audio file, label = the sub-folder name, sorted order."""
+    fs, _, (base,) = fsspec.get_fs_token_paths(root, storage_options=storage_options or {})
+    base = base.rstrip("/")
+    found = sorted(p for p in fs.find(base) if p.lower().endswith(AUDIO_EXTENSIONS))
+    records = []
+    for p in found:
+        rel = p[len(base) + 1 :]
+        parts = rel.split("/")
+        label = parts[0] if len(parts) > 1 else ""
+        records.append({"path": rel, "label": label})
+    folder_as_manifest = posixpath.join(root.rstrip("/"), "_")  # resolve() bases on the folder itself
+    return _collect(folder_as_manifest if is_url(root) else posixpath.join(posixpath.abspath(root), "_"), records)
+
+
+def read_manifest(path: str, labels: str | None = None, storage_options: dict | None = None) -> Manifest:
+    """Read any supported manifest; ``labels`` is an optional vocabulary file that fixes label order.
+
+    Raises:
+        ManifestError: unknown format, missing required column, or unparseable file.
+    """
+    storage_options = storage_options or {}
+    lower = path.lower().rstrip("/")
+    if lower.endswith((".csv", ".tsv")):
+        manifest = read_delimited(path, storage_options)
+    elif lower.endswith(".jsonl"):
+        manifest = read_jsonl(path, storage_options)
+    elif lower.endswith(".json"):
+        manifest = read_ast_json(path, labels, storage_options)
+        labels = None
+    else:
+        fs, _, (p,) = fsspec.get_fs_token_paths(path, storage_options=storage_options)
+        if not fs.isdir(p):
+            raise ManifestError(f"{path}: not a .csv/.tsv/.jsonl/.json manifest nor a folder")
+        manifest = read_folder(path, storage_options)
+        manifest.path = path
+    if labels is not None:
+        manifest.vocabulary = read_vocabulary(labels, storage_options)
+    return manifest

@@ -1,0 +1,74 @@
+"""Mergeable running statistics of log-mel values, per frame shift, in float64.
+
+Each shard task accumulates ``count``, ``sum`` and ``sumsq`` over every value it writes (the float16
+values as stored, so the statistics describe exactly what the loader reads). Partial sums are kept as
+float64 terms and combined with :func:`math.fsum` (correctly rounded), so merged results do not depend
+on how many workers ran or in which order they finished. Mean and std are derived at the end:
+``mean = sum / count`` and ``std = sqrt(sumsq / count - mean²)`` (population std, as AST's recipes use).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class RunningStats:
+    """Exact-merge accumulator of one frame shift's values."""
+
+    def __init__(self, count: int = 0, sum: float = 0.0, sumsq: float = 0.0):
+        self.count = int(count)
+        self._sums = [float(sum)]
+        self._sumsqs = [float(sumsq)]
+
+    def update(self, values: np.ndarray) -> None:
+        """Add every element of ``values`` (any shape; cast to float64)."""
+        x = np.asarray(values, dtype=np.float64).ravel()
+        self.count += int(x.size)
+        self._sums.append(float(x.sum()))
+        self._sumsqs.append(float(np.dot(x, x)))
+
+    @property
+    def sum(self) -> float:
+        return math.fsum(self._sums)
+
+    @property
+    def sumsq(self) -> float:
+        return math.fsum(self._sumsqs)
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """A new accumulator holding both (neither input changes)."""
+        return merge_all([self, other])
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.count:
+            return 0.0
+        return math.sqrt(max(0.0, self.sumsq / self.count - self.mean**2))
+
+    def to_dict(self) -> dict:
+        """``{"count", "sum", "sumsq", "mean", "std"}`` as stored in ``index.json``."""
+        return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunningStats:
+        return cls(count=int(d["count"]), sum=float(d["sum"]), sumsq=float(d["sumsq"]))
+
+    def __repr__(self) -> str:
+        return f"RunningStats(count={self.count}, mean={self.mean:.6g}, std={self.std:.6g})"
+
+
+def merge_all(parts: Iterable[RunningStats]) -> RunningStats:
+    """Merge many accumulators with one correctly-rounded sum (the result is order-independent)."""
+    out = RunningStats()
+    for p in parts:
+        out.count += p.count
+        out._sums.extend(p._sums)
+        out._sumsqs.extend(p._sumsqs)
+    return out
