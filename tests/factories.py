@@ -133,3 +133,132 @@ def write_shard_folder(
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(index, f)
     return index
+
+
+# --- audio files, manifests, bad inputs and built shard sets (build-shards tests) -------------------------------
+
+AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
+_SUBTYPES = {"wav": "PCM_16", "flac": "PCM_16", "ogg": "VORBIS", "mp3": "MPEG_LAYER_III"}
+
+
+def tone_array(seconds: float, sr: int = 16000, freq: float = 440.0, channels: int = 1, seed: int = 0):
+    """A sine plus faint noise as numpy float32: ``(S,)`` for mono, ``(S, C)`` otherwise, peak about 0.5."""
+    import numpy as np
+
+    n = round(seconds * sr)
+    t = np.arange(n) / sr
+    rng = np.random.default_rng(seed)
+    x = 0.5 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(n)
+    if channels > 1:
+        x = np.stack([x * (1.0 - 0.1 * c) for c in range(channels)], axis=1)  # (S, C)
+    return x.astype(np.float32)
+
+
+def write_audio(path, seconds=0.5, sr=16000, freq=440.0, channels=1, seed=0, subtype=None) -> str:
+    """Write a tone to ``path``; the format comes from the extension (wav, flac, ogg, mp3). Returns ``path``."""
+    import os
+
+    import soundfile as sf
+
+    path = str(path)
+    ext = path.rsplit(".", 1)[1].lower()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(
+        path, tone_array(seconds, sr, freq, channels, seed), sr, format=ext.upper(), subtype=subtype or _SUBTYPES[ext]
+    )
+    return path
+
+
+def write_manifest(path, rows: list[dict]) -> str:
+    """Write rows (dicts with ``path``, ``label``/``labels``, ...) as CSV, TSV or JSONL by extension."""
+    import csv
+    import json
+    import os
+
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".jsonl"):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return path
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, delimiter="\t" if path.endswith(".tsv") else ",")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_collection(root, n=8, labels=("a", "b"), formats=AUDIO_FORMATS, seconds=(0.3, 0.9), manifest="manifest.csv"):
+    """``n`` small clips under ``root/audio/`` cycling through formats and labels; every 5th at 22.05 kHz, every
+    4th (from 1) stereo. Returns ``(manifest path, rows)``; rows hold relative ``path``, ``label`` and ``key``.
+    """
+    import os
+
+    import numpy as np
+
+    rows = []
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        fmt = formats[i % len(formats)]
+        sr = 22050 if i % 5 == 3 else 16000
+        channels = 2 if i % 4 == 1 else 1
+        sec = float(np.round(rng.uniform(*seconds), 3))
+        rel = f"audio/clip{i:03d}.{fmt}"
+        write_audio(os.path.join(str(root), rel), sec, sr, 200.0 + 150.0 * i, channels, seed=i)
+        rows.append({"path": rel, "label": labels[i % len(labels)], "key": f"clip{i:03d}"})
+    return write_manifest(os.path.join(str(root), manifest), rows), rows
+
+
+def write_bad_inputs(root) -> dict[str, dict]:
+    """One bad input of each kind under ``root/bad/``: ``{expected reason (+ _variant): manifest row}``.
+
+    Reasons: empty, unreadable (truncated header, random bytes, text named .wav), nonfinite (NaN samples),
+    missing, unknown_label (vocabulary a, b), duplicate_key (key ``clip000``, as :func:`write_collection` uses).
+    """
+    import os
+
+    import numpy as np
+    import soundfile as sf
+
+    bad = os.path.join(str(root), "bad")
+    os.makedirs(bad, exist_ok=True)
+    sf.write(os.path.join(bad, "empty.wav"), np.zeros((0,), np.float32), 16000, subtype="PCM_16")
+    good = write_audio(os.path.join(bad, "good.wav"), 0.4)
+    with open(good, "rb") as f:
+        header = f.read()[:30]
+    with open(os.path.join(bad, "truncated.wav"), "wb") as f:
+        f.write(header)
+    with open(os.path.join(bad, "random.flac"), "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with open(os.path.join(bad, "text.wav"), "w") as f:
+        f.write("this is not audio\n" * 50)
+    nan = tone_array(0.4)
+    nan[100:110] = np.nan
+    sf.write(os.path.join(bad, "nan.wav"), nan, 16000, subtype="FLOAT")
+    return {
+        "empty": {"path": "bad/empty.wav", "label": "a", "key": "bad_empty"},
+        "unreadable_truncated": {"path": "bad/truncated.wav", "label": "a", "key": "bad_truncated"},
+        "unreadable_random": {"path": "bad/random.flac", "label": "a", "key": "bad_random"},
+        "unreadable_text": {"path": "bad/text.wav", "label": "a", "key": "bad_text"},
+        "nonfinite": {"path": "bad/nan.wav", "label": "a", "key": "bad_nan"},
+        "missing": {"path": "bad/does_not_exist.wav", "label": "a", "key": "bad_missing"},
+        "unknown_label": {"path": "bad/good.wav", "label": "zzz", "key": "bad_label"},
+        "duplicate_key": {"path": "bad/good.wav", "label": "a", "key": "clip000"},
+    }
+
+
+def build_small_shards(root, n=8, shifts_ms=(10.0,), shard_samples=3, fmt="wds", workers=1, **config):
+    """A small collection under ``root`` built into ``root/shards`` by :func:`pipeline.build.build_shards`.
+
+    ``config`` holds further :class:`pipeline.build_config.BuildConfig` fields. Returns the ``BuildReport``
+    (``report.out`` is the shard folder, ``report.index`` the index).
+    """
+    import os
+
+    from pipeline.build import build_shards
+    from pipeline.build_config import BuildConfig
+
+    manifest, _ = write_collection(root, n)
+    cfg = BuildConfig(name="small", shifts_ms=tuple(shifts_ms), shard_samples=shard_samples, format=fmt, **config)
+    return build_shards(manifest, os.path.join(str(root), "shards"), cfg, workers=workers, progress=False)
