@@ -16,7 +16,7 @@ def broadband_clip(seconds: float, sr: int = 16000, seed: int = 0) -> torch.Tens
     Use it where two *different* implementations are compared (their rounding differs in near-silent bins).
     """
     g = torch.Generator().manual_seed(seed)
-    n = int(round(seconds * sr))
+    n = round(seconds * sr)
     t = torch.arange(n, dtype=torch.float64) / sr
     f0 = 100.0 + 900.0 * torch.rand((), generator=g, dtype=torch.float64)
     x = 0.2 * torch.sin(2 * math.pi * f0 * t) + 0.1 * torch.sin(2 * math.pi * (3.7 * f0) * t + 1.0)
@@ -34,7 +34,7 @@ def random_clips(count: int, min_seconds: float, max_seconds: float, sr: int = 1
 
 def tone_clip(seconds: float, freq: float, sr: int = 16000, amplitude: float = 0.5) -> torch.Tensor:
     """A pure sine tone."""
-    t = torch.arange(int(round(seconds * sr)), dtype=torch.float64) / sr
+    t = torch.arange(round(seconds * sr), dtype=torch.float64) / sr
     return (amplitude * torch.sin(2 * math.pi * freq * t)).float()
 
 
@@ -133,6 +133,43 @@ def write_shard_folder(
     with open(os.path.join(out_dir, "index.json"), "w") as f:
         json.dump(index, f)
     return index
+
+
+def synthetic_clipset(
+    n_clips: int = 48,
+    n_classes: int = 4,
+    n_mels: int = 32,
+    shifts_ms=(10.0, 20.0, 40.0),
+    min_frames: int = 40,
+    max_frames: int = 120,
+    multi_label: bool = False,
+    seed: int = 0,
+):
+    """An in-memory :class:`model.data.ClipSet` of log-mel-like features whose classes differ in spectral shape.
+
+    Class ``c`` raises a band of mel bins (its own position) by 6 nats over a noise floor of about -8, so a
+    tiny model separates the classes in a few dozen steps. Coarser shifts are the 10 ms frames subsampled.
+    """
+    import numpy as np
+
+    from model.data import Clip, ClipSet
+
+    rng = np.random.default_rng(seed)
+    band = max(1, n_mels // n_classes)
+    clips = []
+    for i in range(n_clips):
+        labels = [i % n_classes]
+        if multi_label and rng.random() < 0.3:
+            labels.append(int((labels[0] + 1 + rng.integers(n_classes - 1)) % n_classes))
+        t = int(rng.integers(min_frames, max_frames + 1))
+        base = -8.0 + rng.normal(0.0, 1.0, size=(t, n_mels))
+        for c in labels:
+            base[:, c * band : (c + 1) * band] += 6.0
+        feats = {float(s): base[:: max(1, round(s / 10.0))].astype(np.float16) for s in shifts_ms}
+        clips.append(Clip(key=f"clip{i:04d}", label_ids=sorted(labels), feats=feats))
+    names = [f"class{c}" for c in range(n_classes)]
+    stats = {float(s): (-6.5, 3.0) for s in shifts_ms}
+    return ClipSet(clips, names, [f"Class {c}" for c in range(n_classes)], stats, n_mels)
 
 
 # --- audio files, manifests, bad inputs and built shard sets (build-shards tests) -------------------------------

@@ -1,0 +1,44 @@
+"""Training losses: BCE (multi-label), CE (single-label), and knowledge distillation at temperature T.
+
+Notation: ``N`` clips, ``C`` classes; ``logits (N, C)``; ``labels`` are ``(N, C)`` float targets
+(multi-hot, or mixed) or ``(N,)`` int64 class indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean BCE-with-logits over clips and classes (``bce``), or mean cross-entropy over clips (``ce``)."""
+    if kind == "bce":
+        if labels.dim() == 1:
+            labels = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    if kind == "ce":
+        if labels.dim() == 2:  # soft or multi-hot targets: normalise to a distribution
+            target = labels.to(logits.dtype)
+            target = target / target.sum(1, keepdim=True).clamp_min(1e-12)
+            return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+        return F.cross_entropy(logits, labels)
+    raise ValueError(f"unknown loss {kind!r} (expected bce or ce)")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
+    """KL(teacher ‖ student) at temperature ``T``, scaled by ``T²`` (Hinton et al.), mean over clips.
+
+    Single-label (``ce``): KL between the softmax distributions over classes. Multi-label (``bce``):
+    the sum over classes of the KL between per-class Bernoulli distributions ``sigmoid(z / T)``,
+    divided by ``C`` (the same scale as BCE).
+    """
+    t = float(temperature)
+    if kind == "ce":
+        log_p_s = F.log_softmax(student / t, dim=1)
+        log_p_t = F.log_softmax(teacher / t, dim=1)
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+    s, z = student / t, teacher / t
+    p_t = torch.sigmoid(z)
+    # KL(Bern(p_t) || Bern(p_s)) with log-sigmoids for stability.
+    kl = p_t * (F.logsigmoid(z) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-z) - F.logsigmoid(-s))
+    return kl.mean() * t * t

@@ -1,0 +1,117 @@
+"""The four training recipes as plans of stages: what each stage feeds the model and for how long.
+
+A *stage* fixes the patch sizes drawn per step, the per-clip resolutions, the length cap, whether a
+teacher is distilled, and the stage length. ``ast``, ``flexiast`` and ``elasticast`` are one stage;
+``coarse_to_fine`` is one stage per phase. Between stages the trainer moves the weights to the new
+token grid (:func:`model.transfer.move_to_stage`) and resets the optimizer and lr schedule, as the
+coarse-to-fine paper does.
+
+Units: frames at the clip's own resolution; frame shifts in ms; R the temporal compression factor.
+
+Recipe → stage mapping:
+    ast            patch fixed; resolution from ``data``; padded input when ``data.pad_to > 0``.
+    flexiast       patch drawn uniformly per step from ``recipe.patch_sizes`` (square, or
+                   ``(base_f, p)`` with ``time_only``), resized by ``recipe.resize``; optional KD.
+    elasticast     packed native lengths, resolution from ``data`` (random shifts or pool), fixed patch.
+    coarse_to_fine phase i compresses time by R_i: ``fshift`` (stored shift 10·R ms), ``pool`` (avg|max
+                   pool by R of the base shift), or ``patch`` (rectangular patch (p_f, R·p_t)); the
+                   length cap shrinks by R so each phase sees the same seconds of audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.config import Config, PhaseConfig
+from model.data import Resolution, resolutions_from
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class Stage:
+    """One stretch of training with a fixed data/patch geometry."""
+
+    name: str
+    kind: str  # the recipe trained inside: ast | flexiast | elasticast
+    patches: list[tuple[int, int]]  # drawn uniformly per step
+    resolutions: list[Resolution]
+    pool_mode: str
+    max_frames: int
+    epochs: float = 0.0
+    steps: int = 0  # > 0 wins over epochs
+    kernel: tuple[int, int] | None = None  # native patch-embedding kernel size of this stage (c2f Patch)
+    transfer: str = "pi"  # how the kernel moves into this stage
+    kd: bool = False
+    eval_patch: tuple[int, int] = (16, 16)
+    meta: dict = field(default_factory=dict)
+
+
+def _patches(cfg: Config, kind: str) -> list[tuple[int, int]]:
+    if kind != "flexiast":
+        return [tuple(cfg.recipe.patch)]
+    if cfg.recipe.time_only:
+        return [(int(cfg.model.base_patch[0]), int(p)) for p in cfg.recipe.patch_sizes]
+    return [(int(p), int(p)) for p in cfg.recipe.patch_sizes]
+
+
+def _base_resolutions(cfg: Config, stored: list[float]) -> list[Resolution]:
+    d = cfg.data
+    return resolutions_from(d.resolution, d.shift_ms, d.shifts_ms, d.pool_factors, stored)
+
+
+def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
+    base_patch = tuple(int(v) for v in cfg.recipe.patch)
+    return Stage(
+        name=kind,
+        kind=kind,
+        patches=_patches(cfg, kind),
+        resolutions=_base_resolutions(cfg, stored),
+        pool_mode=cfg.data.pool_mode,
+        max_frames=cfg.data.max_frames,
+        epochs=cfg.optim.epochs,
+        steps=cfg.optim.steps,
+        kd=bool(cfg.recipe.kd.teacher),
+        eval_patch=base_patch,
+    )
+
+
+def _phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Stage:
+    inner = _single(cfg, ph.recipe, stored)
+    r = int(ph.factor)
+    p_f, p_t = (int(v) for v in cfg.recipe.patch)
+    inner.name = f"phase{i + 1}:{ph.method}x{r}"
+    inner.epochs, inner.steps = ph.epochs, ph.steps
+    inner.transfer = ph.transfer
+    inner.meta = {"method": ph.method, "factor": r}
+    if ph.method in ("fshift", "pool") and r > 1:
+        inner.max_frames = max(1, cfg.data.max_frames // r)
+    if ph.method == "fshift":
+        shift = cfg.data.shift_ms * r
+        if stored and shift not in stored:
+            raise ConfigError(
+                f"recipe.phases[{i}]: fshift x{r} needs frame shift {shift:g} ms in the shards (stored: {stored})"
+            )
+        inner.resolutions = [Resolution(shift, 1)]
+    elif ph.method == "pool":
+        inner.resolutions = [Resolution(cfg.data.shift_ms, r)]
+        inner.pool_mode = ph.pool_mode
+    elif ph.method == "patch":
+        inner.patches = [(p_f, p_t * r)]
+        inner.kernel = (p_f, p_t * r)
+        inner.eval_patch = (p_f, p_t * r)
+    return inner
+
+
+def plan_stages(cfg: Config, stored_shifts: list[float]) -> list[Stage]:
+    """The stages of ``cfg``'s recipe; ``stored_shifts`` are the frame shifts the shards hold."""
+    name = cfg.recipe.name
+    if name in ("ast", "flexiast", "elasticast"):
+        return [_single(cfg, name, stored_shifts)]
+    if name == "coarse_to_fine":
+        stages = [_phase(cfg, i, ph, stored_shifts) for i, ph in enumerate(cfg.recipe.phases)]
+        # The final kernel is the recipe patch unless the last phase says otherwise.
+        for st in stages:
+            if st.kernel is None:
+                st.kernel = tuple(int(v) for v in cfg.recipe.patch)
+        return stages
+    raise ConfigError(f"recipe.name: unknown recipe {name!r}")

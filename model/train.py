@@ -1,0 +1,465 @@
+"""``model train``: one training loop for every recipe (``setup`` → ``train`` → ``save_checkpoint`` → ``cleanup``).
+
+Notation: ``N`` clips of a micro-step, ``C`` classes, ``L`` tokens of a micro-step. A *step* is one
+optimizer update; it may accumulate several micro-steps until ``optim.grad_accum_tokens`` tokens (counted
+over all ranks) have been seen. ``stage_step`` restarts at 0 in every coarse-to-fine phase (the lr
+schedule is a pure function of it, :func:`model.schedule.lr_at`).
+
+Outputs under ``run.out_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/step_*`` (full
+state, atomic), ``checkpoints/epoch_*`` (weights, for AST weight averaging), ``final/`` (weights to
+evaluate or predict with), ``averaged/`` and ``ema/`` when asked for, ``tb/`` if TensorBoard is
+importable, and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import adapter
+from model.checkpointing import TrainState, latest_step_checkpoint, load_train_state, save_train_state
+from model.config import Config, save_config
+from model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
+from model.evaluate import evaluate_clipset
+from model.losses import kd_loss, supervised_loss
+from model.recipes import Stage, plan_stages
+from model.schedule import lr_at
+from model.weights import EMA, average_checkpoints
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+class Trainer:
+    """A training run of ``cfg``; ``resume=True`` continues from the newest step checkpoint in ``run.out_dir``.
+
+    ``train_data`` / ``valid_data`` may be given directly (tests, the demo); otherwise they are read from
+    ``data.train`` / ``data.valid``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        resume: bool = False,
+        train_data: ClipSet | None = None,
+        valid_data: ClipSet | None = None,
+    ):
+        self.cfg, self.resume = cfg, resume
+        self.train_data, self.valid_data = train_data, valid_data
+        self.out = Path(cfg.run.out_dir)
+        self.log_file = None
+        self.tb = None
+        self.flops_spent = 0.0
+        self.tokens_seen = 0
+        self.wall_start = time.perf_counter()
+        self.history: list[dict] = []
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = _device(cfg.run.device, local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+        self.is_main = self.rank == 0
+        torch.manual_seed(cfg.run.seed + self.rank)
+        if self.train_data is None:
+            self.train_data = read_clips(cfg.data.train)
+        if self.valid_data is None and cfg.data.valid:
+            self.valid_data = read_clips(cfg.data.valid, cfg.eval.max_clips)
+        self.n_classes = self.train_data.n_classes
+        self.stages = plan_stages(cfg, self.train_data.shifts_ms)
+        self.model = adapter.build_model(cfg, self.n_classes, self.train_data.n_mels).to(self.device)
+        self.teacher = None
+        if cfg.recipe.kd.teacher:
+            self.teacher = adapter.load_model(cfg.recipe.kd.teacher, self.device)
+            self.teacher.eval().requires_grad_(False)
+        self.state = TrainState()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        ckpt = latest_step_checkpoint(self.out / "checkpoints") if self.resume else None
+        if self.resume and ckpt is None and self.is_main:
+            print(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from scratch")
+        self._enter_stage(0 if ckpt is None else None, ckpt)
+        if self.is_main:
+            self.log_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in cleanup()
+            if cfg.run.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(str(self.out / "tb"))
+                except ImportError:
+                    self.tb = None
+
+    def _make_loader(self, stage: Stage) -> ClipLoader:
+        d, m = self.cfg.data, self.cfg.model
+        fs = m.fstride or stage.patches[0][0]
+        ts = m.tstride or stage.patches[0][1]
+        return ClipLoader(
+            self.train_data,
+            labels=d.labels,
+            patches=stage.patches,
+            budget=d.token_budget,
+            row_len=d.row_len,
+            resolutions=stage.resolutions,
+            pool_mode=stage.pool_mode,
+            max_frames=stage.max_frames,
+            pad_to=d.pad_to,
+            pad_patch=(*stage.patches[0], fs, ts),
+            norm=tuple(d.norm) if d.norm else None,
+            freq_mask=d.specaug.freq_mask,
+            time_mask=d.specaug.time_mask,
+            pack_buffer=d.pack_buffer,
+            train=True,
+            seed=self.cfg.run.seed + 1000 * self.state.stage,
+            rank=self.rank,
+            world=self.world,
+        )
+
+    def _stage_total_steps(self, stage: Stage, steps_per_epoch: int) -> int:
+        if stage.steps > 0:
+            return stage.steps
+        return max(1, math.ceil(stage.epochs * steps_per_epoch))
+
+    def _enter_stage(self, index: int | None, ckpt: Path | None) -> None:
+        """Start stage ``index`` fresh, or restore everything from ``ckpt`` (then the stage is the checkpoint's)."""
+        if ckpt is not None:
+            self.state = load_train_state(ckpt)
+            index = self.state.stage
+        stage = self.stages[index]
+        self.state.stage = index
+        if ckpt is not None:  # the checkpoint's model config carries the stage's geometry
+            self.model = adapter.load_model(ckpt, self.device)
+        else:  # kernel and positions interpolated to this stage's grid
+            self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
+        self.loader = self._make_loader(stage)
+        if ckpt is not None:
+            self.loader.load_state_dict(self.state.loader)
+        self.steps_per_epoch = self.cfg.optim.steps_per_epoch or len(self.loader)
+        self.total_steps = self._stage_total_steps(stage, self.steps_per_epoch)
+        self.ddp_model = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        self.compiled = torch.compile(self.ddp_model) if self.cfg.run.compile else self.ddp_model
+        o = self.cfg.optim
+        opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=o.lr,
+            betas=tuple(o.betas),
+            weight_decay=o.weight_decay,
+        )
+        self.ema = EMA(self.model, o.ema) if o.ema > 0 else None
+        if ckpt is not None:
+            ts = torch.load(ckpt / "train_state.pt", map_location=self.device, weights_only=True)
+            self.optimizer.load_state_dict(ts["optimizer"])
+            if self.ema is not None and "ema" in ts:
+                self.ema.load_state_dict(ts["ema"])
+            self.state.restore_rng(ts, self.device)
+            self.flops_spent, self.tokens_seen = self.state.flops, self.state.tokens
+
+    # ---- one update -----------------------------------------------------------------------------
+
+    def _lr(self) -> float:
+        o = self.cfg.optim
+        return lr_at(
+            self.state.stage_step,
+            base_lr=o.lr,
+            warmup_steps=min(o.warmup_steps, max(0, self.total_steps - 1)),
+            schedule=o.schedule,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            decay_start_epoch=o.decay_start_epoch,
+            decay_every=o.decay_every,
+            decay_factor=o.decay_factor,
+            min_lr=o.min_lr,
+        )
+
+    def _loss(self, batch, stage: Stage) -> torch.Tensor:
+        """Mean loss over the micro-step's clips."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        with autocast:
+            logits = adapter.logits(self.compiled, batch, self.cfg)
+            loss_name = self.cfg.optim.loss
+            if loss_name == "auto":
+                loss_name = "ce" if self.cfg.data.labels == "single" else "bce"
+            loss = supervised_loss(logits.float(), batch.labels, loss_name)
+            if stage.kd and self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = adapter.teacher_logits(self.teacher, batch, self.cfg)
+                kd = self.cfg.recipe.kd
+                loss = (1 - kd.alpha) * loss + kd.alpha * kd_loss(
+                    logits.float(), t_logits.float(), kd.temperature, loss_name
+                )
+        return loss
+
+    def _global(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _update(self, batches, stage: Stage) -> dict:
+        """Accumulate micro-steps from ``batches`` until enough tokens, then one optimizer step."""
+        self.ddp_model.train()
+        target = self.cfg.optim.grad_accum_tokens
+        acc_tokens = acc_clips = 0.0
+        loss_sum = 0.0
+        local_clips = 0
+        fill = []
+        n_micro = 0
+        for batch in batches:
+            batch = batch.to(self.device)
+            g_tokens, g_clips = self._global(batch.total_tokens, batch.n_clips)
+            last = acc_tokens + g_tokens >= target
+            sync = _null() if last or self.world == 1 else self.ddp_model.no_sync()
+            with sync:
+                loss = self._loss(batch, stage)
+                (loss * batch.n_clips).backward()
+            acc_tokens += g_tokens
+            acc_clips += g_clips
+            loss_sum += float(loss.detach()) * batch.n_clips
+            local_clips += batch.n_clips
+            n_micro += 1
+            self.flops_spent += adapter.train_flops(self.model, batch, self.cfg) * self.world
+            if not isinstance(batch, PaddedBatch):
+                fill.append(batch.total_tokens / (self.cfg.data.token_budget or batch.total_tokens))
+            if last:
+                break
+        if n_micro == 0:
+            return {}
+        scale = self.world / max(1.0, acc_clips)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        lr = self._lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.tokens_seen += int(acc_tokens)
+        return {
+            "loss": loss_sum / max(1, local_clips),
+            "tokens": int(acc_tokens),
+            "fill": sum(fill) / len(fill) if fill else 1.0,
+            "lr": lr,
+        }
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def train(self, stop_after: int | None = None) -> dict:
+        """Run every stage to its end (or stop after ``stop_after`` more steps: a simulated kill)."""
+        cfg = self.cfg
+        bar = None
+        done_now = 0
+        last_metrics: dict = {}
+        while self.state.stage < len(self.stages):
+            stage = self.stages[self.state.stage]
+            if self.is_main and cfg.run.progress and bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=self.total_steps, initial=self.state.stage_step, desc=stage.name, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            while self.state.stage_step < self.total_steps:
+                self.loader.set_epoch(self.state.epoch)
+                it = iter(self.loader)
+                while self.state.stage_step < self.total_steps:
+                    info = self._update(it, stage)
+                    if not info:  # epoch exhausted
+                        self._end_epoch(stage)
+                        break
+                    self.state.stage_step += 1
+                    self.state.step += 1
+                    done_now += 1
+                    dt = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    info.update(step=self.state.step, stage=stage.name, epoch=self.state.epoch)
+                    info["tokens_per_s"] = info["tokens"] / max(dt, 1e-9)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(
+                            loss=f"{info['loss']:.4f}",
+                            tok_s=f"{info['tokens_per_s']:.0f}",
+                            fill=f"{info['fill']:.3f}",
+                            lr=f"{info['lr']:.2e}",
+                        )
+                    if self.state.step % max(1, cfg.run.log_every) == 0 or self.state.stage_step == 1:
+                        self._log(info)
+                    self.history.append(info)
+                    if cfg.eval.every and self.state.step % cfg.eval.every == 0:
+                        last_metrics = self._evaluate(stage) or last_metrics
+                    self.state.loader = self.loader.state_dict()
+                    if cfg.run.ckpt_every and self.state.step % cfg.run.ckpt_every == 0:
+                        self.save_checkpoint()
+                    if stop_after is not None and done_now >= stop_after:
+                        if bar is not None:
+                            bar.close()
+                        return {"stopped_at": self.state.step}
+                else:
+                    # Stage ended mid-epoch: remember where the loader is.
+                    self.state.loader = self.loader.state_dict()
+            if bar is not None:
+                bar.close()
+                bar = None
+            last_metrics = self._evaluate(stage) or last_metrics
+            self._save_weights(self.out / f"stage{self.state.stage + 1}")
+            if self.state.stage + 1 < len(self.stages):
+                self.state.stage += 1
+                self.state.stage_step = 0
+                self.state.loader = {}
+                self._enter_stage(self.state.stage, None)
+            else:
+                self.state.stage += 1
+        return self._finish(last_metrics)
+
+    def _end_epoch(self, stage: Stage) -> None:
+        self.state.epoch += 1
+        self.state.loader = self.loader.state_dict()
+        if self.is_main:
+            self._save_weights(self.out / "checkpoints" / f"epoch_{self.state.epoch:04d}")
+        if not self.cfg.eval.every:
+            self._evaluate(stage)
+
+    def _evaluate(self, stage: Stage) -> dict:
+        if self.valid_data is None or not self.is_main:
+            return {}
+        res = stage.resolutions[0]
+        metrics = evaluate_clipset(
+            self.model,
+            self.valid_data,
+            self.cfg,
+            patch=stage.eval_patch,
+            resolution=res,
+            max_frames=self.cfg.data.eval_max_frames or stage.max_frames,
+            device=self.device,
+        )
+        row = {"step": self.state.step, "stage": stage.name, "split": "valid", **metrics}
+        self._log(row)
+        return metrics
+
+    def _log(self, row: dict) -> None:
+        if not self.is_main or self.log_file is None:
+            return
+        self.log_file.write(json.dumps(row) + "\n")
+        self.log_file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _save_weights(self, path: Path) -> None:
+        if self.is_main:
+            adapter.save_weights(self.model, path, self.cfg)
+            self._write_labels(path)
+
+    def _write_labels(self, folder: Path) -> None:
+        d = self.train_data
+        (folder / "labels.json").write_text(json.dumps({"names": d.label_names, "display_names": d.display_names}))
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomic full-state checkpoint ``checkpoints/step_XXXXXXXX`` (model, optimizer, loader, RNG, step, stage)."""
+        self.state.flops, self.state.tokens = self.flops_spent, self.tokens_seen
+        if not self.is_main:
+            if self.world > 1:
+                dist.barrier()
+            return None
+        extra = {"optimizer": self.optimizer.state_dict()}
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+        path = save_train_state(
+            self.out / "checkpoints",
+            self.state,
+            extra,
+            lambda tmp: (adapter.save_weights(self.model, tmp, self.cfg), self._write_labels(tmp)),
+            self.cfg,
+            self.device,
+            keep_last=self.cfg.run.keep_last,
+        )
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _finish(self, metrics: dict) -> dict:
+        wall = time.perf_counter() - self.wall_start
+        result = {"steps": self.state.step, "wall_s": wall, "flops": self.flops_spent, "valid": metrics}
+        if self.is_main:
+            self._save_weights(self.out / "final")
+            o = self.cfg.optim
+            if self.ema is not None:
+                self.ema.copy_to(self.model)
+                self._save_weights(self.out / "ema")
+                result["valid_ema"] = self._evaluate(self.stages[-1])
+            if o.average:
+                a, b = o.average
+                paths = [self.out / "checkpoints" / f"epoch_{e:04d}" for e in range(a, b + 1)]
+                paths = [p for p in paths if p.exists()]
+                if paths:
+                    average_checkpoints(self.model, paths)
+                    self._save_weights(self.out / "averaged")
+                    result["valid_averaged"] = self._evaluate(self.stages[-1])
+            from model.report import write_train_report
+
+            write_train_report(self.out / "report.md", self.cfg, result, self.history)
+        return result
+
+    def cleanup(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        if self.tb is not None:
+            self.tb.close()
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: Config, resume: bool = False, **data) -> dict:
+    """Library entry point of ``model train``: set up, train every stage, write the report, clean up."""
+    trainer = Trainer(cfg, resume=resume, **data)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def remove_run(out_dir: str | Path) -> None:
+    """Delete a run folder (used by the demo to start clean)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
