@@ -171,6 +171,14 @@ def _tar_samples(fileobj, url: str) -> Iterator[dict]:
         yield current
 
 
+def _check_complete(sample: dict) -> None:
+    """A sample needs its json and one ``.npy`` per shift its json lists; tarfile ends silently at a cut header."""
+    meta = sample["meta"]
+    missing = ["json"] if meta is None else sorted(set(meta.get("frames", {})) - set(sample["npy"]))
+    if missing:
+        raise ShardError(f"shard {sample['url']}: sample {sample['key']!r} lacks {missing} (truncated shard?)")
+
+
 def read_shard(
     shard: ShardInfo,
     storage_options: dict | None = None,
@@ -190,6 +198,7 @@ def read_shard(
             with open_url(shard.url, storage_options) as raw:
                 f = io.BufferedReader(raw, 1 << 20) if isinstance(raw, io.RawIOBase) else raw
                 for i, sample in enumerate(_tar_samples(f, shard.url)):
+                    _check_complete(sample)
                     if i >= done:
                         done += 1
                         yield sample
