@@ -10,17 +10,28 @@ Public API (see docs/model.md):
 from model.ast import ASTModel, ModelConfig
 from model.attention import BACKENDS, Segments, resolve_backend
 from model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
+from model.convert import config_from_hf, from_hf, from_official_ast, from_timm, to_official_ast
 from model.encoder import PRESETS
+from model.flops import FlopCount, batch_flops, model_flops, padded_flops
 
 __all__ = [
     "BACKENDS",
     "PRESETS",
     "ASTModel",
+    "FlopCount",
     "ModelConfig",
     "Segments",
+    "batch_flops",
+    "config_from_hf",
+    "from_hf",
+    "from_official_ast",
+    "from_timm",
     "load_checkpoint",
     "load_state_dict",
+    "model_flops",
+    "padded_flops",
     "read_config",
     "resolve_backend",
     "save_checkpoint",
+    "to_official_ast",
 ]

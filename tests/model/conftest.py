@@ -1,0 +1,72 @@
+"""Shared fixtures of the model tests: tiny configs, packed batches, timm's patch_embed loaded without its init."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelConfig
+from pipeline.batch import PackedBatch
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 32-wide, 2-deep model on 32 mel bins: fast enough for numerics on 2 CPU cores."""
+    base = dict(
+        num_classes=5,
+        n_mels=32,
+        max_frames=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        base_patch=(8, 8),
+        fstride=8,
+        tstride=8,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def packed(clips, patch, n_classes=5) -> PackedBatch:
+    """A PackedBatch of ``(T_i, F)`` clips with zero labels and keys ``c0, c1, ...``."""
+    return PackedBatch.from_clips(
+        clips, torch.zeros(len(clips), n_classes), [f"c{i}" for i in range(len(clips))], patch
+    )
+
+
+@pytest.fixture(scope="session")
+def timm_patch_embed():
+    """timm's own ``timm/layers/patch_embed.py``, loaded without running ``timm/__init__`` or ``timm/layers/__init__``.
+
+    Those package inits import torchvision, whose compiled ops fail against the CPU torch here. Stub parent
+    packages whose ``__path__`` points at the real folders let the module's relative imports (``.format``,
+    ``.helpers``, ``.trace_utils``) load the real sibling files.
+    """
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm is not installed")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    saved = {k: sys.modules.get(k) for k in ("timm", "timm.layers")}
+    try:
+        for name, path in (("timm", root), ("timm.layers", root / "layers")):
+            stub = types.ModuleType(name)
+            stub.__path__ = [str(path)]
+            sys.modules[name] = stub
+        file = root / "layers" / "patch_embed.py"
+        mod_spec = importlib.util.spec_from_file_location("timm.layers.patch_embed", file)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:  # any failure: the peer is unavailable
+        pytest.skip(f"could not load timm/layers/patch_embed.py without timm's package init: {exc!r}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+        for k in [k for k in sys.modules if k.startswith("timm.layers.")]:
+            sys.modules.pop(k, None)
+    return module

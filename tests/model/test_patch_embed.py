@@ -1,0 +1,115 @@
+"""PI-resize patch embedding: the FlexiAST identity, agreement with timm, the cache, and the other modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.errors import ShapeError
+from model.patch_embed import FlexiPatchEmbed, resize_matrix
+
+
+def _embed(base=(8, 8), resize="pi", axes="both", dim=6, seed=0):
+    torch.manual_seed(seed)
+    return FlexiPatchEmbed(dim, base, resize, axes).double()
+
+
+@pytest.mark.parametrize("target", [(8, 8), (10, 10), (12, 16), (16, 16), (8, 13)])
+def test_pi_resize_identity_for_upsampling(target):
+    """⟨x, w⟩ = ⟨resize(x), PI(w)⟩ for every upsampled (possibly rectangular) patch size."""
+    pe = _embed()
+    x = torch.randn(20, 1, 8, 8, dtype=torch.float64)
+    x_up = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=False)
+    w = pe.proj.weight  # (D, 1, 8, 8)
+    w_hat = pe.kernel(target)  # (D, 1, *target)
+    lhs = torch.einsum("nchw,dchw->nd", x, w)
+    rhs = torch.einsum("nchw,dchw->nd", x_up, w_hat)
+    torch.testing.assert_close(rhs, lhs, atol=1e-5, rtol=0)
+
+
+def test_resize_matrix_is_bilinear_resize():
+    """B·vec(x) equals F.interpolate of x (the matrix is built from one-hot basis patches)."""
+    x = torch.randn(3, 1, 6, 5, dtype=torch.float64)
+    b = resize_matrix((6, 5), (9, 11))
+    ours = (x.reshape(3, -1) @ b.T).reshape(3, 1, 9, 11)
+    torch.testing.assert_close(ours, F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("target", [(12, 12), (16, 16), (4, 4), (6, 10)])
+def test_pi_resize_matches_timm(timm_patch_embed, target):
+    """Our PI-resized kernel equals timm's ``resample_patch_embed`` with bilinear, no antialias (up and down)."""
+    pe = _embed()
+    theirs = timm_patch_embed.resample_patch_embed(
+        pe.proj.weight.detach(), list(target), interpolation="bilinear", antialias=False
+    )
+    # timm computes its pinv in float32 (DTYPE_INTERMEDIATE); ours is float64, so agree to float32 precision.
+    torch.testing.assert_close(pe.kernel(target).detach(), theirs, atol=1e-6, rtol=0)
+
+
+def test_pinv_cache_is_hit_and_not_in_state_dict():
+    pe = FlexiPatchEmbed(4, (8, 8))
+    pe.kernel((12, 12))
+    assert (pe.cache_misses, pe.cache_hits) == (1, 0)
+    pe.kernel((12, 12))
+    pe.kernel((12, 12))
+    assert (pe.cache_misses, pe.cache_hits) == (1, 2)
+    pe.kernel((10, 10))
+    assert pe.cache_misses == 2
+    assert set(pe.state_dict()) == {"proj.weight", "proj.bias"}
+    key_dtypes = {k[3] for k in pe._pinv}
+    assert key_dtypes == {torch.float32}
+
+
+def test_pinv_cache_invalidated_by_to():
+    pe = FlexiPatchEmbed(4, (8, 8))
+    pe.kernel((12, 12))
+    pe.double()
+    assert pe._pinv == {}
+    w = pe.kernel((12, 12))
+    assert w.dtype == torch.float64
+    assert pe.cache_misses == 2
+
+
+def test_pi_resize_is_differentiable_in_base_kernel():
+    pe = _embed()
+    pe.kernel((12, 12)).sum().backward()
+    assert pe.proj.weight.grad is not None and pe.proj.weight.grad.abs().sum() > 0
+
+
+def test_bilinear_and_none_modes():
+    pe = _embed(resize="bilinear")
+    w = pe.kernel((16, 16))
+    torch.testing.assert_close(w, F.interpolate(pe.proj.weight, size=(16, 16), mode="bilinear", align_corners=False))
+    none = _embed(resize="none")
+    assert none.kernel((8, 8)) is none.proj.weight
+    with pytest.raises(ShapeError, match="only runs at the base patch"):
+        none.kernel((16, 16))
+
+
+def test_time_only_resize():
+    """resize_axes='time' (FlexiAST speaker setting): time may change, frequency may not; the identity holds."""
+    pe = _embed(axes="time")
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    x_up = F.interpolate(x, size=(8, 20), mode="bilinear", align_corners=False)
+    lhs = torch.einsum("nchw,dchw->nd", x, pe.proj.weight)
+    rhs = torch.einsum("nchw,dchw->nd", x_up, pe.kernel((8, 20)))
+    torch.testing.assert_close(rhs, lhs, atol=1e-5, rtol=0)
+    with pytest.raises(ShapeError, match="pins the frequency"):
+        pe.kernel((10, 20))
+
+
+def test_packed_patchify_equals_strided_conv():
+    """The single-reshape packed patchify equals a strided conv, token j at (w = j // Hf, h = j % Hf)."""
+    pe = _embed()
+    frames = torch.randn(48, 30, dtype=torch.float64)  # (ΣT, F): one 48-frame clip, 30 bins (remainder dropped)
+    packed = pe.forward_packed(frames, (12, 16))  # (Wt·Hf, D)
+    conv = pe(frames.T[None, None], (12, 16))  # (1, D, Hf, Wt)
+    expect = conv[0].permute(2, 1, 0).reshape(-1, conv.shape[1])  # (Wt·Hf, D) time-major
+    torch.testing.assert_close(packed, expect)
+
+
+def test_overlapping_stride_shape():
+    pe = _embed(base=(16, 16))
+    out = pe(torch.randn(2, 1, 128, 1024, dtype=torch.float64), stride=(10, 10))
+    assert out.shape == (2, 6, 12, 101)
