@@ -32,13 +32,23 @@ class InlineExecutor:
 
 
 class ProcessExecutor:
-    """A local pool of ``workers`` processes (spawned, so torch's thread pools are never forked)."""
+    """A local pool of ``workers`` processes.
+
+    Workers are forked from a fresh fork server that has imported the task module once (torch included), so
+    they start fast and never inherit this process's threads (forking a process with live torch thread pools
+    can deadlock). Where fork servers do not exist (Windows, macOS defaults), workers are spawned.
+    """
 
     def __init__(self, workers: int):
         from concurrent.futures import ProcessPoolExecutor
 
         self.description = f"{workers} local processes"
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["pipeline.shard_task"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
     def map(self, fn: Callable, items: list) -> list:
         return list(self.pool.map(fn, items))
