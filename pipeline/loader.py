@@ -82,7 +82,7 @@ def subset_batch(b: PackedBatch, idx: list[int]) -> PackedBatch:
 
 
 def split_batch(b: PackedBatch) -> tuple[PackedBatch, PackedBatch]:
-    """Two batches from one: by rows in row mode (whole rows stay together when there are two or more), else by clips."""
+    """Two batches from one: by whole rows in row mode (when there are two or more), else by clips."""
     n = b.n_clips
     if n < 2:
         raise PipelineError(f"cannot split a step of {n} clip")
@@ -140,6 +140,10 @@ class StreamLoader:
         self.cfg = cfg
         index, shards = source if isinstance(source, tuple) else expand_urls(source, cfg.storage_options)
         self.index, self.shards = index, shards
+        n_classes = cfg.n_classes or len((index or {}).get("labels", {}).get("names", []))
+        if not n_classes and (cfg.label_mode == "multi_hot" or (cfg.train and cfg.mixup_prob > 0)):
+            raise ConfigError(f"number of classes unknown for source {source!r}: set n_classes or use an index.json")
+        cfg.norm_stats(index)  # fails here, in the main process, when no statistics are known
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, cfg.num_workers)
         self.use_processes = cfg.num_workers > 0 and not in_process

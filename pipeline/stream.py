@@ -57,7 +57,7 @@ def clip_rng(cfg: StreamConfig, epoch: int, key: str, occurrence: int, purpose: 
 def assign_shards(
     shards: list[ShardInfo], *, seed: int, epoch: int, shuffle: bool, slot: int, n_slots: int
 ) -> list[tuple[ShardInfo, int, int]]:
-    """The shards one slot reads, as ``(shard, every, offset)``: keep sample ``i`` of the shard when ``i % every == offset``."""
+    """The shards one slot reads, as ``(shard, every, offset)``: it keeps sample ``i`` when ``i % every == offset``."""
     order = list(shards)
     if shuffle:
         perm = np.random.default_rng([seed, epoch, _SHARDS]).permutation(len(order))
@@ -111,7 +111,7 @@ def shuffle_stage(src: Iterable, size: int, rng: np.random.Generator) -> Iterato
 
 
 def resolve_stage(src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int) -> Iterator[dict]:
-    """Choose each clip's resolution and frame count (length cap, or the fixed target length); keep one shift's bytes."""
+    """Choose each clip's resolution and frame count (length cap or fixed target); keep only that shift's bytes."""
     for sample in src:
         key, meta = sample["key"], sample["meta"]
         if meta is None:
@@ -156,7 +156,7 @@ def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tenso
 
 
 def _crop(x: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """``(T, F)`` → ``(n, F)``: a random, centred or first window when ``T > n``; zero padding at the end when ``T < n``."""
+    """``(T, F)`` → ``(n, F)``: a random, centred or first window when ``T > n``; zeros appended when ``T < n``."""
     t = x.shape[0]
     if t > n:
         start = {"random": lambda: int(rng.integers(0, t - n + 1)), "center": lambda: (t - n) // 2}.get(

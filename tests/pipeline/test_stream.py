@@ -168,7 +168,7 @@ def test_two_ranks_two_workers_equal_steps_and_union_is_dataset(shards, mode):
 
 
 def test_multi_rank_without_process_group_fails_loudly(shards):
-    with pytest.raises(ConfigError, match="torch.distributed is not initialised"):
+    with pytest.raises(ConfigError, match=r"torch\.distributed is not initialised"):
         make_stream(StreamConfig(**BASE), shards[0], rank=0, world_size=2)
 
 
@@ -223,7 +223,7 @@ def test_corrupt_shard_raises_naming_it_or_is_skipped_and_counted(tmp_path):
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # truncated mid-member
     cfg = StreamConfig(**{**BASE, "shuffle_shards": False})
-    with pytest.raises(ShardError, match="train-000001.tar"):
+    with pytest.raises(ShardError, match=r"train-000001\.tar"):
         list(make_stream(cfg, str(tmp_path)))
     loader = make_stream(StreamConfig(**{**BASE, "on_error": "skip"}), str(tmp_path))
     keys = [k for b in loader for k in b.keys]
