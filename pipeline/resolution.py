@@ -17,14 +17,14 @@ Policies (chosen per clip with the clip's own generator):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.errors import ConfigError, ShardError
-from pipeline.units import shift_name
+from pipeline.pooling import pool_time, pooled_length
+from pipeline.units import parse_shift_name, shift_name
 
 POLICIES = ("fixed", "random", "pool")
 
@@ -81,7 +81,7 @@ class ResolutionPolicy:
                     f"random resolution needs shifts {missing} that the clip does not store ({sorted(frames)})"
                 )
             name = names[int(rng.integers(len(names)))]
-            return Resolution(name, _ms(name), 1, int(frames[name]))
+            return Resolution(name, parse_shift_name(name), 1, int(frames[name]))
         name = shift_name(self.shift_ms)
         if name not in frames:
             raise ShardError(f"resolution {self.kind!r} needs shift {name!r}; the clip stores {sorted(frames)}")
@@ -89,22 +89,13 @@ class ResolutionPolicy:
         if self.kind == "fixed":
             return Resolution(name, float(self.shift_ms), 1, t)
         r = int(self.pool_factors[int(rng.integers(len(self.pool_factors)))])
-        pooled = t // r if self.pool_tail == "floor" else math.ceil(t / r)
-        return Resolution(name, float(self.shift_ms), r, pooled)
-
-
-def _ms(name: str) -> float:
-    from pipeline.units import parse_shift_name
-
-    return parse_shift_name(name)
+        return Resolution(name, float(self.shift_ms), r, pooled_length(t, r, self.pool_tail))
 
 
 def apply_pool(x: np.ndarray, res: Resolution, mode: str = "avg", tail: str = "floor") -> np.ndarray:
     """``(T, F)`` → ``(T', F)`` pooled over time by ``res.pool`` with :func:`pipeline.pooling.pool_time`."""
     if res.pool == 1:
         return x
-    from pipeline.pooling import pool_time
-
     return np.asarray(pool_time(x, res.pool, mode=mode, tail=tail))
 
 
