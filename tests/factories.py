@@ -49,11 +49,14 @@ def write_shard_folder(
     max_seconds: float = 1.5,
     seed: int = 0,
     split: str = "train",
+    zarr_store: bool = False,
 ) -> dict:
     """Shards written directly per ``docs/shard-format.md`` (tar of json + float16 npy, and ``index.json``).
 
     Features are seeded random values, so a test can reload any member independently. Keys are
-    ``clip{shard:03d}{i:04d}``. Returns the index dict (also written to ``out_dir/index.json``).
+    ``clip{shard:03d}{i:04d}``. With ``zarr_store`` the same data also goes to ``store.zarr`` (one
+    group per shard: ``<shift>/values``, ``<shift>/offsets``, ``keys``, ``label_values``,
+    ``label_offsets``, ``duration_s``). Returns the index dict (also written to ``out_dir/index.json``).
     """
     import io
     import json
@@ -81,6 +84,7 @@ def write_shard_folder(
                 info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
                 tar.addfile(info, io.BytesIO(data))
 
+            group: dict = {"keys": [], "labels": [], "duration_s": [], "values": {}}
             for i in range(per_shard):
                 key = f"clip{s:03d}{i:04d}"
                 seconds = float(rng.uniform(min_seconds, max_seconds))
@@ -104,16 +108,30 @@ def write_shard_folder(
                     "end_s": n_samples / 16000,
                 }
                 add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                group["keys"].append(key)
+                group["labels"].append(label_ids)
+                group["duration_s"].append(meta["duration_s"])
                 for k, a in arrays.items():
                     buf = io.BytesIO()
                     np.lib.format.write_array(buf, a, allow_pickle=False)
                     add(f"{key}.{k}.npy", buf.getvalue())
+                    group["values"].setdefault(k, []).append(a)
                     frames_total[k] += a.shape[0]
                     v = a.astype(np.float64)
                     stats[k][0] += v.size
                     stats[k][1] += float(v.sum())
                     stats[k][2] += float((v * v).sum())
-        shards.append({"name": name, "samples": per_shard, "bytes": os.path.getsize(path), "frames": frames_total})
+        shards.append(
+            {
+                "name": name,
+                "samples": per_shard,
+                "bytes": os.path.getsize(path),
+                "frames": frames_total,
+                "zarr_group": name[: -len(".tar")] if zarr_store else None,
+            }
+        )
+        if zarr_store:
+            _write_zarr_group(os.path.join(out_dir, "store.zarr", name[: -len(".tar")]), group)
     stat_out = {}
     for k, (n, sm, sq) in stats.items():
         mean = sm / n
@@ -147,24 +165,25 @@ def synthetic_clipset(
 ):
     """An in-memory :class:`model.data.ClipSet` of log-mel-like features whose classes differ in spectral shape.
 
-    Class ``c`` raises a band of mel bins (its own position) by 6 nats over a noise floor of about -8, so a
-    tiny model separates the classes in a few dozen steps. Coarser shifts are the 10 ms frames subsampled.
+    Class ``c`` adds a ripple across mel bins with ``2(c + 1)`` periods over the band (3 nats deep) to a noise
+    floor of about -6.5, so every patch, wherever it sits, shows its class's texture and a tiny model
+    separates the classes in a few dozen steps. Coarser shifts are the 10 ms frames subsampled.
     """
     import numpy as np
 
     from model.data import Clip, ClipSet
 
     rng = np.random.default_rng(seed)
-    band = max(1, n_mels // n_classes)
+    bins = np.arange(n_mels)
     clips = []
     for i in range(n_clips):
         labels = [i % n_classes]
         if multi_label and rng.random() < 0.3:
             labels.append(int((labels[0] + 1 + rng.integers(n_classes - 1)) % n_classes))
         t = int(rng.integers(min_frames, max_frames + 1))
-        base = -8.0 + rng.normal(0.0, 1.0, size=(t, n_mels))
+        base = -6.5 + rng.normal(0.0, 1.0, size=(t, n_mels))
         for c in labels:
-            base[:, c * band : (c + 1) * band] += 6.0
+            base += 3.0 * np.cos(2 * np.pi * 2 * (c + 1) * bins / n_mels)[None, :]
         feats = {float(s): base[:: max(1, round(s / 10.0))].astype(np.float16) for s in shifts_ms}
         clips.append(Clip(key=f"clip{i:04d}", label_ids=sorted(labels), feats=feats))
     names = [f"class{c}" for c in range(n_classes)]
@@ -299,3 +318,26 @@ def build_small_shards(root, n=8, shifts_ms=(10.0,), shard_samples=3, fmt="wds",
     manifest, _ = write_collection(root, n)
     cfg = BuildConfig(name="small", shifts_ms=tuple(shifts_ms), shard_samples=shard_samples, format=fmt, **config)
     return build_shards(manifest, os.path.join(str(root), "shards"), cfg, workers=workers, progress=False)
+
+
+def _write_zarr_group(folder: str, group: dict) -> None:
+    """One shard's Zarr v3 group per ``docs/shard-format.md`` (plain chunks, no sharding codec)."""
+    import numpy as np
+    import zarr
+
+    root = zarr.open_group(folder, mode="w", zarr_format=3)
+
+    def put(name, values):
+        values = np.asarray(values)
+        chunks = (64, values.shape[1]) if values.ndim == 2 else (max(1, values.shape[0]),)
+        root.create_array(
+            name, shape=values.shape, dtype=str if values.dtype.kind == "U" else values.dtype, chunks=chunks
+        )[...] = values
+
+    for shift, arrays in group["values"].items():
+        put(f"{shift}/values", np.concatenate(arrays, 0))
+        put(f"{shift}/offsets", np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int64))
+    put("keys", np.array(group["keys"]))
+    put("label_values", np.array([c for ids in group["labels"] for c in ids], dtype=np.int64))
+    put("label_offsets", np.concatenate([[0], np.cumsum([len(ids) for ids in group["labels"]])]).astype(np.int64))
+    put("duration_s", np.array(group["duration_s"], dtype=np.float64))
