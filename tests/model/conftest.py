@@ -70,3 +70,33 @@ def timm_patch_embed():
         for k in [k for k in sys.modules if k.startswith("timm.layers.")]:
             sys.modules.pop(k, None)
     return module
+
+
+@pytest.fixture(scope="session")
+def hf_ast():
+    """transformers' AST classes, imported with torchvision hidden.
+
+    transformers imports torchvision when it is installed, and torchvision's compiled ops fail against the CPU
+    torch here (``operator torchvision::nms does not exist``). Hiding it for the import (``sys.modules`` entry
+    None makes ``find_spec`` report it absent) lets the AST modules load; the entry is restored afterwards.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    hide = "torchvision" not in sys.modules
+    if hide:
+        sys.modules["torchvision"] = None
+    try:
+        import transformers
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available.cache_clear()  # another test may have imported transformers first
+
+        classes = types.SimpleNamespace(
+            ASTConfig=transformers.ASTConfig, ASTForAudioClassification=transformers.ASTForAudioClassification
+        )
+    except Exception as exc:  # any failure: the peer is unavailable
+        pytest.skip(f"could not import transformers' ASTForAudioClassification: {exc!r}")
+    finally:
+        if hide:
+            sys.modules.pop("torchvision", None)
+    return classes
