@@ -1,0 +1,216 @@
+"""Featurizer benchmark: clips/s of 10 s 16 kHz clips, ours against named peers, measured in one run.
+
+Run: ``.venv/bin/python benchmarks/featurize.py [--threads 1 2] [--clips 16] [--repeats 5]``
+
+It prints, per torch thread count, clips/s and the ratio against the reference for:
+- ours (``pipeline.fbank``, AST preset) at 1 shift and at the 16 ElasticAST shifts (10, 12, ..., 40 ms);
+- the reference definition, one call per clip and per shift as the AST repo calls it: torchaudio where it
+  imports, else ``pipeline.fbank_reference`` (plain per-clip torch ops), which is first checked against
+  the golden torchaudio fixtures (in a child process on MKL's reproducible FFT path, see tests);
+- kaldi-native-fbank at a setting it supports (80 bins, povey), against ours at the same setting;
+- temporal pooling of a (1024, 128) array by 4: numba against numpy (float32 and float16);
+- batched CUDA clips/s when a GPU is present.
+Outputs are checked for exactness in the same run (max |Δ| against the reference). Targets on CPU at the
+same thread count: >= 3x the reference at 16 shifts, >= 1.5x at 1 shift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.fbank import fbank  # noqa: E402
+from pipeline.fbank_options import AST_FBANK  # noqa: E402
+from pipeline.fbank_reference import reference_fbank  # noqa: E402
+from pipeline.pooling import pool_time  # noqa: E402
+from pipeline.units import ELASTICAST_SHIFTS_MS  # noqa: E402
+
+AST = {k: v for k, v in AST_FBANK.items() if k != "frame_shift"}
+KALDI80 = {"num_mel_bins": 80}  # povey window, Kaldi defaults: a setting kaldi-native-fbank accepts
+
+_PEER_CHECK = r"""
+import json, sys
+import numpy as np, torch
+from pipeline.fbank_reference import reference_fbank
+z = np.load(sys.argv[1])
+worst = 0.0
+for name, cfg in json.loads(z["configs_json"].tobytes().decode()).items():
+    for key in z.files:
+        if key.startswith("fbank/") and key.endswith("/" + name):
+            wave = torch.from_numpy(z["wave/" + key.split("/")[1]])
+            worst = max(worst, float((reference_fbank(wave, **cfg) - torch.from_numpy(z[key])).abs().max()))
+print(worst)
+"""
+
+
+def reference_peer():
+    """(name, per-clip function) of the reference definition: torchaudio if importable, else our peer."""
+    try:
+        from torchaudio.compliance import kaldi
+
+        return "torchaudio.compliance.kaldi.fbank", lambda w, **kw: kaldi.fbank(w.unsqueeze(0), **kw)
+    except Exception:
+        env = dict(os.environ, MKL_CBWR="COMPATIBLE")
+        fixture = ROOT / "tests" / "data" / "kaldi_fbank_golden.npz"
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEER_CHECK, str(fixture)], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        worst = float(proc.stdout.strip() or "inf")
+        if proc.returncode or worst > 1e-4:
+            raise SystemExit(
+                f"the reference peer does not match the golden fixtures (max |Δ| {worst}): {proc.stderr}"
+            ) from None
+        print(f"reference peer pipeline.fbank_reference matches the golden fixtures: max |Δ| = {worst:.2e}")
+        return "pipeline.fbank_reference (plain per-clip torch ops; torchaudio not importable)", reference_fbank
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def max_abs_diff(ours: dict, ref_fn, clips, shifts, opts) -> float:
+    worst = 0.0
+    for s in shifts:
+        for clip, feats in zip(clips, ours[s], strict=True):
+            worst = max(worst, float((feats - ref_fn(clip, frame_shift=s, **opts)).abs().max()))
+    return worst
+
+
+def bench_cpu(threads: int, clips, repeats: int, ref_name: str, ref_fn) -> dict:
+    torch.set_num_threads(threads)
+    n = len(clips)
+    shifts16 = list(ELASTICAST_SHIFTS_MS)
+    row = {"threads": threads}
+    for label, shifts in (("1 shift", [10.0]), ("16 shifts", shifts16)):
+        t_ref = timed(lambda shifts=shifts: [[ref_fn(c, frame_shift=s, **AST) for s in shifts] for c in clips], repeats)
+        t_ours = timed(lambda shifts=shifts: fbank(clips, shifts_ms=shifts, **AST), repeats)
+        diff = max_abs_diff(fbank(clips, shifts_ms=shifts, **AST), ref_fn, clips, shifts, AST)
+        row[label] = {"ref": n / t_ref, "ours": n / t_ours, "ratio": t_ref / t_ours, "max_abs_diff": diff}
+    t_knf = timed(lambda: fbank(clips, backend="kaldi-native", **KALDI80), repeats)
+    t_ours80 = timed(lambda: fbank(clips, **KALDI80), repeats)
+    t_ref80 = timed(lambda: [ref_fn(c, **KALDI80) for c in clips], repeats)
+    row["kaldi-native 80 bins"] = {
+        "knf": n / t_knf,
+        "ours": n / t_ours80,
+        "ref": n / t_ref80,
+        "ratio": t_knf / t_ours80,
+    }
+    return row
+
+
+def bench_pooling(repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for dtype in (np.float32, np.float16):
+        x = rng.normal(size=(1024, 128)).astype(dtype)
+        t_numba = timed(lambda x=x: [pool_time(x, 4) for _ in range(100)], repeats) / 100
+        t_numpy = (
+            timed(
+                lambda x=x: [x.reshape(256, 4, 128).mean(1, dtype=np.float32).astype(x.dtype) for _ in range(100)],
+                repeats,
+            )
+            / 100
+        )
+        out[np.dtype(dtype).name] = {"numba_us": t_numba * 1e6, "numpy_us": t_numpy * 1e6, "ratio": t_numpy / t_numba}
+    return out
+
+
+def bench_cuda(clips, repeats: int) -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    batch = torch.stack(clips).cuda()  # (N, S): equal-length 10 s clips
+
+    def run(shifts):
+        fbank(batch, shifts_ms=shifts, **AST)
+        torch.cuda.synchronize()
+
+    cpu = fbank(clips, shifts_ms=list(ELASTICAST_SHIFTS_MS), **AST)
+    gpu = fbank(batch, shifts_ms=list(ELASTICAST_SHIFTS_MS), **AST)
+    diff = max(float((a - b.cpu()).abs().max()) for s in cpu for a, b in zip(cpu[s], gpu[s], strict=True))
+    return {
+        "device": torch.cuda.get_device_name(),
+        "1 shift": len(clips) / timed(lambda: run([10.0]), repeats),
+        "16 shifts": len(clips) / timed(lambda: run(list(ELASTICAST_SHIFTS_MS)), repeats),
+        "max_abs_diff_vs_cpu": diff,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
+    parser.add_argument("--clips", type=int, default=16, help="number of 10 s clips")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    g = torch.Generator().manual_seed(0)
+    clips = [0.1 * torch.randn(160000, generator=g) for _ in range(args.clips)]
+    ref_name, ref_fn = reference_peer()
+    cpu_name = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu_name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu_name)
+    print(
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {cpu_name}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; {args.clips} clips of 10 s at 16 kHz; reference: {ref_name}"
+    )
+    results = {"cpu": [], "pooling": None, "cuda": None, "reference": ref_name}
+    print("| threads | shifts | reference clips/s | ours clips/s | ratio | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for threads in args.threads:
+        row = bench_cpu(threads, clips, args.repeats, ref_name, ref_fn)
+        results["cpu"].append(row)
+        for label in ("1 shift", "16 shifts"):
+            r = row[label]
+            print(
+                f"| {threads} | {label} | {r['ref']:.1f} | {r['ours']:.1f} | **{r['ratio']:.2f}x** | "
+                f"{r['max_abs_diff']:.1e} |"
+            )
+        k = row["kaldi-native 80 bins"]
+        print(
+            f"| {threads} | 1 shift, 80 bins povey | kaldi-native {k['knf']:.1f} (reference {k['ref']:.1f}) | "
+            f"{k['ours']:.1f} | {k['ratio']:.2f}x vs kaldi-native | |"
+        )
+    torch.set_num_threads(1)
+    results["pooling"] = bench_pooling(args.repeats)
+    for dtype, p in results["pooling"].items():
+        print(
+            f"pooling (1024, 128) by 4, {dtype}: numba {p['numba_us']:.1f} us, numpy {p['numpy_us']:.1f} us, "
+            f"ratio {p['ratio']:.1f}x"
+        )
+    results["cuda"] = bench_cuda(clips, args.repeats)
+    if results["cuda"]:
+        c = results["cuda"]
+        print(
+            f"CUDA {c['device']}: batched {args.clips} clips: 1 shift {c['1 shift']:.0f} clips/s, "
+            f"16 shifts {c['16 shifts']:.0f} clips/s, max |Δ| vs CPU {c['max_abs_diff_vs_cpu']:.1e}"
+        )
+    else:
+        print("CUDA: no GPU in this run")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
