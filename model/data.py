@@ -149,6 +149,11 @@ class PaddedBatch:
     def total_tokens(self) -> int:  # filled in by the loader for logging
         return getattr(self, "_tokens", 0)
 
+    def to(self, device, non_blocking: bool = False) -> PaddedBatch:
+        out = PaddedBatch(self.x.to(device, non_blocking=non_blocking), self.labels.to(device), self.keys)
+        out._tokens = self.total_tokens
+        return out
+
 
 class ClipLoader:
     """Deterministic per-epoch plans of packed steps over a :class:`ClipSet`.

@@ -60,7 +60,7 @@ def _base_resolutions(cfg: Config, stored: list[float]) -> list[Resolution]:
 
 
 def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
-    base_patch = tuple(int(v) for v in cfg.recipe.patch)
+    eval_patch = tuple(int(v) for v in (cfg.model.base_patch if kind == "flexiast" else cfg.recipe.patch))
     return Stage(
         name=kind,
         kind=kind,
@@ -71,7 +71,7 @@ def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
         epochs=cfg.optim.epochs,
         steps=cfg.optim.steps,
         kd=bool(cfg.recipe.kd.teacher),
-        eval_patch=base_patch,
+        eval_patch=eval_patch,
     )
 
 

@@ -154,7 +154,7 @@ def test_kd_with_a_frozen_teacher(data, tmp_path):
         tmp_path / "student",
         {
             "name": "flexiast",
-            "patch_sizes": [4, 8, 16],
+            "patch_sizes": [8, 12, 16],
             "kd": {"teacher": str(teacher_dir), "temperature": 2.0, "alpha": 0.5, "teacher_patch": [8, 8]},
         },
         steps=20,
