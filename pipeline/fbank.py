@@ -10,7 +10,7 @@ re-association of the arithmetic *before* the FFT moves them by up to 1e-2 in lo
 to the FFT input repeats the reference's float32 operations in the reference's order (gather, row mean,
 subtract, pre-emphasis, window, zero pad); those are elementwise or row-wise and give the same bits whatever
 the batch. After the FFT, rounding only perturbs each value relative to itself (1e-7), so we are free to
-reorganise: ``re² + im²`` instead of ``|z|²``, a mel matrix without the Nyquist column, an in-place log.
+reorganise: ``re² + im²`` instead of ``|z|²``, folded into the mel GEMM, and an in-place log.
 
 How it is fast.
 - Frames whose start sample coincides across shifts are computed once: the rows are the union of the
@@ -95,7 +95,14 @@ class _Kernel:
     def __init__(self, opts: FbankOptions, dtype: torch.dtype, device: torch.device):
         self.opts = opts
         self.window = window_function(opts, dtype, device)  # (W,)
-        self.banks_t = mel_banks(opts, dtype, device).T.contiguous()  # (K, F)
+        banks_t = mel_banks(opts, dtype, device).T  # (K, F)
+        self.banks_t = banks_t.contiguous()
+        # Power spectrum and mel in one GEMM: the FFT output viewed as (R, 2(K + 1)) interleaved re, im
+        # parts, squared, times each filter weight repeated for re and im (zero for the Nyquist bin).
+        k = banks_t.shape[0]
+        self.banks_ri = torch.zeros(2 * (k + 1), banks_t.shape[1], dtype=dtype, device=device)  # (2(K + 1), F)
+        self.banks_ri[0 : 2 * k : 2] = banks_t
+        self.banks_ri[1 : 2 * k : 2] = banks_t
         self.eps = torch.tensor(FLT_EPSILON, dtype=dtype, device=device)
         self.log_floor = math.log(opts.energy_floor) if opts.energy_floor > 0 else None
         self._buf = torch.zeros(0, opts.padded_size, dtype=dtype, device=device)
@@ -126,10 +133,11 @@ class _Kernel:
         if o.use_energy and not o.raw_energy:
             energy = self._log_energy(buf)
         spec = torch.view_as_real(torch.fft.rfft(buf))  # (R, K + 1, 2)
-        power = spec[:, :-1, 0].square() + spec[:, :-1, 1].square()  # (R, K)
-        if not o.use_power:
-            power = power.sqrt_()
-        mel = power @ self.banks_t  # (R, F)
+        if o.use_power:
+            mel = spec.square_().reshape(r, -1) @ self.banks_ri  # (R, 2(K + 1)) @ (2(K + 1), F) -> (R, F)
+        else:
+            magnitude = (spec[:, :-1, 0].square() + spec[:, :-1, 1].square()).sqrt_()  # (R, K)
+            mel = magnitude @ self.banks_t  # (R, F)
         if o.use_log_fbank:
             mel = torch.maximum(mel, self.eps).log_()
         if energy is not None:
