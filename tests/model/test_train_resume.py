@@ -1,0 +1,132 @@
+"""Kill-and-resume equals an uninterrupted run; checkpoints are atomic; weight averaging and EMA are exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model import adapter
+from model.checkpointing import latest_step_checkpoint
+from model.train import Trainer
+from model.weights import EMA, average_checkpoints
+from tests.factories import synthetic_clipset
+from tests.model.train_helpers import tiny_config
+
+PHASES = [
+    {"method": "pool", "factor": 2, "steps": 5},
+    {"method": "none", "factor": 1, "steps": 7, "recipe": "flexiast"},
+]
+
+
+def make_cfg(out):
+    return tiny_config(
+        out,
+        {"name": "coarse_to_fine", "patch": [8, 8], "patch_sizes": [8, 16], "phases": PHASES},
+        run={"ckpt_every": 2, "keep_last": 2},
+        data={"specaug": {"freq_mask": 4, "time_mask": 8}},
+        model={"token_dropout": 0.2, "drop_path": 0.1},
+        optim={"ema": 0.9, "schedule": "step", "steps_per_epoch": 3, "decay_start_epoch": 1},
+    )
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    data = synthetic_clipset(n_clips=24, seed=3)
+    full = Trainer(make_cfg(tmp_path / "full"), train_data=data)
+    full.setup()
+    full.train()
+    full.cleanup()
+
+    # A run killed after 8 updates (inside phase 2; last checkpoint at step 8) ...
+    part = Trainer(make_cfg(tmp_path / "part"), train_data=data)
+    part.setup()
+    assert part.train(stop_after=9) == {"stopped_at": 9}  # step 9 is lost with the kill
+    part.cleanup()
+    ckpt = latest_step_checkpoint(tmp_path / "part" / "checkpoints")
+    assert ckpt.name == "step_00000008"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["stage"] == 1 and state["stage_step"] == 3
+    # ... resumed from its checkpoint, finishes exactly like the uninterrupted run.
+    resumed = Trainer(make_cfg(tmp_path / "part"), resume=True, train_data=data)
+    resumed.setup()
+    resumed.train()
+    resumed.cleanup()
+    assert resumed.state.step == full.state.step == 12
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in full.ema.shadow:
+        torch.testing.assert_close(full.ema.shadow[k], resumed.ema.shadow[k], rtol=1e-5, atol=1e-6)
+    # keep_last: only the two newest step checkpoints remain, and no temporary folder.
+    names = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert [n for n in names if n.startswith("step_")] == ["step_00000010", "step_00000012"]
+    assert not [n for n in names if n.startswith(".tmp")]
+
+
+def test_checkpoint_files_load_without_pickle(tmp_path):
+    data = synthetic_clipset(n_clips=12, seed=1)
+    cfg = tiny_config(tmp_path, {"name": "ast", "patch": [8, 8]}, steps=2, run={"ckpt_every": 2})
+    tr = Trainer(cfg, train_data=data)
+    tr.setup()
+    tr.train()
+    tr.cleanup()
+    ckpt = latest_step_checkpoint(tmp_path / "checkpoints")
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert {"optimizer", "torch_rng"} <= set(state)
+    model = adapter.load_model(ckpt)
+    assert (ckpt / "config.yaml").exists() and (ckpt / "labels.json").exists()
+    torch.testing.assert_close(model.state_dict(), tr.model.state_dict())
+
+
+def test_weight_averaging_and_ema_math(tmp_path):
+    from model.ast import ASTModel, ModelConfig
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return ASTModel(
+            ModelConfig(
+                num_classes=3,
+                n_mels=16,
+                max_frames=32,
+                embed_dim=8,
+                depth=1,
+                num_heads=2,
+                base_patch=(8, 8),
+                fstride=8,
+                tstride=8,
+                pool="mean",
+            )
+        )
+
+    models = [make(s) for s in range(3)]
+    for i, m in enumerate(models):
+        adapter.save_weights(m, tmp_path / f"epoch_{i}")
+    target = make(9)
+    average_checkpoints(target, [tmp_path / f"epoch_{i}" for i in range(3)])
+    for k, v in target.state_dict().items():
+        expected = sum(m.state_dict()[k].double() for m in models) / 3
+        torch.testing.assert_close(v.double(), expected, rtol=1e-6, atol=1e-7)
+    ema = EMA(models[0], decay=0.75)
+    ema.update(models[1])
+    k = "head.fc.weight"
+    expected = 0.75 * models[0].state_dict()[k] + 0.25 * models[1].state_dict()[k]
+    torch.testing.assert_close(ema.shadow[k], expected)
+    with pytest.raises(ValueError, match="cannot average"):
+        other = ASTModel(
+            ModelConfig(
+                num_classes=3,
+                n_mels=16,
+                max_frames=32,
+                embed_dim=8,
+                depth=1,
+                num_heads=2,
+                base_patch=(8, 16),
+                fstride=8,
+                tstride=16,
+                pool="mean",
+            )
+        )
+        adapter.save_weights(other, tmp_path / "odd")
+        average_checkpoints(target, [tmp_path / "epoch_0", tmp_path / "odd"])
