@@ -1,4 +1,4 @@
-"""Shared fixtures of the model tests: tiny configs, packed batches, timm's patch_embed loaded without its init."""
+"""Fixtures of the model tests: peers (timm's patch_embed module, transformers' AST) loaded without torchvision."""
 
 from __future__ import annotations
 
@@ -8,33 +8,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
-
-from model import ModelConfig
-from pipeline.batch import PackedBatch
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    """A 32-wide, 2-deep model on 32 mel bins: fast enough for numerics on 2 CPU cores."""
-    base = dict(
-        num_classes=5,
-        n_mels=32,
-        max_frames=64,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        base_patch=(8, 8),
-        fstride=8,
-        tstride=8,
-    )
-    return ModelConfig(**{**base, **overrides})
-
-
-def packed(clips, patch, n_classes=5) -> PackedBatch:
-    """A PackedBatch of ``(T_i, F)`` clips with zero labels and keys ``c0, c1, ...``."""
-    return PackedBatch.from_clips(
-        clips, torch.zeros(len(clips), n_classes), [f"c{i}" for i in range(len(clips))], patch
-    )
 
 
 @pytest.fixture(scope="session")
