@@ -13,7 +13,7 @@ Every stage is a plain generator ``stage(src, **params)`` over dicts, testable o
   a warning, since several slots then read the same bytes. The union over slots is the dataset,
   each sample exactly once. Equal *steps* per rank are made by :mod:`pipeline.loader`.
 * Randomness is keyed, not sequential: a clip's resolution, crop and masks come from a generator
-  seeded with ``(seed, epoch, crc32(key), occurrence)``; the shuffle buffer and the per-step patch
+  keyed by ``(seed, epoch, key, occurrence)``; the shuffle buffer and the per-step patch
   draw from ``(seed, epoch, rank, worker)``. So the order is deterministic given (seed, epoch), and
   a resumed slot that replays its plan without decoding features reproduces it exactly.
 * Features are decoded only in :func:`materialise`, and only for the shift a clip uses; the other
@@ -22,10 +22,11 @@ Every stage is a plain generator ``stage(src, **params)`` over dicts, testable o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import re
 import warnings
-import zlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -39,6 +40,7 @@ from pipeline.resolution import ResolutionPolicy, apply_pool
 from pipeline.sampling import mean_clip_weight, reweight_stage
 from pipeline.sources import ShardInfo, read_shard
 from pipeline.stream_config import StreamConfig
+from pipeline.units import shift_name
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,18 @@ log = logging.getLogger(__name__)
 _RES, _AUG, _PATCH, _MIX, _SHUF, _SHARDS, _WEIGHT = range(7)
 
 
+def keyed_rng(*parts) -> np.random.Generator:
+    """A counter-based (Philox) generator keyed by a hash of ``parts``: cheap to make, independent per key."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+
+
 def slot_rng(cfg: StreamConfig, epoch: int, rank: int, worker: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, epoch, rank, worker, purpose])
+    return keyed_rng(cfg.seed, epoch, rank, worker, purpose)
 
 
 def clip_rng(cfg: StreamConfig, epoch: int, key: str, occurrence: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, epoch, zlib.crc32(key.encode()), occurrence, purpose])
+    return keyed_rng(cfg.seed, epoch, key, occurrence, purpose)
 
 
 def assign_shards(
@@ -76,11 +84,16 @@ def assign_shards(
     return [(order[j], every, slot // n)]
 
 
-def read_stage(assignments: list[tuple[ShardInfo, int, int]], cfg: StreamConfig, counters: dict) -> Iterator[dict]:
-    """Samples of the assigned shards (with retries); ``on_error='skip'`` skips a failing shard and counts it."""
+def read_stage(
+    assignments: list[tuple[ShardInfo, int, int]], cfg: StreamConfig, counters: dict, want=None
+) -> Iterator[dict]:
+    """Samples of the assigned shards (with retries); ``on_error='skip'`` skips a failing shard and counts it.
+
+    ``want(key, meta)`` limits the features kept to the shifts it names (see :func:`pipeline.sources.read_shard`).
+    """
     for shard, every, offset in assignments:
         try:
-            for i, sample in enumerate(read_shard(shard, cfg.storage_options, cfg.retries, cfg.backoff_s)):
+            for i, sample in enumerate(read_shard(shard, cfg.storage_options, cfg.retries, cfg.backoff_s, want)):
                 if i % every == offset:
                     counters["samples"] = counters.get("samples", 0) + 1
                     yield sample
@@ -110,7 +123,9 @@ def shuffle_stage(src: Iterable, size: int, rng: np.random.Generator) -> Iterato
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-def resolve_stage(src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int) -> Iterator[dict]:
+def resolve_stage(
+    src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int, chosen: dict | None = None
+) -> Iterator[dict]:
     """Choose each clip's resolution and frame count (length cap or fixed target); keep only that shift's bytes."""
     for sample in src:
         key, meta = sample["key"], sample["meta"]
@@ -118,7 +133,8 @@ def resolve_stage(src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPoli
             raise ShardError(f"shard {sample['url']}: sample {key!r} has no .json member")
         occ = int(sample.get("occurrence", 0))
         frames = meta.get("frames") or {}
-        res = policy.choose(frames, clip_rng(cfg, epoch, key, occ, _RES))
+        res = (chosen or {}).pop(key, None) if occ == 0 else None
+        res = res or policy.choose(frames, clip_rng(cfg, epoch, key, occ, _RES))
         if res.shift not in sample["npy"]:
             raise ShardError(f"shard {sample['url']}: sample {key!r} has no {res.shift}.npy member")
         n = res.n_frames
@@ -135,6 +151,23 @@ def resolve_stage(src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPoli
             "n_frames": n,
             "npy": sample["npy"][res.shift],
         }
+
+
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|]?[a-z]\d+)', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \}")
+
+
+def load_npy(data: bytes, where: str) -> np.ndarray:
+    """A 2-D ``.npy`` as a read-only view of ``data``; the common header is parsed with one regex (no eval)."""
+    if data[:6] == b"\x93NUMPY" and data[6] == 1:
+        hlen = int.from_bytes(data[8:10], "little")
+        m = _NPY_HEADER.match(data, 10, 10 + hlen)
+        if m:
+            rows, cols = int(m.group(2)), int(m.group(3))
+            return np.frombuffer(data, np.dtype(m.group(1).decode()), rows * cols, 10 + hlen).reshape(rows, cols)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ShardError(f"{where} has an unreadable .npy: {exc}") from exc
 
 
 def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tensor:
@@ -169,20 +202,23 @@ def _crop(x: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndar
 
 
 def materialise(
-    plan: PackPlan, cfg: StreamConfig, norm: dict[str, tuple[float, float]], n_classes: int, epoch: int, mix_rng
+    plan: PackPlan,
+    cfg: StreamConfig,
+    norm: dict[str, tuple[float, float]],
+    n_classes: int,
+    epoch: int,
+    mix_rng,
+    policy: ResolutionPolicy,
 ) -> PackedBatch:
     """Decode, pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`."""
     clips = []
     rngs = []
     for it, n in zip(plan.items, plan.n_frames, strict=True):
-        try:
-            x = np.load(io.BytesIO(it["npy"]), allow_pickle=False).astype(np.float32)  # (T, F) at the stored shift
-        except ValueError as exc:
-            raise ShardError(f"shard {it['url']}: sample {it['key']!r} has an unreadable .npy: {exc}") from exc
-        x = apply_pool(x, it["res"], cfg.resolution.get("pool_mode", "avg"), cfg.resolution.get("pool_tail", "floor"))
+        x = load_npy(it["npy"], f"shard {it['url']}: sample {it['key']!r}")  # (T, F) float16 at the stored shift
+        x = apply_pool(x, it["res"], policy.pool_mode, policy.pool_tail)  # (T', F)
         rng = clip_rng(cfg, epoch, it["key"], it["occurrence"], _AUG)
-        x = _crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng)
-        clips.append(torch.from_numpy(np.ascontiguousarray(x)))
+        x = _crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng)  # (n, F)
+        clips.append(torch.from_numpy(np.ascontiguousarray(x)).float())  # torch widens float16 much faster
         rngs.append(rng)
     labels = _labels(plan.items, cfg, n_classes)
     if cfg.train and cfg.mixup_prob > 0:
@@ -203,6 +239,25 @@ def materialise(
         rows=plan.rows,
         row_len=cfg.row_len if cfg.mode == "rows" else None,
     )
+
+
+def _wanted_shifts(cfg: StreamConfig, policy: ResolutionPolicy, epoch: int, chosen: dict):
+    """The reader's filter: only the shift :func:`resolve_stage` will pick is read.
+
+    The draw (occurrence 0) is left in ``chosen`` for :func:`resolve_stage`, which would draw the same.
+    """
+    if policy.kind != "random":
+        name = shift_name(policy.shift_ms)
+        return lambda key, meta: {name}
+    if cfg.balanced and cfg.train:
+        return None  # a repeated clip draws again per occurrence: keep every shift
+
+    def want(key, meta):
+        res = policy.choose(meta.get("frames") or {}, clip_rng(cfg, epoch, key, 0, _RES))
+        chosen[key] = res
+        return {res.shift}
+
+    return want
 
 
 def slot_stream(
@@ -226,7 +281,9 @@ def slot_stream(
         shards, seed=cfg.seed, epoch=epoch, shuffle=cfg.train and cfg.shuffle_shards, slot=slot, n_slots=n_slots
     )
     counters: dict = {}
-    src: Iterable[dict] = read_stage(assignments, cfg, counters)
+    policy = cfg.policy(epoch)
+    chosen: dict = {}
+    src: Iterable[dict] = read_stage(assignments, cfg, counters, _wanted_shifts(cfg, policy, epoch, chosen))
     labels = (index or {}).get("labels", {})
     n_classes = cfg.n_classes or len(labels.get("names", [])) or 0
     if cfg.balanced and cfg.train:
@@ -235,7 +292,7 @@ def slot_stream(
             raise ShardError("balanced sampling needs labels.counts in index.json")
         mean_w = mean_clip_weight(counts, int(index.get("total_samples", sum(s.samples or 0 for s in shards))))
         src = reweight_stage(src, counts, mean_w, slot_rng(cfg, epoch, rank, worker, _WEIGHT))
-    src = resolve_stage(src, cfg, cfg.policy(epoch), epoch)
+    src = resolve_stage(src, cfg, policy, epoch, chosen)
     if cfg.train:
         src = shuffle_stage(src, cfg.shuffle_buffer, slot_rng(cfg, epoch, rank, worker, _SHUF))
     patches = [tuple(p) for p in cfg.patches] if cfg.train else [tuple(cfg.patches[0])]
@@ -254,8 +311,8 @@ def slot_stream(
         info = {"worker": worker, "step": step, "stats": plan.stats, "read": dict(counters)}
         if step < skip_steps:
             continue
-        mix_rng = np.random.default_rng([cfg.seed, epoch, rank, worker, _MIX, step])
-        yield materialise(plan, cfg, norm, n_classes, epoch, mix_rng), info
+        mix_rng = keyed_rng(cfg.seed, epoch, rank, worker, _MIX, step)
+        yield materialise(plan, cfg, norm, n_classes, epoch, mix_rng, policy), info
 
 
 class ShardStream(torch.utils.data.IterableDataset):
