@@ -185,10 +185,12 @@ def _sdpa_loop(q, k, v, q_seg, k_seg, dropout_p):
     vs = torch.split(v, k_seg.lengths(), 0)
     outs = []
     for qi, ki, vi in zip(qs, ks, vs, strict=True):
+        # 4D inputs: on CPU this reaches the fused flash kernel (forward and backward); 3D falls back to the
+        # unfused math path, measured 2-3x slower for fwd+bwd at 200-2000 tokens.
         o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), dropout_p=dropout_p
-        )  # (H, Lq_i, Dh)
-        outs.append(o.transpose(0, 1))  # (Lq_i, H, Dh)
+            qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None], dropout_p=dropout_p
+        )  # (1, H, Lq_i, Dh)
+        outs.append(o[0].transpose(0, 1))  # (Lq_i, H, Dh)
     return torch.cat(outs, 0)  # (Lq, H, Dh)
 
 

@@ -1,0 +1,263 @@
+"""Model step benchmark: forward+backward time and peak memory for packed vs padded vs ElasticAST dense-mask rows.
+
+Run (CPU, the numbers in BENCHMARKS.md):
+    .venv/bin/python benchmarks/step.py --clips 12 --repeats 3
+
+Workload: VoxCeleb-like clip lengths (log-normal, median 6.5 s, clipped to [4, 30] s as ElasticAST caps
+VoxCeleb), 128-bin fbank at 10 ms, patch 16×16, tiny preset (192 wide, 12 deep, 3 heads), ElasticAST model
+options (factorised positions, attention pooling). Every variant runs the same weights on the same clips:
+
+* ``packed``      flat packing, block-diagonal attention with the ``sdpa_loop`` backend (our CPU default)
+* ``packed_pad``  flat packing, ``padded`` attention backend (clips padded to the longest only inside attention)
+* ``padded``      every clip zero-padded to the longest clip; every token (padding too) goes through the network
+* ``dense_rows``  ElasticAST as their paper describes: clips packed next-fit into rows of 2048 tokens, rows padded
+                  to the longest row, a dense boolean (row × row) same-clip mask and a manual masked softmax
+
+Each variant runs in its own subprocess so that its peak resident memory (``ru_maxrss``, minus the RSS
+before the first step) is its own. Times are medians over ``--repeats`` steps after one warm-up step.
+
+GPU section (runs only where CUDA exists): base preset, bf16 autocast, tokens/s and MFU (model FLOPs from
+``model.flops`` over the device's dense bf16 peak) for ``varlen`` vs padded SDPA vs dense-mask rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import ASTModel, ModelConfig, batch_flops
+from model.attention import Segments
+from pipeline.batch import PackedBatch
+
+VARIANTS = ("packed", "packed_pad", "padded", "dense_rows")
+ROW_LEN = 2048
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def voxceleb_like_frames(n: int, seed: int = 0) -> list[int]:
+    """Clip lengths in 10 ms frames: log-normal seconds (median 6.5 s, σ 0.55), clipped to [4, 30] s."""
+    g = torch.Generator().manual_seed(seed)
+    secs = torch.exp(math.log(6.5) + 0.55 * torch.randn(n, generator=g)).clamp(4.0, 30.0)
+    return [int(s * 100) for s in secs]
+
+
+def make_batch(frames: list[int], patch=(16, 16), n_mels=128, n_classes=1251, seed=0) -> PackedBatch:
+    g = torch.Generator().manual_seed(seed)
+    clips = [torch.randn(t, n_mels, generator=g) for t in frames]
+    labels = torch.randint(0, n_classes, (len(frames),), generator=g)
+    return PackedBatch.from_clips(clips, labels, [f"clip{i}" for i in range(len(frames))], patch)
+
+
+def padded_batch(batch: PackedBatch) -> PackedBatch:
+    """Every clip zero-padded (in frames) to the longest clip: the classic fixed-shape batch."""
+    longest = int(batch.n_frames.max())
+    clips = [torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[0])) for c in batch.clip_frames()]
+    return PackedBatch.from_clips(clips, batch.labels, batch.keys, batch.patch)
+
+
+def next_fit_rows(tokens: list[int], row_len: int = ROW_LEN) -> list[int]:
+    """ElasticAST's packing: clips in loader order, a new row when the next clip does not fit."""
+    rows, used, row = [], 0, 0
+    for t in tokens:
+        if used + t > row_len and used > 0:
+            row, used = row + 1, 0
+        rows.append(row)
+        used += t
+    return rows
+
+
+def dense_rows_step(model: ASTModel, batch: PackedBatch) -> torch.Tensor:
+    """ElasticAST's masked self-attention, as described in their paper, with the model's own weights.
+
+    Tokens are laid into rows of at most 2048 (next-fit), rows padded to the longest row, and each block runs
+    attention as ``softmax(mask(q kᵀ / sqrt(d))) v`` with a dense boolean (R, Lr, Lr) same-clip mask.
+    """
+    p_f, p_t = batch.patch
+    hf = batch.n_mels // p_f
+    seg = Segments(batch.cu_seqlens, batch.max_tokens, batch.frames.shape[0] // p_t * hf, None, batch.tokens.tolist())
+    x = model.patch_embed.forward_packed(batch.frames, batch.patch)  # (L, D)
+    x = x + model.pos_embed.forward_packed(seg, hf, model.config.max_frames // p_t)  # (L, D)
+    rows = next_fit_rows(seg.lengths())
+    n_rows = rows[-1] + 1
+    row_of_tok = torch.tensor(rows)[seg.segment_ids()]  # (L,)
+    row_tokens = torch.zeros(n_rows, dtype=torch.long).index_add_(0, row_of_tok, torch.ones_like(row_of_tok))
+    lr = int(row_tokens.max())
+    row_start = torch.cumsum(row_tokens, 0) - row_tokens  # (R,)
+    slot = row_of_tok * lr + torch.arange(seg.total) - row_start[row_of_tok]  # (L,)
+    clip_slot = torch.full((n_rows * lr,), -1, dtype=torch.long).index_copy(0, slot, seg.segment_ids())
+    clip_slot = clip_slot.view(n_rows, lr)  # (R, Lr)
+    mask = clip_slot[:, :, None] == clip_slot[:, None, :]  # (R, Lr, Lr), padding attends to padding
+    d, h = x.shape[1], model.config.num_heads
+    xr = x.new_zeros(n_rows * lr, d).index_copy(0, slot, x).view(n_rows, lr, d)  # (R, Lr, D)
+    for block in model.encoder.blocks:
+        y = block.norm1(xr)
+        qkv = block.attn.qkv(y).view(n_rows, lr, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, R, H, Lr, Dh)
+        q, k, v = qkv.unbind(0)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // h)  # (R, H, Lr, Lr)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n_rows, lr, d)  # (R, Lr, D)
+        xr = xr + block.attn.proj(att)
+        xr = xr + block.mlp(block.norm2(xr))
+    xr = model.encoder.norm(xr)
+    flat = xr.reshape(n_rows * lr, d).index_select(0, slot)  # (L, D)
+    logits, _ = model.head(flat, seg)
+    return logits
+
+
+def build_model(preset: str, depth: int | None, backend: str) -> ASTModel:
+    overrides = dict(num_classes=1251, pool="attn", pos_embed="factorized", attention=backend, max_frames=1024)
+    if depth:
+        overrides["depth"] = depth
+    torch.manual_seed(0)
+    return ASTModel(ModelConfig.preset(preset, **overrides))
+
+
+def run_variant(name: str, args) -> dict:
+    """One variant in this process: median fwd+bwd seconds and peak RSS growth."""
+    torch.set_num_threads(args.threads)
+    backend = "padded" if name == "packed_pad" else "sdpa_loop"
+    model = build_model(args.preset, args.depth, backend).train()
+    batch = make_batch(voxceleb_like_frames(args.clips, args.seed))
+    if name == "padded":
+        batch = padded_batch(batch)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = dense_rows_step(model, batch) if name == "dense_rows" else model(batch)
+        torch.nn.functional.cross_entropy(logits, batch.labels).backward()
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    computed = batch.total_tokens
+    return {"variant": name, "seconds": statistics.median(times), "peak_mb": peak_mb, "tokens_computed": computed}
+
+
+def gpu_section(args) -> None:
+    """Base preset, bf16: tokens/s and MFU for varlen vs padded SDPA vs dense-mask rows (CUDA only)."""
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    frames = voxceleb_like_frames(args.gpu_clips, args.seed)
+    batch = make_batch(frames).to(dev)
+    flops = batch_flops(build_model("base", None, "auto").config, batch).total
+    print(f"\nGPU: {name}, base preset, bf16 autocast, {args.gpu_clips} clips, {batch.total_tokens} tokens")
+    results = {}
+    for variant in ("varlen", "padded", "dense_rows"):
+        model = build_model("base", None, "varlen" if variant == "varlen" else "sdpa_loop").to(dev).train()
+        b = padded_batch(batch.to("cpu")).to(dev) if variant == "padded" else batch
+
+        def step(model=model, b=b, variant=variant):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = dense_rows_step(model, b) if variant == "dense_rows" else model(b)
+                loss = torch.nn.functional.cross_entropy(logits.float(), b.labels)
+            loss.backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            step()
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - t0) / args.repeats
+        mfu = flops / sec / (peak * 1e12) if peak else float("nan")
+        results[variant] = sec
+        print(
+            f"  {variant:10s} {sec * 1e3:8.1f} ms/step  {batch.total_tokens / sec:10.0f} real tokens/s  "
+            f"MFU {mfu:6.1%}  peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB"
+        )
+        del model
+    print(
+        f"  varlen vs padded: {results['padded'] / results['varlen']:.2f}x; "
+        f"varlen vs dense rows: {results['dense_rows'] / results['varlen']:.2f}x"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=12, help="clips per step (ElasticAST trains with 12)")
+    ap.add_argument("--preset", default="tiny", help="model preset for the CPU section")
+    ap.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--gpu-clips", type=int, default=40, help="clips per step in the GPU section (~16k tokens)")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args)))
+        return
+
+    frames = voxceleb_like_frames(args.clips, args.seed)
+    batch = make_batch(frames)
+    tokens = batch.tokens.tolist()
+    rows = next_fit_rows(tokens)
+    n_rows = rows[-1] + 1
+    row_fill = [sum(t for t, r in zip(tokens, rows, strict=True) if r == i) for i in range(n_rows)]
+    print(
+        f"CPU ({args.threads} threads), preset {args.preset}, depth {args.depth or 'preset'}: {args.clips} clips, "
+        f"{sum(frames) / 100:.1f} s audio, {batch.total_tokens} tokens (min {min(tokens)}, max {max(tokens)}); "
+        f"padded-to-longest computes {len(tokens) * max(tokens)} tokens "
+        f"({1 - sum(tokens) / (len(tokens) * max(tokens)):.1%} padding); dense rows: {n_rows} rows × "
+        f"{max(row_fill)} ({1 - sum(tokens) / (n_rows * max(row_fill)):.1%} padding)"
+    )
+    results = {}
+    for name in args.variants.split(","):
+        cmd = (
+            [sys.executable, __file__, "--variant", name]
+            + [
+                f"--{k}={v}"
+                for k, v in (
+                    ("clips", args.clips),
+                    ("preset", args.preset),
+                    ("repeats", args.repeats),
+                    ("threads", args.threads),
+                    ("seed", args.seed),
+                )
+                if v is not None
+            ]
+            + ([f"--depth={args.depth}"] if args.depth else [])
+        )
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        results[name] = r
+        print(
+            f"  {name:11s} {r['seconds']:8.2f} s/step   peak +{r['peak_mb']:7.0f} MB   "
+            f"{r['tokens_computed']} tokens through the MLPs"
+        )
+    if "packed" in results:
+        base = results["packed"]["seconds"]
+        for name, r in results.items():
+            if name != "packed":
+                print(
+                    f"  packed is {r['seconds'] / base:.2f}x faster than {name} "
+                    f"(memory {r['peak_mb'] / max(results['packed']['peak_mb'], 1):.2f}x)"
+                )
+    if torch.cuda.is_available():
+        gpu_section(args)
+    else:
+        print("\nGPU section skipped: no CUDA device (varlen/bf16/MFU not measured).")
+
+
+if __name__ == "__main__":
+    main()
