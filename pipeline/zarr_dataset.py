@@ -60,7 +60,8 @@ class ZarrClipDataset(torch.utils.data.Dataset):
             norm = (float(stats["mean"]), float(stats["std"]))
         self.norm = norm
         self.n_classes = len(self.index.get("labels", {}).get("names", []))
-        self.groups = [s.get("zarr_group") or s["name"].rsplit(".", 1)[0] for s in self.index["shards"]]
+        # zarr_group is the group's path under the folder ("store.zarr/train-000000"); a bare name is under store.zarr.
+        self.groups = [_group_path(s) for s in self.index["shards"]]
         self.starts = np.concatenate([[0], np.cumsum([int(s["samples"]) for s in self.index["shards"]])])
         self._open: dict[int, dict] = {}
 
@@ -76,7 +77,7 @@ class ZarrClipDataset(torch.utils.data.Dataset):
         if g not in self._open:
             import zarr
 
-            url = f"{self.folder}/store.zarr/{self.groups[g]}"
+            url = f"{self.folder}/{self.groups[g]}"
             try:
                 grp = zarr.open_group(url, mode="r", storage_options=self.storage_options or None)
                 self._open[g] = {
@@ -117,6 +118,11 @@ class ZarrClipDataset(torch.utils.data.Dataset):
             "labels": labels,
             "frame_shift_ms": parse_shift_name(self.shift),
         }
+
+
+def _group_path(shard: dict) -> str:
+    group = shard.get("zarr_group") or shard["name"].rsplit(".", 1)[0]
+    return group if "/" in group else f"store.zarr/{group}"
 
 
 def collate_packed(items: list[dict], patch: tuple[int, int] = (16, 16)) -> PackedBatch:
