@@ -106,7 +106,13 @@ def to_mono(data: np.ndarray) -> np.ndarray:
     """``(S, C)`` → ``(S,)`` by averaging the channels."""
     if data.ndim == 1:
         return data
-    return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    mono = data[:, 0].copy()  # (S,)
+    if data.shape[1] == 1:
+        return mono
+    for c in range(1, data.shape[1]):  # channel by channel: much faster than a strided mean over axis 1
+        mono += data[:, c]
+    mono *= np.float32(1.0 / data.shape[1])
+    return mono
 
 
 def resample(waveform: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:

@@ -221,6 +221,7 @@ def build_shards(
     only_split: str | None = None,
     workers: int | None = None,
     dask: str | None = None,
+    executor=None,
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | None = None,
@@ -237,6 +238,8 @@ def build_shards(
         only_split: keep only manifest rows of this split (rows of other splits are not read).
         workers: local worker processes (default: CPU count; 1 runs in this process).
         dask: Dask scheduler address ``tcp://host:port``, or ``local:N`` to start a LocalCluster of N processes.
+        executor: an executor from :func:`pipeline.executor.make_executor` to reuse (not closed here); overrides
+            ``workers`` and ``dask``.
         overwrite: replace an existing output built with another config instead of refusing.
         progress: show a tqdm bar (clips/s, audio hours/s) and print the summary.
         storage_options: fsspec options for the output and for audio/manifest URLs.
@@ -270,7 +273,8 @@ def build_shards(
         vocabulary = Vocabulary(names, list(names))
     accepted, rejected = screen_rows(manifest, vocabulary)
 
-    executor = make_executor(workers, dask)
+    owned = executor is None
+    executor = make_executor(workers, dask) if owned else executor
     try:
         seconds = None
         if config.shard_samples is None:
@@ -328,7 +332,8 @@ def build_shards(
         if bar is not None:
             bar.close()
     finally:
-        executor.close()
+        if owned:
+            executor.close()
 
     ordered = [records[stem] for stem, _, _ in plan]
     all_rejected = sorted(rejected + [x for r in ordered for x in r["rejected"]], key=lambda x: x["row"])

@@ -24,7 +24,7 @@ from pipeline.audio import Audio, load_audio, subtract_mean
 from pipeline.build_config import BuildConfig
 from pipeline.errors import AudioError
 from pipeline.manifest import ManifestRow
-from pipeline.shards import TarShardWriter, flac_bytes, join, npy_bytes, write_bytes, write_zarr_group
+from pipeline.shards import TarShardWriter, flac_bytes, join, write_bytes, write_zarr_group
 from pipeline.stats import RunningStats
 from pipeline.units import num_frames, samples_to_seconds, seconds_to_samples, shift_name
 
@@ -78,13 +78,13 @@ def segments(audio: Audio, config: BuildConfig) -> tuple[list[tuple[float, np.nd
     return out, 0, dropped
 
 
-def featurize(wave: np.ndarray, config: BuildConfig) -> dict[float, np.ndarray]:
-    """Mean-subtracted ``(S,)`` waveform → ``{shift_ms: (T, F) float16}`` with the build's fbank options."""
+def featurize(wave: np.ndarray, config: BuildConfig) -> dict[float, torch.Tensor]:
+    """Mean-subtracted ``(S,)`` waveform → ``{shift_ms: (T, F) float16 tensor}`` with the build's fbank options."""
     from pipeline.fbank import fbank
 
     x = torch.from_numpy(subtract_mean(wave))  # (S,)
     feats = fbank([x], shifts_ms=config.shifts_ms, sample_frequency=float(config.sample_rate), **config.features)
-    return {s: feats[s][0].numpy().astype(np.float16) for s in config.shifts_ms}
+    return {s: feats[s][0].to(torch.float16) for s in config.shifts_ms}
 
 
 @contextlib.contextmanager
@@ -166,13 +166,13 @@ def write_shard(task: ShardTask) -> dict:
                     }
                     if writer is not None:
                         members = [("json", json.dumps(meta, ensure_ascii=False).encode())]
-                        members += [(f"{names[s]}.npy", npy_bytes(feats[s])) for s in cfg.shifts_ms]
+                        members += [(f"{names[s]}.npy", feats[s].numpy()) for s in cfg.shifts_ms]
                         if cfg.keep_audio:
                             members.append(("flac", flac_bytes(wave, cfg.sample_rate)))
                         writer.add(key, members)
                     if cfg.format in ("zarr", "both"):
                         for s in cfg.shifts_ms:
-                            zarr_values[s].append(feats[s])
+                            zarr_values[s].append(feats[s].numpy())
                             zarr_frames[s].append(feats[s].shape[0])
                     keys.append(key)
                     durations.append(duration)

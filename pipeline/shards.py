@@ -41,11 +41,17 @@ def filesystem(url: str, storage_options: dict | None = None):
     return fs, path
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``.npy`` file bytes of a C-contiguous array (deterministic: the header has no timestamps)."""
+def npy_header(array: np.ndarray) -> bytes:
+    """The ``.npy`` header of a C-contiguous array (format 1.0; deterministic: no timestamps)."""
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(array))
     return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``.npy`` file bytes of an array."""
+    array = np.ascontiguousarray(array)
+    return npy_header(array) + array.tobytes()
 
 
 def flac_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
@@ -83,20 +89,49 @@ class TarShardWriter:
             folder, name = os.path.split(os.path.abspath(url))
             os.makedirs(folder, exist_ok=True)
             self.tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 (closed in close/abort)
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._offset = 0
         self.n_samples = 0
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        """Add one sample: ``members`` are ``(extension, bytes)`` pairs, written as ``<key>.<extension>`` in order."""
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._offset += len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+
+    def add(self, key: str, members: list[tuple[str, bytes | np.ndarray]]) -> None:
+        """Add one sample: ``(extension, data)`` pairs written as ``<key>.<extension>`` in order.
+
+        ``data`` is bytes, or an array written as a ``.npy`` file straight from its buffer (no copy).
+        The bytes are those :mod:`tarfile` writes (GNU format, normalised headers), without its per-member copies.
+        """
         if "." in key or "/" in key:
             raise ShardError(f"{self.url}: sample key {key!r} contains '.' or '/'")
         for ext, data in members:
-            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            if isinstance(data, np.ndarray):
+                array = np.ascontiguousarray(data)
+                header = npy_header(array)
+                size = len(header) + array.nbytes
+                self._write(_tarinfo(f"{key}.{ext}", size).tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+                self._write(header)
+                self._write(memoryview(array).cast("B"))
+            else:
+                size = len(data)
+                self._write(_tarinfo(f"{key}.{ext}", size).tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+                self._write(data)
+            pad = -size % tarfile.BLOCKSIZE
+            if pad:
+                self._write(b"\0" * pad)
         self.n_samples += 1
+
+    def _finish(self) -> None:
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+        pad = -self._offset % tarfile.RECORDSIZE  # tarfile pads the archive to whole records
+        if pad:
+            self._write(b"\0" * pad)
+        self._file.close()
 
     def close(self) -> int:
         """Finish the tar and make it visible under its final name; returns its size in bytes."""
-        self._tar.close()
+        self._finish()
         size = os.path.getsize(self.tmp)
         if self.remote:
             fs, path = filesystem(self.url, self.storage_options)
@@ -109,7 +144,7 @@ class TarShardWriter:
     def abort(self) -> None:
         """Discard the partial shard."""
         try:
-            self._tar.close()
+            self._file.close()
         finally:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)

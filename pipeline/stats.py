@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 
 
 class RunningStats:
@@ -23,12 +24,21 @@ class RunningStats:
         self._sums = [float(sum)]
         self._sumsqs = [float(sumsq)]
 
-    def update(self, values: np.ndarray) -> None:
-        """Add every element of ``values`` (any shape; cast to float64)."""
-        x = np.asarray(values, dtype=np.float64).ravel()
-        self.count += int(x.size)
+    def update(self, values) -> None:
+        """Add every element of ``values`` (numpy array or torch tensor, any shape; summed in float64).
+
+        Torch tensors are converted and summed with torch (much faster than numpy for float16 input).
+        """
+        if isinstance(values, np.ndarray):
+            x = np.asarray(values, dtype=np.float64).ravel()
+            self.count += int(x.size)
+            self._sums.append(float(x.sum()))
+            self._sumsqs.append(float(np.dot(x, x)))
+            return
+        x = values.detach().reshape(-1).to(dtype=torch.float64)
+        self.count += int(x.numel())
         self._sums.append(float(x.sum()))
-        self._sumsqs.append(float(np.dot(x, x)))
+        self._sumsqs.append(float(torch.dot(x, x)))
 
     @property
     def sum(self) -> float:

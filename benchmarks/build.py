@@ -1,0 +1,135 @@
+"""Benchmark: end-to-end build-shards throughput against the featurizer alone, and 2 workers against 1.
+
+    .venv/bin/python benchmarks/build.py [--clips 48] [--seconds 10] [--shifts elastic]
+
+Peers, measured in the same run on the same clips:
+    * featurizer only: ``pipeline.fbank.fbank`` on already-decoded 16 kHz waveforms, one clip per call, one torch
+      thread (what one build worker does between decoding and writing);
+    * end to end, 1 worker: ``build_shards(workers=1)``: header probing, decode (soundfile), mono, resample (soxr,
+      for the clips that are not at 16 kHz), mean removal, 16-shift fbank, float16, statistics, tar write;
+    * end to end, 2 workers: the same with a local pool of 2 processes. The pool is started and warmed up
+      before the clock starts (a real build amortises the start-up over hours); the cold time is printed too.
+Targets (issue 3): end to end ≥ 70% of featurizer-only clips/s, and 2 workers ≥ 1.7× one worker.
+Clips are a fixed-seed mix: 3/4 FLAC at 16 kHz, 1/4 WAV at 44.1 kHz stereo (so resampling is exercised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.audio import load_audio, subtract_mean
+from pipeline.build import build_shards
+from pipeline.build_config import AST_FBANK, BuildConfig, parse_shifts
+from pipeline.executor import ProcessExecutor
+from pipeline.fbank import fbank
+
+
+def make_clips(root: str, n: int, seconds: float) -> str:
+    """``n`` broadband clips (tones, a chirp and noise) under ``root``; returns the manifest path."""
+    rng = np.random.default_rng(0)
+    lines = ["path,label"]
+    for i in range(n):
+        sr, fmt, ch = (44100, "wav", 2) if i % 4 == 3 else (16000, "flac", 1)
+        t = np.arange(int(seconds * sr)) / sr
+        f0 = rng.uniform(100, 1000)
+        x = 0.2 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * (200 * t + 300 * t * t))
+        x = x + 0.02 * rng.standard_normal(t.shape[0])
+        if ch == 2:
+            x = np.stack([x, 0.9 * x], axis=1)  # (S, 2)
+        path = os.path.join(root, f"clip{i:04d}.{fmt}")
+        sf.write(path, x.astype(np.float32), sr, subtype="PCM_16")
+        lines.append(f"{os.path.basename(path)},c{i % 4}")
+    manifest = os.path.join(root, "manifest.csv")
+    with open(manifest, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return manifest
+
+
+def featurizer_only(root: str, n: int, shifts) -> float:
+    """Clips/s of fbank alone on pre-decoded waveforms (decoding is not timed)."""
+    waves = []
+    for name in sorted(os.listdir(root)):
+        if name.endswith((".flac", ".wav")):
+            waves.append(torch.from_numpy(subtract_mean(load_audio(os.path.join(root, name)).waveform)))
+    torch.set_num_threads(1)
+    fbank([waves[0]], shifts_ms=shifts, sample_frequency=16000.0, **AST_FBANK)  # warm-up (caches, allocator)
+    t0 = time.perf_counter()
+    for w in waves:
+        feats = fbank([w], shifts_ms=shifts, sample_frequency=16000.0, **AST_FBANK)
+        _ = {s: feats[s][0].to(torch.float16) for s in shifts}  # the same float16 cast a build does
+    return len(waves) / (time.perf_counter() - t0)
+
+
+def end_to_end(manifest: str, out: str, cfg: BuildConfig, workers: int) -> tuple[float, float, int]:
+    """(clips/s warm, clips/s including pool start-up, samples) of one build into a fresh folder."""
+    t_cold = time.perf_counter()
+    executor = ProcessExecutor(workers) if workers > 1 else None
+    if executor is not None:
+        list(executor.pool.map(_warm, range(workers * 2)))
+    t0 = time.perf_counter()
+    report = build_shards(manifest, out, cfg, workers=workers, executor=executor, progress=False)
+    t1 = time.perf_counter()
+    if executor is not None:
+        executor.close()
+    return report.samples / (t1 - t0), report.samples / (t1 - t_cold), report.samples
+
+
+def _warm(_):
+    import pipeline.fbank
+    import pipeline.shard_task  # noqa: F401
+
+    time.sleep(0.2)  # keep this worker busy so the other one takes the next warm-up task
+    return os.getpid()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=48)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--shifts", default="elastic")
+    ap.add_argument("--shard-samples", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; best of each is reported")
+    args = ap.parse_args()
+    shifts = parse_shifts(args.shifts)
+    with tempfile.TemporaryDirectory(prefix="flexast-bench-build-") as tmp:
+        audio = os.path.join(tmp, "audio")
+        os.makedirs(audio)
+        manifest = make_clips(audio, args.clips, args.seconds)
+        cfg = BuildConfig(name="bench", shifts_ms=shifts, shard_samples=args.shard_samples)
+        feat, one, two, two_cold = [], [], [], []
+        for r in range(args.repeat):  # interleaved repeats; the best of each is reported (the machine is shared)
+            feat.append(featurizer_only(audio, args.clips, shifts))
+            warm, _, n = end_to_end(manifest, os.path.join(tmp, f"w1-{r}"), cfg, 1)
+            one.append(warm)
+            warm, cold, _ = end_to_end(manifest, os.path.join(tmp, f"w2-{r}"), cfg, 2)
+            two.append(warm)
+            two_cold.append(cold)
+        feat, one, two, two_cold = max(feat), max(one), max(two), max(two_cold)
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
+    print(f"{n} clips of {args.seconds:g} s, {len(shifts)} shifts, shards of {args.shard_samples} clips, "
+          f"best of {args.repeat}")  # fmt: skip
+    print(f"featurizer only (1 thread):     {feat:8.2f} clips/s")
+    print(
+        f"end to end, 1 worker:           {one:8.2f} clips/s   ratio to featurizer {one / feat:5.2f}  (target >= 0.70)"
+    )
+    print(
+        f"end to end, 2 workers (warm):   {two:8.2f} clips/s   speed-up vs 1 worker {two / one:5.2f}  (target >= 1.70)"
+    )
+    print(f"end to end, 2 workers (cold):   {two_cold:8.2f} clips/s   (pool start-up included)")
+
+
+if __name__ == "__main__":
+    main()
