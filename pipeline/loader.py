@@ -22,6 +22,7 @@ Guarantees, per epoch:
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -33,6 +34,7 @@ from pipeline.packing import PackStats
 from pipeline.sources import expand_urls
 from pipeline.stream import ShardStream
 from pipeline.stream_config import StreamConfig
+from pipeline.units import shift_name
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,11 @@ class StreamLoader:
         in_process: run the ``cfg.num_workers`` slots as generators in this process (tests, debugging)
             instead of DataLoader worker processes; the sequence is identical.
         pin_memory, prefetch_factor: passed to the DataLoader.
+        log_every: log the running packing statistics every this many steps (0: only at the epoch's end).
+
+    Attributes:
+        stats: running :class:`~pipeline.packing.PackStats` of the epoch so far (fill ratio, padding,
+            cropped tokens, clips per step); ``last_stats`` and ``last_read`` keep the finished epoch's.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class StreamLoader:
         in_process: bool = False,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        log_every: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} is not in [0, world_size={world_size})")
@@ -148,7 +156,8 @@ class StreamLoader:
         self.num_workers = max(1, cfg.num_workers)
         self.use_processes = cfg.num_workers > 0 and not in_process
         self.reduce_max = reduce_max or dist_reduce_max(world_size)
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.pin_memory, self.prefetch_factor, self.log_every = pin_memory, prefetch_factor, log_every
+        self.last_stats, self.last_read = PackStats(), {}
         self.dataset = ShardStream(cfg, shards, index, rank, world_size, self.num_workers)
         self.set_epoch(epoch)
 
@@ -238,6 +247,8 @@ class StreamLoader:
             step.update({k: s.get(k, 0) for k in ("cropped_clips", "cropped_tokens", "dropped_short")})
             step["dropped_keys"] = s.get("dropped_keys", [])
         self.stats.add(step)
+        if self.log_every and self.stats.steps % self.log_every == 0:
+            log.info("epoch %d rank %d: %s", self.epoch, self.rank, self.stats.summary())
 
     def __iter__(self) -> Iterator[PackedBatch]:
         held: deque = deque()
@@ -263,6 +274,34 @@ class StreamLoader:
         log.info("epoch %d rank %d: %s; read %s", self.epoch, self.rank, self.stats.summary(), self.read_counters())
         self.last_stats, self.last_read = self.stats, self.read_counters()
         self.set_epoch(self.epoch + 1)
+
+    def estimated_steps(self) -> int | None:
+        """Steps per epoch on this rank, estimated from ``index.json``'s frame totals (for lr schedules).
+
+        None without an index. It ignores trimming to ``p_t`` and padding, so it is a few percent high
+        or low; the exact count is known only when the epoch ends (every rank then has the same).
+        """
+        if not self.index or not self.index.get("shards"):
+            return None
+        policy = self.cfg.policy(self.epoch)
+        totals: dict[str, float] = {}
+        for shard in self.index["shards"]:
+            for name, t in shard.get("frames", {}).items():
+                totals[name] = totals.get(name, 0) + t
+        if policy.kind == "random":
+            names = [shift_name(x) for x in policy.shifts_ms] or sorted(totals)
+            frames = sum(totals.get(n, 0) for n in names) / max(len(names), 1)
+        else:
+            frames = totals.get(shift_name(policy.shift_ms), 0)
+            if policy.kind == "pool":
+                frames /= sum(policy.pool_factors) / len(policy.pool_factors)
+        n_clips = sum(int(sh["samples"]) for sh in self.index["shards"])
+        cap = self.cfg.target_frames or self.cfg.max_frames
+        if cap:
+            frames = n_clips * cap if self.cfg.target_frames else min(frames, n_clips * cap)
+        n_mels = self.cfg.n_mels or int(self.index.get("n_mels", 128))
+        per_frame = sum((n_mels // p_f) / p_t for p_f, p_t in self.cfg.patches) / len(self.cfg.patches)
+        return max(1, math.ceil(frames * per_frame / self.cfg.budget_tokens / self.world_size))
 
     def read_counters(self) -> dict:
         """Samples, shards and skipped shard errors of this rank's workers so far in the epoch."""

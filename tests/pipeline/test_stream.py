@@ -200,6 +200,15 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_order(shards, stop):
     assert resumed.epoch == 3, "a finished epoch advances to the next"
 
 
+def test_estimated_steps_is_close_to_the_real_count(shards):
+    folder, _ = shards
+    loader = make_stream(StreamConfig(**{**BASE, "pack_buffer": 60}), folder)
+    estimate = loader.estimated_steps()
+    real = len(list(loader))
+    assert abs(estimate - real) <= max(2, 0.15 * real), (estimate, real)
+    assert loader.last_stats.steps == real and loader.last_stats.padding < 0.2
+
+
 def test_dataloader_workers_give_the_in_process_sequence(shards):
     folder, _ = shards
     cfg = StreamConfig(**{**BASE, "num_workers": 2})
