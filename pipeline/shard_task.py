@@ -199,7 +199,8 @@ def write_shard(task: ShardTask) -> dict:
             arrays["duration_s"] = np.asarray(durations, dtype=np.float64)
             attrs = {"shard": task.stem, "n_mels": cfg.n_mels, "sample_rate": cfg.sample_rate,
                      "shifts_ms": list(cfg.shifts_ms), "samples": n}  # fmt: skip
-            write_zarr_group(join(task.out, "store.zarr"), task.stem, arrays, attrs, task.storage_options)
+            zarr_size = write_zarr_group(join(task.out, "store.zarr"), task.stem, arrays, attrs, task.storage_options)
+            size = size if want_tar else zarr_size
     except BaseException:
         if writer is not None:
             writer.abort()

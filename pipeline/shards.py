@@ -177,8 +177,16 @@ def _write_group(folder: str, arrays: dict[str, np.ndarray], attrs: dict) -> Non
             arr[...] = values
 
 
-def write_zarr_group(store_url: str, stem: str, arrays: dict[str, np.ndarray], attrs: dict, storage_options=None):
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def write_zarr_group(
+    store_url: str, stem: str, arrays: dict[str, np.ndarray], attrs: dict, storage_options=None
+) -> int:
     """Write the whole Zarr v3 group ``store_url/stem`` from one task; visible only when complete.
+
+    Returns the group's total size in bytes.
 
     Args:
         store_url: the ``store.zarr`` folder or URL.
@@ -195,14 +203,16 @@ def write_zarr_group(store_url: str, stem: str, arrays: dict[str, np.ndarray], a
             files.sort(key=lambda rel: rel == "zarr.json")  # the group's own metadata last: put-on-complete
             for rel in files:
                 fs.put_file(os.path.join(local, rel), path + "/" + rel.replace(os.sep, "/"))
-        return
+            return _folder_bytes(local)
     final = os.path.join(store_url, stem)
     tmp = os.path.join(store_url, f".{stem}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     _write_group(tmp, arrays, attrs)
+    size = _folder_bytes(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
+    return size
 
 
 def write_zarr_root(store_url: str, storage_options=None) -> None:

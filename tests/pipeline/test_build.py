@@ -234,3 +234,18 @@ def test_plan_shards_by_size_and_by_split():
     ]  # fmt: skip
     by_count = plan_shards(rows, BuildConfig(shard_samples=4), None)
     assert [len(items) for _, _, items in by_count] == [3, 4, 2]
+
+
+def test_zarr_only_build_verifies(tmp_path):
+    from pipeline.inspect import verify
+
+    manifest, _ = write_collection(tmp_path, n=3)
+    report = build_shards(manifest, str(tmp_path / "z"), BuildConfig(format="zarr", shard_samples=2), workers=1,
+                          progress=False)  # fmt: skip
+    assert not any(name.endswith(".tar") for name in os.listdir(report.out))
+    assert [(s["name"], s["zarr_group"]) for s in report.index["shards"]] == [
+        ("train-000000", "store.zarr/train-000000"), ("train-000001", "store.zarr/train-000001"),
+    ]  # fmt: skip
+    assert all(s["bytes"] > 0 for s in report.index["shards"])
+    check = verify(report.out)
+    assert check.ok and check.samples == 3, check.problems
