@@ -12,7 +12,7 @@ from model.attention import BACKENDS, Segments, resolve_backend
 from model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
 from model.convert import config_from_hf, from_hf, from_official_ast, from_timm, to_official_ast
 from model.encoder import PRESETS
-from model.flops import FlopCount, batch_flops, model_flops, padded_flops
+from model.flops import FlopCount, batch_flops, model_flops, padded_flops, train_flops
 
 __all__ = [
     "BACKENDS",
@@ -34,4 +34,5 @@ __all__ = [
     "resolve_backend",
     "save_checkpoint",
     "to_official_ast",
+    "train_flops",
 ]

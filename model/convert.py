@@ -109,18 +109,46 @@ def _load_checked(model: ASTModel, state: dict[str, torch.Tensor], source: str, 
     return model
 
 
-def from_hf(state_dict: Mapping[str, torch.Tensor], config) -> ASTModel:
+def _infer_hf_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """An HF AST config guessed from weights alone: HF defaults (128 bins, strides 10, eps 1e-12, D/64 heads)."""
+    sd = {(k[len(_HF_PREFIX) :] if k.startswith(_HF_PREFIX) else k): v for k, v in state_dict.items()}
+    pos, kernel = sd["embeddings.position_embeddings"], sd["embeddings.patch_embeddings.projection.weight"]
+    d, patch = pos.shape[-1], kernel.shape[-1]
+    layers = {int(m.group(1)) for k in sd if (m := _HF_LAYER_RE.match(k))}
+    fc1 = next(v for k, v in sd.items() if k.endswith(("0.mlp.fc1.weight", "0.intermediate.dense.weight")))
+    f_dim = (128 - patch) // 10 + 1
+    t_dim = (pos.shape[1] - 2) // f_dim
+    n_cls = sd["classifier.dense.weight"].shape[0] if "classifier.dense.weight" in sd else 527
+    return config_from_hf(
+        {
+            "hidden_size": d,
+            "num_hidden_layers": max(layers) + 1,
+            "num_attention_heads": max(1, d // 64),
+            "intermediate_size": fc1.shape[0],
+            "patch_size": patch,
+            "max_length": (t_dim - 1) * 10 + patch,
+            "num_labels": n_cls,
+        },
+        n_cls,
+    )
+
+
+def from_hf(state_dict: Mapping[str, torch.Tensor], config=None) -> ASTModel:
     """Our model from an HF ``ASTForAudioClassification`` (or bare ``ASTModel``) state dict.
 
     Args:
         state_dict: transformers 4.x or 5.x key names, with or without the ``audio_spectrogram_transformer.``
             prefix. Without ``classifier.*`` keys (a bare ``ASTModel``) the head stays freshly initialised.
-        config: a :class:`ModelConfig`, or the HF ``ASTConfig`` / its ``config.json`` dict.
+        config: a :class:`ModelConfig`, or the HF ``ASTConfig`` / its ``config.json`` dict. None guesses it from
+            the weights with HF's defaults (128 bins, strides 10, ``layer_norm_eps`` 1e-12, ``D // 64`` heads):
+            right for the published MIT checkpoints, but pass the downloaded ``config.json`` when you have it.
 
     Returns:
         An :class:`ASTModel` whose ``forward_padded`` gives the HF logits (``pool="cls_dist"``).
     """
-    if not isinstance(config, ModelConfig):
+    if config is None:
+        config = _infer_hf_config(state_dict)
+    elif not isinstance(config, ModelConfig):
         n_cls = state_dict["classifier.dense.weight"].shape[0] if "classifier.dense.weight" in state_dict else None
         config = config_from_hf(config, n_cls)
     state: dict[str, torch.Tensor] = {}

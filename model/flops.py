@@ -92,3 +92,14 @@ def padded_flops(
     else:
         per_clip = ((config.n_mels - p_f) // fs + 1) * ((n_frames - p_t) // ts + 1)
     return model_flops(config, [per_clip] * batch_size, (p_f, p_t), backward)
+
+
+def train_flops(config: ModelConfig, batch) -> int:
+    """Forward + backward FLOPs of one training step on a :class:`PackedBatch` or a padded batch.
+
+    A padded batch is anything with a ``(B, T, F)`` tensor ``x`` (the classic path, the config's strides).
+    """
+    if isinstance(batch, PackedBatch):
+        return batch_flops(config, batch).total
+    b, t, _ = batch.x.shape
+    return padded_flops(config, b, t).total

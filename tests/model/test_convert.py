@@ -189,3 +189,20 @@ def test_from_timm_factorized_tables_by_hand():
     time = _lin_interp_rows(grid.mean(0), 14)
     torch.testing.assert_close(model.pos_embed.freq, freq, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(model.pos_embed.time, time, atol=1e-6, rtol=1e-6)
+
+
+def test_from_hf_guesses_config_from_weights(hf_ast):
+    """With no config, HF's defaults are assumed (128 bins, strides 10, eps 1e-12, D/64 heads)."""
+    cfg = hf_ast.ASTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=96, max_length=100, num_labels=3
+    )
+    torch.manual_seed(4)
+    model = hf_ast.ASTForAudioClassification(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours = from_hf(model.state_dict()).eval()
+    # max_length is only known up to the stride: any length with the same (12, 9) token grid is equivalent
+    assert (ours.config.grid, ours.config.fstride, ours.config.num_classes) == ((12, 9), 10, 3)
+    x = torch.randn(2, 100, 128)
+    torch.testing.assert_close(ours(x), _hf_logits(model, x), atol=1e-5, rtol=1e-5)
