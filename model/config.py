@@ -87,7 +87,6 @@ class ModelConfig:
     base_patch: list[int] = field(default_factory=lambda: [16, 16])  # (p_f, p_t) of the stored kernel
     pos: Literal["grid", "factorised"] = "grid"
     pool: Literal["cls", "cls_dist", "attention", "mean"] = "cls"
-    max_time_tokens: int = 256  # time positions of the table (grid width or factorised time table)
     token_dropout: float = 0.0  # fraction of tokens dropped per clip in training (ElasticAST: 0.1)
     drop_path: float = 0.0
     fstride: int = 0  # padded AST input: overlap strides (0 = patch size, no overlap; AST: 10)

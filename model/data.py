@@ -47,6 +47,8 @@ class ClipSet:
     display_names: list[str]
     stats: dict[float, tuple[float, float]] = field(default_factory=dict)
     n_mels: int = 128
+    features: dict = field(default_factory=dict)  # the fbank options the shards were built with
+    sample_rate: int = 16000
 
     @property
     def n_classes(self) -> int:
@@ -109,7 +111,16 @@ def read_clips(source: str, max_clips: int = 0) -> ClipSet:
         names = [str(i) for i in range(n)]
     stats = {parse_shift_name(k): (float(v["mean"]), float(v["std"])) for k, v in index.get("stats", {}).items()}
     n_mels = int(index.get("n_mels", clips[0].feats[min(clips[0].feats)].shape[1] if clips else 128))
-    return ClipSet(clips, names, list(labels.get("display_names", names)), stats, n_mels)
+    build = index.get("config", {})
+    return ClipSet(
+        clips,
+        names,
+        list(labels.get("display_names", names)),
+        stats,
+        n_mels,
+        dict(build.get("features", {})),
+        int(index.get("sample_rate", build.get("sample_rate", 16000))),
+    )
 
 
 def pool_time(x: np.ndarray, factor: int, mode: str) -> np.ndarray:

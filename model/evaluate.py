@@ -137,6 +137,7 @@ def eval_grid(
     for name, model in models.items():
         model = model.to(device)
         native = tuple(model.config.base_patch)
+        adapter.warm_pi_cache(model, [_patch_for(model, p) for p in spec.patch_sizes])
         points = []
         for p in spec.patch_sizes:
             points.append(("patch", p, _patch_for(model, p), Resolution(spec.base_shift_ms), spec.base_max_frames))

@@ -151,6 +151,7 @@ class Trainer:
             self.model = adapter.load_model(ckpt, self.device)
         else:  # kernel and positions interpolated to this stage's grid
             self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
+        adapter.warm_pi_cache(self.model, [*stage.patches, stage.eval_patch])
         self.loader = self._make_loader(stage)
         if ckpt is not None:
             self.loader.load_state_dict(self.state.loader)
@@ -383,7 +384,16 @@ class Trainer:
 
     def _write_labels(self, folder: Path) -> None:
         d = self.train_data
-        (folder / "labels.json").write_text(json.dumps({"names": d.label_names, "display_names": d.display_names}))
+        info = {
+            "names": d.label_names,
+            "display_names": d.display_names,
+            "labels": self.cfg.data.labels,
+            "stats": {str(k): list(v) for k, v in d.stats.items()},
+            "norm": list(self.cfg.data.norm),
+            "features": d.features,
+            "sample_rate": d.sample_rate,
+        }
+        (folder / "labels.json").write_text(json.dumps(info, indent=1))
 
     def save_checkpoint(self) -> Path | None:
         """Atomic full-state checkpoint ``checkpoints/step_XXXXXXXX`` (model, optimizer, loader, RNG, step, stage)."""

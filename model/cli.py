@@ -1,0 +1,175 @@
+"""The ``model`` command: thin wrappers over :mod:`model.train`, :mod:`model.evaluate`, :mod:`model.predict`
+and :mod:`model.demo`.
+
+    model train   --config configs/X.yaml [--set key=value ...] [--resume]
+    model eval    --checkpoint RUN/final [--checkpoint RUN2/final ...] --data SHARDS [--patches 8,16,32] ...
+    model predict --checkpoint RUN/final FILE [FILE ...] [--patch 16] [--shift 10] [--json] [--embeddings e.npy]
+    model demo    [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()] if text else []
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()] if text else []
+
+
+def _patch(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.config import load_config
+    from model.train import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, resume=args.resume)
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1, default=str))
+        print(f"report: {cfg.run.out_dir}/report.md   weights: {cfg.run.out_dir}/final/")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.evaluate import GridSpec, run_eval
+
+    spec = GridSpec(
+        patch_sizes=_ints(args.patches),
+        shifts_ms=_floats(args.shifts),
+        pool_factors=_ints(args.pools),
+        pool_mode=args.pool_mode,
+        max_lengths=_ints(args.lengths),
+        base_max_frames=args.max_frames,
+        base_shift_ms=args.shift,
+    )
+    out = run_eval(args.checkpoint, args.data, args.out, spec, args.name, args.device, args.max_clips)
+    print(out["table"])
+    print(f"wrote {args.out}/results.csv, {args.out}/table.md and {len(out['plots'])} plots")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from model.predict import Predictor, format_table
+
+    predictor = Predictor(args.checkpoint, args.device)
+    results = predictor.predict(
+        args.files, patch=_patch(args.patch), shift_ms=args.shift, top_k=args.top_k, embeddings_out=args.embeddings
+    )
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=1))
+    else:
+        print(format_table(results))
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} files could not be read", file=sys.stderr)
+    return 1 if failed == len(results) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from model.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="model",
+        description="flexast models: train AST / FlexiAST / ElasticAST / coarse-to-fine recipes, evaluate "
+        "flexibility grids, predict on audio files, or run the end-to-end demo.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a recipe from a YAML config",
+        description="Train from a YAML recipe "
+        "(see configs/). The resolved config, metrics.jsonl, checkpoints and report.md go to run.out_dir.",
+    )
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields, e.g. --set optim.lr=1e-4 data.max_frames=512",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir")
+    p.set_defaults(_run=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate checkpoints over patch sizes, resolutions and lengths",
+        description="Sweeps patch size, frame shift (or pool factor) and max length for each "
+        "checkpoint; writes results.csv, table.md (rows = models, columns = patch sizes) and PNG plots.",
+    )
+    p.add_argument("--checkpoint", action="append", required=True, help="a run's final/ folder (repeatable)")
+    p.add_argument("--name", action="append", help="display name per checkpoint (repeatable, same order)")
+    p.add_argument("--data", required=True, help="shard folder or its index.json (held-out set)")
+    p.add_argument("--out", default="eval_out", help="output folder")
+    p.add_argument("--patches", default="8,10,12,16,20,24,30,32,40,48", help="patch sizes, comma-separated")
+    p.add_argument("--shifts", default="", help="frame shifts in ms to sweep (must be stored in the shards)")
+    p.add_argument("--pools", default="", help="pool factors R to sweep (of the --shift features)")
+    p.add_argument("--pool-mode", default="avg", choices=["avg", "max"])
+    p.add_argument("--lengths", default="", help="max lengths in frames to sweep (cut only, never padded)")
+    p.add_argument("--max-frames", type=int, default=1024, help="length cap of the patch and resolution sweeps")
+    p.add_argument("--shift", type=float, default=10.0, help="base frame shift in ms")
+    p.add_argument("--max-clips", type=int, default=0, help="evaluate only the first N clips (0 = all)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(_run=cmd_eval)
+
+    p = sub.add_parser(
+        "predict",
+        help="top-k labels for audio files",
+        description="Decode any length / sample rate / format, featurise like the training shards, "
+        "and print the top-k labels (table or --json). Unreadable files are reported; the rest still run.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a run's final/ folder")
+    p.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
+    p.add_argument("--patch", help="patch size, e.g. 32 or 16x32 (default: the model's own)")
+    p.add_argument("--shift", type=float, default=10.0, help="frame shift in ms (coarser = fewer tokens)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--embeddings", help="save the pooled embeddings of the readable files to this .npy")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(_run=cmd_predict)
+
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end demo: data → shards → train → evaluate → report",
+        description="Generates the demo audio, builds shards, trains an ElasticAST+FlexiAST tiny "
+        "model and a fixed-patch baseline, evaluates both and writes DIR/report.md (about 5-10 min "
+        "on 2 CPU cores).",
+    )
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; does not learn much)")
+    p.set_defaults(_run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point ``model COMMAND ...``; config and data errors print one message and exit 2."""
+    from model.errors import ModelError
+    from pipeline.errors import PipelineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args))
+    except (PipelineError, ModelError) as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
