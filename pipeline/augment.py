@@ -6,7 +6,8 @@ Notation: ``x`` is one clip's ``(T, F)`` log-mel fbank (``T`` frames at the clip
 
 Order in the stream (as in the AST repository, where masks are applied before normalising):
 crop → mixup (within a packed batch) → SpecAugment → :func:`normalise`.
-Every function returns a new tensor; inputs are never modified.
+Every function returns a new tensor and leaves its inputs alone, unless asked to work in place
+(``out=``, ``inplace=True``), which the stream does on its own buffers.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import numpy as np
 import torch
 
 
-def normalise(x, mean: float, std: float):
-    """AST normalisation ``(x − mean) / (2·std)``; the only copy of it (the model's predict uses it too)."""
+def normalise(x, mean: float, std: float, out: torch.Tensor | None = None):
+    """AST normalisation ``(x − mean) / (2·std)``; the only copy of it (the model's predict uses it too).
+
+    Works on numpy arrays and tensors; ``out`` (a tensor, may be ``x`` itself) receives the result in place.
+    """
+    if out is not None:
+        return torch.sub(x, mean, out=out).div_(2.0 * std)
     return (x - mean) / (2.0 * std)
 
 
@@ -28,6 +34,7 @@ def spec_augment(
     compression: float = 1.0,
     n_freq_masks: int = 1,
     n_time_masks: int = 1,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """SpecAugment masks set to 0 (raw log-mel space, as the AST repository does).
 
@@ -41,8 +48,9 @@ def spec_augment(
         time_mask: maximum time-mask width in 10 ms frames (AudioSet: 192); 0 disables.
         rng: the clip's generator.
         compression: the clip's compression ``C``.
+        inplace: mask ``x`` itself (the stream does, on its own buffer) instead of a copy.
     """
-    out = x.clone()
+    out = x if inplace else x.clone()
     t, f = out.shape
     t_max = int(time_mask / compression)
     for _ in range(n_freq_masks if freq_mask > 0 else 0):

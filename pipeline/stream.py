@@ -170,14 +170,6 @@ def load_npy(data: bytes, where: str) -> np.ndarray:
         raise ShardError(f"{where} has an unreadable .npy: {exc}") from exc
 
 
-def _as_float_tensor(x: np.ndarray) -> torch.Tensor:
-    """float32 copy of a (read-only) array; torch widens float16 several times faster than numpy."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": .float() copies before anything writes
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.float() if t.dtype != torch.float32 else t.clone()
-
-
 def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tensor:
     if cfg.label_mode == "index":
         ids = []
@@ -218,33 +210,46 @@ def materialise(
     mix_rng,
     policy: ResolutionPolicy,
 ) -> PackedBatch:
-    """Decode, pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`."""
-    clips = []
-    rngs = []
+    """Decode, pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`.
+
+    Each clip is widened from float16 straight into its slice of the step's ``(ΣT, F)`` buffer, and
+    masks and normalisation then work in place on that slice: one copy per clip.
+    """
+    arrays, rngs = [], []
     for it, n in zip(plan.items, plan.n_frames, strict=True):
         x = load_npy(it["npy"], f"shard {it['url']}: sample {it['key']!r}")  # (T, F) float16 at the stored shift
         x = apply_pool(x, it["res"], policy.pool_mode, policy.pool_tail)  # (T', F)
         rng = clip_rng(cfg, epoch, it["key"], it["occurrence"], _AUG)
-        x = _crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng)  # (n, F)
-        clips.append(_as_float_tensor(x))
+        arrays.append(_crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng))  # (n, F)
         rngs.append(rng)
+    n_mels = arrays[0].shape[1]
+    frames = torch.empty(sum(plan.n_frames), n_mels)  # (ΣT, F)
+    views = list(torch.split(frames, plan.n_frames))  # N × (T_i, F)
+    for view, x in zip(views, arrays, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only source array: copy_ only reads it
+            view.copy_(torch.from_numpy(np.ascontiguousarray(x)))
     labels = _labels(plan.items, cfg, n_classes)
     if cfg.train and cfg.mixup_prob > 0:
-        clips, labels = mixup(clips, labels, cfg.mixup_alpha, cfg.mixup_prob, mix_rng)
-    out = []
-    for x, it, rng in zip(clips, plan.items, rngs, strict=True):
+        mixed, labels = mixup(views, labels, cfg.mixup_alpha, cfg.mixup_prob, mix_rng)
+        for view, m in zip(views, mixed, strict=True):
+            if m is not view:
+                view.copy_(m)
+    for view, it, rng in zip(views, plan.items, rngs, strict=True):
         res = it["res"]
         if cfg.train and (cfg.freq_mask or cfg.time_mask):
-            x = spec_augment(x, cfg.freq_mask, cfg.time_mask, rng, res.compression, cfg.n_freq_masks, cfg.n_time_masks)
-        mean, std = norm[res.shift]
-        out.append(normalise(x, mean, std))
-    return PackedBatch.from_clips(
-        out,
-        labels,
-        [it["key"] for it in plan.items],
-        plan.patch,
-        frame_shift_ms=[it["res"].frame_shift_ms for it in plan.items],
-        rows=plan.rows,
+            spec_augment(
+                view, cfg.freq_mask, cfg.time_mask, rng, res.compression, cfg.n_freq_masks, cfg.n_time_masks, True
+            )
+        normalise(view, *norm[res.shift], out=view)
+    return PackedBatch(
+        frames=frames,
+        n_frames=torch.tensor(plan.n_frames, dtype=torch.int64),
+        patch=plan.patch,
+        labels=labels,
+        keys=[it["key"] for it in plan.items],
+        frame_shift_ms=torch.tensor([it["res"].frame_shift_ms for it in plan.items], dtype=torch.float32),
+        rows=None if plan.rows is None else torch.tensor(plan.rows, dtype=torch.int64),
         row_len=cfg.row_len if cfg.mode == "rows" else None,
     )
 
