@@ -1,6 +1,6 @@
 """Stream throughput (clips/s per loader process) vs an AST-repo-style on-the-fly loader, in one run.
 
-Run: ``.venv/bin/python benchmarks/stream.py [--clips 64]``
+Run: ``.venv/bin/python benchmarks/stream.py [--clips 128] [--repeats 5]``
 
 Both sides do ElasticAST mixed-resolution training work for 10 s clips, in one process on one thread:
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,7 @@ def serve(folder: str) -> tuple[subprocess.Popen, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="flexast-bench-") as tmp:
@@ -130,23 +132,33 @@ def main() -> None:
             sf.write(wavs[-1], broadband_clip(10.0, seed=i).numpy(), 16000, subtype="PCM_16")
         n = args.clips // per * per
         ours(shards, n)  # warm-up (imports, numba, page cache)
-        local = ours(shards, n)
-        peer = on_the_fly(wavs, lambda w, s: reference_fbank(w[0], frame_shift=s, **AST_FBANK))
-        fast = on_the_fly(wavs, lambda w, s: fbank_one(w, frame_shift=s, **AST_FBANK))
+        ref = lambda w, s: reference_fbank(w[0], frame_shift=s, **AST_FBANK)  # noqa: E731
+        fast = lambda w, s: fbank_one(w, frame_shift=s, **AST_FBANK)  # noqa: E731
+        rows = {"local": [], "ref": [], "fast": [], "http": []}
         proc, port = serve(shards)
         try:
-            remote = ours(f"http://127.0.0.1:{port}/index.json", n)
+            for _ in range(args.repeats):  # interleaved: each ratio compares runs seconds apart
+                rows["local"].append(ours(shards, n))
+                rows["ref"].append(on_the_fly(wavs, ref))
+                rows["fast"].append(on_the_fly(wavs, fast))
+                rows["http"].append(ours(f"http://127.0.0.1:{port}/index.json", n))
         finally:
             proc.terminate()
             proc.wait()
         size = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards)) / n / 1e6
-    print(f"shards: {n} clips of 10 s, 16 shifts, 128 bins, {size:.1f} MB per clip on disk")
-    print("| loader (1 process, 1 thread) | clips/s | vs on-the-fly |")
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratio = {k: statistics.median(a / b for a, b in zip(rows[k], rows["ref"], strict=True)) for k in rows}
+    print(f"shards: {n} clips of 10 s, 16 shifts, 128 bins, {size:.1f} MB/clip; {args.repeats} interleaved repeats")
+    print("| loader (1 process, 1 thread) | clips/s (median) | vs AST-style on-the-fly (median of paired ratios) |")
     print("|---|---|---|")
-    print(f"| on-the-fly wav → reference Kaldi fbank per clip (AST-repo style) | {peer:.1f} | 1.0× |")
-    print(f"| on-the-fly wav → flexast fbank_one per clip | {fast:.1f} | {fast / peer:.1f}× |")
-    print(f"| flexast stream, local shards | {local:.1f} | {local / peer:.1f}× |")
-    print(f"| flexast stream, HTTP (127.0.0.1) | {remote:.1f} | {remote / peer:.1f}× |")
+    names = {
+        "ref": "on-the-fly: wav → reference Kaldi fbank per clip (AST-repo style)",
+        "fast": "on-the-fly: wav → flexast `fbank_one` per clip",
+        "local": "flexast stream, local shards",
+        "http": "flexast stream, HTTP (`python -m http.server`, 127.0.0.1)",
+    }
+    for k in ("ref", "fast", "local", "http"):
+        print(f"| {names[k]} | {med[k]:.1f} | {ratio[k]:.1f}× |")
 
 
 if __name__ == "__main__":
