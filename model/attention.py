@@ -230,6 +230,7 @@ def _varlen(q, k, v, q_seg, k_seg, dropout_p):
         raise BackendError(f"attention backend 'varlen' has no attention dropout (got attn_drop={dropout_p})")
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise BackendError(f"attention backend 'varlen' needs bf16/fp16 activations, got {q.dtype}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # views of the fused qkv have a token stride of 3·D
     return varlen_attn(q, k, v, q_seg.cu, k_seg.cu, q_seg.max_len, k_seg.max_len)
 
 

@@ -127,3 +127,37 @@ def test_wrong_mel_bins_raise():
         model(packed([torch.randn(16, 40)], (8, 8)))
     with pytest.raises(ShapeError, match="padded input"):
         model(torch.randn(2, 64, 40))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["varlen", "flex", "padded", "sdpa_loop"])
+def test_gpu_bf16_packed_matches_fp32_reference(backend):
+    """On CUDA under bf16 autocast, every backend's logits and gradients track the fp32 CPU model."""
+    if backend == "varlen" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("varlen needs sm80+")
+    torch.manual_seed(0)
+    cpu = ASTModel(tiny_config(attention="sdpa_loop", pool="attn", pos_embed="factorized"))
+    gpu = ASTModel(tiny_config(attention=backend, pool="attn", pos_embed="factorized")).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    batch = packed(_clips(), (8, 8))
+    ref = cpu(batch)
+    ref.square().sum().backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gpu(batch.to("cuda"))
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float().cpu(), ref.detach(), atol=5e-2, rtol=5e-2)
+    g_ref = cpu.encoder.blocks[0].attn.qkv.weight.grad
+    g_gpu = gpu.encoder.blocks[0].attn.qkv.weight.grad.cpu()
+    assert torch.nn.functional.cosine_similarity(g_ref.flatten(), g_gpu.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_and_pinv_cache_follow_device():
+    torch.manual_seed(0)
+    model = ASTModel(tiny_config()).cuda()
+    batch = packed(_clips(), (16, 16)).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(batch)
+    expect = "varlen" if torch.cuda.get_device_capability()[0] >= 8 else "flex"
+    assert model.attention_backend(torch.device("cuda"), torch.bfloat16) == expect
+    assert all(k[2].type == "cuda" for k in model.patch_embed._pinv)
