@@ -71,7 +71,7 @@ class DaskExecutor:
     """
 
     def __init__(self, address: str):
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         self.cluster = None
         if address.startswith("local"):
@@ -80,9 +80,7 @@ class DaskExecutor:
                 n_workers = int(n) if n else (os.cpu_count() or 1)
             except ValueError as exc:
                 raise ConfigError(f"--dask {address!r}: expected 'local:N' with N an integer") from exc
-            self.cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
-            )
+            self.cluster = _local_cluster(n_workers)
             self.client = Client(self.cluster)
         else:
             self.client = Client(address)
@@ -105,6 +103,21 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _local_cluster(n_workers: int):
+    """A LocalCluster of ``n_workers`` single-threaded processes, forked from a fork server that has imported
+    distributed and the task module (torch included) once, where fork servers exist; spawned otherwise."""
+    import dask
+    from distributed import LocalCluster
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        get_mp_context().set_forkserver_preload(["distributed", "pipeline.shard_task"])
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
 
 def make_executor(workers: int | None = None, dask: str | None = None):
