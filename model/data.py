@@ -200,6 +200,9 @@ class ClipLoader:
         freq_mask: int = 0,
         time_mask: int = 0,
         pack_buffer: int = 64,
+        mixup: float = 0.0,
+        mixup_alpha: float = 10.0,
+        balanced: bool = False,
         train: bool = True,
         seed: int = 0,
         rank: int = 0,
@@ -214,6 +217,7 @@ class ClipLoader:
         self.norm = norm
         self.freq_mask, self.time_mask = freq_mask, time_mask
         self.pack_buffer, self.train, self.seed = pack_buffer, train, seed
+        self.mixup, self.mixup_alpha, self.balanced = mixup, mixup_alpha, balanced
         self.rank, self.world = rank, world
         self.epoch, self.position = 0, 0
         self.dropped_short = 0
@@ -238,7 +242,10 @@ class ClipLoader:
             return self._plans[epoch]
         rng = np.random.default_rng([self.seed, epoch, 17])
         n = len(self.data.clips)
-        order = rng.permutation(n) if self.train else np.arange(n)
+        if self.train and self.balanced:
+            order = rng.choice(n, size=n, replace=True, p=self._balanced_weights())
+        else:
+            order = rng.permutation(n) if self.train else np.arange(n)
         items = []
         for i in order:
             r = int(rng.integers(len(self.resolutions))) if len(self.resolutions) > 1 else 0
@@ -336,6 +343,30 @@ class ClipLoader:
                 x[t0 : t0 + w] = 0.0
         return x
 
+    def _balanced_weights(self) -> np.ndarray:
+        """AST's balanced sampling: label weight 1000 / (count + 0.01), a clip's weight the sum over its labels."""
+        counts = np.zeros(self.data.n_classes)
+        for c in self.data.clips:
+            counts[c.label_ids] += 1
+        label_w = 1000.0 / (counts + 0.01)
+        w = np.array([label_w[c.label_ids].sum() for c in self.data.clips])
+        return w / w.sum()
+
+    def _mix(self, feats: list[np.ndarray], labels: torch.Tensor, rng) -> tuple[list[np.ndarray], torch.Tensor]:
+        """Mixup within the step: clip i ← λ·clip i + (1 − λ)·clip π(i) (its first T_i frames, zero-padded)."""
+        lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+        perm = rng.permutation(len(feats))
+        mixed = []
+        for i, j in enumerate(perm):
+            other = feats[j][: feats[i].shape[0]]
+            if other.shape[0] < feats[i].shape[0]:
+                pad = np.zeros((feats[i].shape[0] - other.shape[0], other.shape[1]), np.float32)
+                other = np.concatenate([other, pad])
+            mixed.append(lam * feats[i] + (1.0 - lam) * other)
+        if labels.dim() == 1:
+            labels = torch.nn.functional.one_hot(labels, self.data.n_classes).float()
+        return mixed, lam * labels + (1.0 - lam) * labels[torch.from_numpy(perm)]
+
     def _labels(self, clips: list[Clip]) -> torch.Tensor:
         if self.labels == "single":
             return torch.tensor([c.label_ids[0] for c in clips], dtype=torch.int64)
@@ -349,6 +380,8 @@ class ClipLoader:
         clips = [self.data.clips[i] for i, *_ in members]
         feats = [self._features(self.data.clips[i], self.resolutions[r], s, k, rng) for i, r, s, k in members]
         labels = self._labels(clips)
+        if self.train and self.mixup > 0 and len(feats) > 1 and rng.random() < self.mixup:
+            feats, labels = self._mix(feats, labels, rng)
         keys = [c.key for c in clips]
         if self.pad_to:
             x = torch.zeros(len(feats), self.pad_to, self.data.n_mels)
