@@ -227,8 +227,10 @@ def _tar_members(f, url: str, wanted, seekable: bool) -> Iterator[tuple[str, byt
 def _tar_samples(fileobj, url: str, want=None, seekable: bool = False) -> Iterator[dict]:
     """Group a tar's members by key (the name up to its first dot) into samples.
 
-    ``want(key, meta)`` returns the shift names whose ``.npy`` bytes to keep (None: all); members
-    of other shifts are skipped unread. It is asked once the sample's json is known (json comes first).
+    ``want(key, meta)`` returns ``(shift names whose .npy bytes to keep, note)``; members of other
+    shifts are skipped unread and ``note`` (anything the caller wants to carry) is stored as
+    ``sample["note"]``. Without ``want`` every member is kept. It is asked once the sample's json is
+    known (json comes first).
     """
     current: dict | None = None
     keep: set | None = None
@@ -259,7 +261,8 @@ def _tar_samples(fileobj, url: str, want=None, seekable: bool = False) -> Iterat
                 current["meta"] = json.loads(data)
             except ValueError as exc:
                 raise ShardError(f"shard {url}: sample {key!r} has unreadable json: {exc}") from exc
-            keep = None if want is None else want(key, current["meta"])
+            if want is not None:
+                keep, current["note"] = want(key, current["meta"])
         else:
             current["extra"][ext] = data
     if current is not None:
@@ -315,7 +318,7 @@ def read_shard(
 ) -> Iterator[dict]:
     """Yield the samples of one shard exactly once, reopening it after transient failures.
 
-    ``want(key, meta)`` names the shifts whose features to keep (see :func:`_tar_samples`).
+    ``want(key, meta) -> (shifts, note)`` names the shifts whose features to keep (see :func:`_tar_samples`).
 
     Raises:
         ShardError: naming the shard, when retries are exhausted, the tar is corrupt or truncated,

@@ -12,9 +12,9 @@ Every stage is a plain generator ``stage(src, **params)`` over dicts, testable o
   split is at sample level (slot ``s`` reads shard ``s mod n`` and keeps every ``m``-th sample), with
   a warning, since several slots then read the same bytes. The union over slots is the dataset,
   each sample exactly once. Equal *steps* per rank are made by :mod:`pipeline.loader`.
-* Randomness is keyed, not sequential: a clip's resolution, crop and masks come from a generator
-  keyed by ``(seed, epoch, key, occurrence)``; the shuffle buffer and the per-step patch
-  draw from ``(seed, epoch, rank, worker)``. So the order is deterministic given (seed, epoch), and
+* Randomness is keyed, not sequential: a clip's resolution, crop and masks come, in that order,
+  from one generator keyed by ``(seed, epoch, key, occurrence)``; the shuffle buffer and the
+  per-step patch draw from ``(seed, epoch, rank, worker)``. So the order is deterministic given (seed, epoch), and
   a resumed slot that replays its plan without decoding features reproduces it exactly.
 * Features are decoded only in :func:`materialise`, and only for the shift a clip uses; the other
   shifts' bytes are dropped as soon as the resolution is chosen.
@@ -45,7 +45,7 @@ from pipeline.units import shift_name
 log = logging.getLogger(__name__)
 
 # Stream ids that keep the seeded generators of different purposes apart.
-_RES, _AUG, _PATCH, _MIX, _SHUF, _SHARDS, _WEIGHT = range(7)
+_CLIP, _PATCH, _MIX, _SHUF, _SHARDS, _WEIGHT = range(6)
 
 
 def keyed_rng(*parts) -> np.random.Generator:
@@ -123,9 +123,7 @@ def shuffle_stage(src: Iterable, size: int, rng: np.random.Generator) -> Iterato
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-def resolve_stage(
-    src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int, chosen: dict | None = None
-) -> Iterator[dict]:
+def resolve_stage(src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int) -> Iterator[dict]:
     """Choose each clip's resolution and frame count (length cap or fixed target); keep only that shift's bytes."""
     for sample in src:
         key, meta = sample["key"], sample["meta"]
@@ -133,8 +131,11 @@ def resolve_stage(
             raise ShardError(f"shard {sample['url']}: sample {key!r} has no .json member")
         occ = int(sample.get("occurrence", 0))
         frames = meta.get("frames") or {}
-        res = (chosen or {}).pop(key, None) if occ == 0 else None
-        res = res or policy.choose(frames, clip_rng(cfg, epoch, key, occ, _RES))
+        if occ == 0 and sample.get("note") is not None:
+            res, rng = sample["note"]  # drawn by the reader's filter, identically
+        else:
+            rng = clip_rng(cfg, epoch, key, occ, _CLIP)
+            res = policy.choose(frames, rng)
         if res.shift not in sample["npy"]:
             raise ShardError(f"shard {sample['url']}: sample {key!r} has no {res.shift}.npy member")
         n = res.n_frames
@@ -150,6 +151,7 @@ def resolve_stage(
             "res": res,
             "n_frames": n,
             "npy": sample["npy"][res.shift],
+            "rng": rng,  # the clip's generator, next used for its crop and masks
         }
 
 
@@ -219,7 +221,7 @@ def materialise(
     for it, n in zip(plan.items, plan.n_frames, strict=True):
         x = load_npy(it["npy"], f"shard {it['url']}: sample {it['key']!r}")  # (T, F) float16 at the stored shift
         x = apply_pool(x, it["res"], policy.pool_mode, policy.pool_tail)  # (T', F)
-        rng = clip_rng(cfg, epoch, it["key"], it["occurrence"], _AUG)
+        rng = it["rng"]
         arrays.append(_crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng))  # (n, F)
         rngs.append(rng)
     n_mels = arrays[0].shape[1]
@@ -254,21 +256,22 @@ def materialise(
     )
 
 
-def _wanted_shifts(cfg: StreamConfig, policy: ResolutionPolicy, epoch: int, chosen: dict):
+def _wanted_shifts(cfg: StreamConfig, policy: ResolutionPolicy, epoch: int):
     """The reader's filter: only the shift :func:`resolve_stage` will pick is read.
 
-    The draw (occurrence 0) is left in ``chosen`` for :func:`resolve_stage`, which would draw the same.
+    For ``random`` the draw is made here, with the clip's own generator (occurrence 0), and handed on
+    as the sample's note ``(resolution, generator)``, so :func:`resolve_stage` need not draw again.
     """
     if policy.kind != "random":
-        name = shift_name(policy.shift_ms)
-        return lambda key, meta: {name}
+        names = {shift_name(policy.shift_ms)}
+        return lambda key, meta: (names, None)
     if cfg.balanced and cfg.train:
         return None  # a repeated clip draws again per occurrence: keep every shift
 
     def want(key, meta):
-        res = policy.choose(meta.get("frames") or {}, clip_rng(cfg, epoch, key, 0, _RES))
-        chosen[key] = res
-        return {res.shift}
+        rng = clip_rng(cfg, epoch, key, 0, _CLIP)
+        res = policy.choose(meta.get("frames") or {}, rng)
+        return {res.shift}, (res, rng)
 
     return want
 
@@ -295,8 +298,7 @@ def slot_stream(
     )
     counters: dict = {}
     policy = cfg.policy(epoch)
-    chosen: dict = {}
-    src: Iterable[dict] = read_stage(assignments, cfg, counters, _wanted_shifts(cfg, policy, epoch, chosen))
+    src: Iterable[dict] = read_stage(assignments, cfg, counters, _wanted_shifts(cfg, policy, epoch))
     labels = (index or {}).get("labels", {})
     n_classes = cfg.n_classes or len(labels.get("names", [])) or 0
     if cfg.balanced and cfg.train:
@@ -305,7 +307,7 @@ def slot_stream(
             raise ShardError("balanced sampling needs labels.counts in index.json")
         mean_w = mean_clip_weight(counts, int(index.get("total_samples", sum(s.samples or 0 for s in shards))))
         src = reweight_stage(src, counts, mean_w, slot_rng(cfg, epoch, rank, worker, _WEIGHT))
-    src = resolve_stage(src, cfg, policy, epoch, chosen)
+    src = resolve_stage(src, cfg, policy, epoch)
     if cfg.train:
         src = shuffle_stage(src, cfg.shuffle_buffer, slot_rng(cfg, epoch, rank, worker, _SHUF))
     patches = [tuple(p) for p in cfg.patches] if cfg.train else [tuple(cfg.patches[0])]
