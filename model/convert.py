@@ -198,6 +198,8 @@ def from_official_ast(
 ) -> ASTModel:
     """Our model from an official AST checkpoint (``module.v.*``, ``module.mlp_head.{0,1}``).
 
+    The unused DeiT ImageNet heads the official files carry (``module.v.head*``) are dropped.
+
     The stored positional grid (``(n_mels - 16) // source_fstride + 1`` rows) is adapted to the grid of
     ``(fstride, tstride, input_tdim)`` by AST's own rule, as the official model does when built with a
     different ``input_tdim``.
@@ -238,6 +240,8 @@ def from_official_ast(
     grid = adapt_grid_ast(grid, config.grid).flatten(1).T  # (H'·W', D)
     state = {"pos_embed.weight": torch.cat([pos[:2], grid], 0)[None]}  # (1, 2 + H'·W', D)
     for k, v in sd.items():
+        if k.startswith(("v.head.", "v.head_dist.")):
+            continue  # timm DeiT's ImageNet heads: kept in the official checkpoints, unused by AST's forward
         if k.startswith("v.blocks.") or k.startswith("v.norm."):
             state["encoder." + k[2:]] = v
         elif k.startswith("v."):

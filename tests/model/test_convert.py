@@ -104,6 +104,8 @@ def test_official_ast_round_trip():
     model = ASTModel(_official_config()).eval()
     sd = to_official_ast(model)
     assert "module.v.pos_embed" in sd and "module.mlp_head.1.weight" in sd and "module.v.blocks.1.attn.qkv.weight" in sd
+    # the official files also carry timm DeiT's unused ImageNet heads
+    sd.update({"module.v.head.weight": torch.zeros(1000, 32), "module.v.head_dist.bias": torch.zeros(1000)})
     back = from_official_ast(sd, fstride=6, tstride=5, input_tdim=60, n_mels=32, num_heads=2).eval()
     x = torch.randn(2, 60, 32)
     torch.testing.assert_close(back(x), model(x), atol=0, rtol=0)
