@@ -52,6 +52,7 @@ class DataConfig:
     """Shards and the per-clip data path (resolution, length, augmentation, packing)."""
 
     train: str = ""  # index.json, folder, glob, brace pattern or URL of training shards
+    loader: Literal["memory", "stream"] = "memory"  # memory: read once (small sets); stream: pipeline.loader
     valid: str = ""  # same for the held-out set ('' = no evaluation during training)
     labels: Literal["multi", "single"] = "multi"  # multi-hot + BCE, or class index + CE
     resolution: Literal["fixed", "random", "pool"] = "fixed"

@@ -54,9 +54,11 @@ class ClipSet:
     def n_classes(self) -> int:
         return len(self.label_names)
 
+    stored_shifts: list[float] = field(default_factory=list)  # when there are no clips in memory (streaming)
+
     @property
     def shifts_ms(self) -> list[float]:
-        return sorted(self.clips[0].feats) if self.clips else []
+        return sorted(self.clips[0].feats) if self.clips else list(self.stored_shifts)
 
 
 def _shard_paths(source: str) -> tuple[list[str], dict]:

@@ -81,7 +81,11 @@ class Trainer:
             dist.init_process_group(backend=backend)
         self.is_main = self.rank == 0
         torch.manual_seed(cfg.run.seed + self.rank)
-        if self.train_data is None:
+        if self.train_data is None and cfg.data.loader == "stream":
+            from model.streaming import index_only
+
+            self.train_data = index_only(cfg.data.train)
+        elif self.train_data is None:
             self.train_data = read_clips(cfg.data.train)
         if self.valid_data is None and cfg.data.valid:
             self.valid_data = read_clips(cfg.data.valid, cfg.eval.max_clips)
@@ -110,8 +114,12 @@ class Trainer:
                 except ImportError:
                     self.tb = None
 
-    def _make_loader(self, stage: Stage) -> ClipLoader:
+    def _make_loader(self, stage: Stage):
         d, m = self.cfg.data, self.cfg.model
+        if d.loader == "stream" and not self.train_data.clips:
+            from model.streaming import StreamAdapter
+
+            return StreamAdapter(self.cfg, stage, self.cfg.run.seed + 1000 * self.state.stage, self.rank, self.world)
         fs = m.fstride or stage.patches[0][0]
         ts = m.tstride or stage.patches[0][1]
         return ClipLoader(
