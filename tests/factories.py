@@ -50,13 +50,15 @@ def write_shard_folder(
     seed: int = 0,
     split: str = "train",
     zarr_store: bool = False,
+    max_labels: int = 2,
 ) -> dict:
     """Shards written directly per ``docs/shard-format.md`` (tar of json + float16 npy, and ``index.json``).
 
     Features are seeded random values, so a test can reload any member independently. Keys are
     ``clip{shard:03d}{i:04d}``. With ``zarr_store`` the same data also goes to ``store.zarr`` (one
     group per shard: ``<shift>/values``, ``<shift>/offsets``, ``keys``, ``label_values``,
-    ``label_offsets``, ``duration_s``). Returns the index dict (also written to ``out_dir/index.json``).
+    ``label_offsets``, ``duration_s``). Each clip has 1 to ``max_labels`` labels. Returns the index
+    dict (also written to ``out_dir/index.json``).
     """
     import io
     import json
@@ -89,7 +91,8 @@ def write_shard_folder(
                 key = f"clip{s:03d}{i:04d}"
                 seconds = float(rng.uniform(min_seconds, max_seconds))
                 n_samples = int(seconds * 16000)
-                label_ids = sorted({int(c) for c in rng.integers(0, n_classes, size=int(rng.integers(1, 3)))})
+                n_labels = int(rng.integers(1, max_labels + 1))
+                label_ids = sorted({int(c) for c in rng.integers(0, n_classes, size=n_labels)})
                 for c in label_ids:
                     counts[c] += 1
                 arrays = {}

@@ -285,6 +285,25 @@ def test_balanced_sampling_repeats_rare_label_clips(tmp_path):
     assert 24 < len(keys) < 64, "the expected epoch size is kept"
 
 
+def test_class_index_labels_for_cross_entropy(tmp_path):
+    write_shard_folder(tmp_path, n_shards=2, per_shard=6, max_labels=1)
+    cfg = StreamConfig(**{**BASE, "label_mode": "index", "train": False})
+    batches = list(make_stream(cfg, str(tmp_path)))
+    assert all(b.labels.dtype == torch.int64 and b.labels.shape == (b.n_clips,) for b in batches)
+    mixed = StreamConfig(**{**BASE, "label_mode": "index", "mixup_prob": 1.0})
+    soft = list(make_stream(mixed, str(tmp_path)))
+    assert all(b.labels.shape == (b.n_clips, 5) and b.labels.dtype == torch.float32 for b in soft)
+    torch.testing.assert_close(torch.cat([b.labels for b in soft]).sum(1), torch.ones(12))
+    with pytest.raises(ShardError, match="one label per clip"):
+        list(make_stream(cfg, shards_with_two_labels(tmp_path)))
+
+
+def shards_with_two_labels(tmp_path):
+    out = tmp_path / "multi"
+    write_shard_folder(out, n_shards=1, per_shard=20, max_labels=2)
+    return str(out)
+
+
 def test_index_labels_and_fixed_target_length(shards):
     folder, _ = shards
     cfg = StreamConfig(**{**BASE, "train": False, "target_frames": 40, "label_mode": "multi_hot"})
