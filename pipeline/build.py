@@ -122,7 +122,11 @@ def estimate_bytes(seconds: float | None, config: BuildConfig) -> int:
 
 
 def plan_shards(accepted, config: BuildConfig, seconds: list[float | None] | None) -> list[tuple[str, str, list]]:
-    """Group accepted rows into shards in manifest order, per split: ``[(stem, split, rows)]``."""
+    """Group accepted rows into shards in manifest order, per split: ``[(stem, split, rows)]``.
+
+    By count (``shard_samples``), or by estimated size: a shard closes before it would exceed
+    ``min(shard_bytes, split total / min_shards)``.
+    """
     by_split: dict[str, list] = {}
     for i, item in enumerate(accepted):
         by_split.setdefault(item[0].split or config.split, []).append((item, None if seconds is None else seconds[i]))
@@ -130,9 +134,10 @@ def plan_shards(accepted, config: BuildConfig, seconds: list[float | None] | Non
     for split in sorted(by_split):
         current, size = [], 0
         shards = []
-        for item, sec in by_split[split]:
-            est = estimate_bytes(sec, config)
-            full = len(current) >= config.shard_samples if config.shard_samples else size + est > config.shard_bytes
+        estimates = [estimate_bytes(sec, config) for _, sec in by_split[split]]
+        target = min(config.shard_bytes, max(1, -(-sum(estimates) // config.min_shards)))  # ceil division
+        for (item, _), est in zip(by_split[split], estimates, strict=True):
+            full = len(current) >= config.shard_samples if config.shard_samples else size + est > target
             if current and full:
                 shards.append(current)
                 current, size = [], 0

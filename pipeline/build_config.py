@@ -40,6 +40,8 @@ class BuildConfig:
         format: ``wds`` (tar shards), ``zarr`` (Zarr v3 store) or ``both``.
         shard_bytes: target size of a shard in bytes (estimated from durations before decoding).
         shard_samples: if set, exactly this many manifest rows per shard instead (no duration probing).
+        min_shards: with ``shard_bytes``, make shards smaller when needed so that each split has at least this
+            many (when it has that many rows): loaders split shards across ranks and workers, builds across workers.
         max_seconds: cap on a clip's length in seconds, or None.
         long_clips: what happens above the cap: ``cut`` (keep the start, counted) or ``split`` into segments.
         min_seconds: clips shorter than this are rejected (``too_short``).
@@ -54,6 +56,7 @@ class BuildConfig:
     format: str = "wds"
     shard_bytes: int = 256 * 1024 * 1024
     shard_samples: int | None = None
+    min_shards: int = 8
     max_seconds: float | None = None
     long_clips: str = "cut"
     min_seconds: float = 0.0
@@ -78,6 +81,8 @@ class BuildConfig:
             errors.append(f"min_seconds={self.min_seconds} > max_seconds={self.max_seconds}")
         if self.shard_bytes <= 0:
             errors.append(f"shard_bytes={self.shard_bytes} must be positive")
+        if self.min_shards < 1:
+            errors.append(f"min_shards={self.min_shards} must be >= 1")
         if self.shard_samples is not None and self.shard_samples <= 0:
             errors.append(f"shard_samples={self.shard_samples} must be positive")
         if "sample_frequency" in self.features:

@@ -59,6 +59,9 @@ def _add_build(p: argparse.ArgumentParser) -> None:
                    help="wds: WebDataset tar shards (default); zarr: one Zarr v3 store; both")  # fmt: skip
     p.add_argument("--shard-size", default="256MB", help="target shard size, e.g. 256MB (default), 1GB")
     p.add_argument("--shard-samples", type=int, help="instead: exactly this many manifest rows per shard")
+    p.add_argument("--min-shards", type=int, default=8,
+                   help="make shards smaller so each split has at least this many (default 8; loaders split "
+                   "shards across GPUs and data-loader workers)")  # fmt: skip
     p.add_argument("--max-seconds", type=float, help="cap clip length in seconds (ElasticAST recipes use 30)")
     p.add_argument("--long-clips", choices=("cut", "split"), default="cut",
                    help="above --max-seconds: cut (keep the start, counted) or split into segments")  # fmt: skip
@@ -98,6 +101,7 @@ def _run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         name=name, shifts_ms=parse_shifts(args.shifts), sample_rate=args.sample_rate, features=features,
         format=args.format, shard_bytes=parse_size(args.shard_size), shard_samples=args.shard_samples,
+        min_shards=args.min_shards,
         max_seconds=args.max_seconds, long_clips=args.long_clips, min_seconds=args.min_seconds,
         keep_audio=args.keep_audio, split=args.split or "train",
     )  # fmt: skip

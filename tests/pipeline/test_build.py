@@ -226,7 +226,7 @@ def test_sixteen_elastic_shifts(tmp_path):
 
 def test_plan_shards_by_size_and_by_split():
     rows = [(ManifestRow(i, f"/x{i}.wav", f"k{i}", split="eval" if i % 3 == 0 else None), ()) for i in range(9)]
-    cfg = BuildConfig(shard_bytes=3 * 10 * 100 * 128 * 2)  # about three 10 s clips at one shift
+    cfg = BuildConfig(shard_bytes=3 * 10 * 100 * 128 * 2, min_shards=1)  # about three 10 s clips at one shift
     plan = plan_shards(rows, cfg, [10.0] * 9)
     assert [(stem, [r.row for r, _ in items]) for stem, _, items in plan] == [
         ("eval-000000", [0, 3]), ("eval-000001", [6]), ("train-000000", [1, 2]), ("train-000001", [4, 5]),
@@ -234,6 +234,12 @@ def test_plan_shards_by_size_and_by_split():
     ]  # fmt: skip
     by_count = plan_shards(rows, BuildConfig(shard_samples=4), None)
     assert [len(items) for _, _, items in by_count] == [3, 4, 2]
+    # Large shards, but at least min_shards per split (when the split has enough rows): 6 train rows → 3 shards.
+    spread = plan_shards(rows, BuildConfig(min_shards=3), [10.0] * 9)
+    assert [(stem, len(items)) for stem, _, items in spread] == [
+        ("eval-000000", 1), ("eval-000001", 1), ("eval-000002", 1),
+        ("train-000000", 2), ("train-000001", 2), ("train-000002", 2),
+    ]  # fmt: skip
 
 
 def test_zarr_only_build_verifies(tmp_path):
