@@ -98,15 +98,21 @@ def mixup(
     if labels.dim() != 2 or not labels.is_floating_point():
         raise ValueError(f"mixup needs (N, C) float labels, got {tuple(labels.shape)} {labels.dtype}")
     out_x = list(clips)
-    out_y = labels.clone()
     if n < 2 or prob <= 0:
-        return out_x, out_y
+        return out_x, labels.clone()
+    pairs = []  # (i, j, λ)
     for i in range(n):
         if rng.random() >= prob:
             continue
         j = int(rng.integers(n - 1))
         j += j >= i
-        lam = float(rng.beta(alpha, alpha))
-        out_x[i] = lam * clips[i] + (1 - lam) * _fit_length(clips[j], clips[i].shape[0])
-        out_y[i] = lam * labels[i] + (1 - lam) * labels[j]
+        pairs.append((i, j, float(rng.beta(alpha, alpha))))
+    for i, j, lam in pairs:
+        out_x[i] = torch.lerp(_fit_length(clips[j], clips[i].shape[0]), clips[i], lam)  # λ x_i + (1 − λ) x̃_j
+    out_y = labels.clone()
+    if pairs:
+        idx_i = [i for i, _, _ in pairs]
+        idx_j = [j for _, j, _ in pairs]
+        lam = torch.tensor([p[2] for p in pairs], dtype=labels.dtype)[:, None]  # (M, 1)
+        out_y[idx_i] = lam * labels[idx_i] + (1 - lam) * labels[idx_j]  # (M, C)
     return out_x, out_y
