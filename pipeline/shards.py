@@ -72,6 +72,25 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def tar_header(name: str, size: int) -> bytes:
+    """GNU tar header of a regular file with normalised fields (mode 0o644, uid/gid 0, mtime 0, no owner names).
+
+    Built directly (much faster than :meth:`tarfile.TarInfo.tobuf`, and the same bytes as Python 3.11's);
+    names over 100 bytes fall back to tarfile, which writes a GNU long-name record first.
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8**11:
+        return _tarinfo(name, size).tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    block = bytearray(tarfile.BLOCKSIZE)
+    block[0 : len(raw)] = raw
+    block[100:148] = b"0000644\x000000000\x000000000\x00%011o\x0000000000000\x00" % size  # mode uid gid size mtime
+    block[148:156] = b"        "  # checksum placeholder: counts as spaces
+    block[156:157] = tarfile.REGTYPE
+    block[257:265] = tarfile.GNU_MAGIC
+    block[148:155] = b"%06o\x00" % sum(block)
+    return bytes(block)
+
+
 class TarShardWriter:
     """Write one WebDataset tar shard; it becomes visible under ``url`` only on :meth:`close`.
 
@@ -110,12 +129,12 @@ class TarShardWriter:
                 array = np.ascontiguousarray(data)
                 header = npy_header(array)
                 size = len(header) + array.nbytes
-                self._write(_tarinfo(f"{key}.{ext}", size).tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+                self._write(tar_header(f"{key}.{ext}", size))
                 self._write(header)
                 self._write(memoryview(array).cast("B"))
             else:
                 size = len(data)
-                self._write(_tarinfo(f"{key}.{ext}", size).tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+                self._write(tar_header(f"{key}.{ext}", size))
                 self._write(data)
             pad = -size % tarfile.BLOCKSIZE
             if pad:
