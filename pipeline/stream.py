@@ -23,6 +23,7 @@ Every stage is a plain generator ``stage(src, **params)`` over dicts, testable o
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import logging
 import re
@@ -72,7 +73,18 @@ def assign_shards(
         order = [order[i] for i in perm]
     n = len(order)
     if n >= n_slots:
-        return [(order[j], 1, 0) for j in range(slot, n, n_slots)]
+        if any(sh.samples is None for sh in order):
+            return [(order[j], 1, 0) for j in range(slot, n, n_slots)]
+        # Deal each shard (in shuffled order) to the slot holding the fewest samples so far: slots end
+        # within one shard of each other even when shard sizes differ (fewer steps to equalise later).
+        heap = [(0, k) for k in range(n_slots)]
+        mine = []
+        for sh in order:
+            load, k = heapq.heappop(heap)
+            if k == slot:
+                mine.append((sh, 1, 0))
+            heapq.heappush(heap, (load + sh.samples, k))
+        return mine
     if slot == 0:
         warnings.warn(
             f"{n} shards for {n_slots} rank×worker slots: splitting at sample level, so {n_slots - n} slots "

@@ -46,7 +46,9 @@ class StreamConfig:
         retries, backoff_s: reopen attempts for transient errors and the first backoff (doubles).
         storage_options: fsspec options for remote shards (s3 endpoint, credentials, ...).
         num_workers: DataLoader worker processes per rank (0: in the main process).
-        holdback_steps: steps each rank holds back to equalise step counts across ranks at epoch end.
+        holdback_steps: steps each rank holds back (materialised, in memory) to equalise step counts
+            across ranks at the epoch's end; they can be split into up to (clips held − steps held)
+            extra steps.
     """
 
     budget_tokens: int = 4096
@@ -81,7 +83,7 @@ class StreamConfig:
     backoff_s: float = 0.2
     storage_options: dict = field(default_factory=dict)
     num_workers: int = 0
-    holdback_steps: int = 32
+    holdback_steps: int = 16
 
     def __post_init__(self) -> None:
         errors = []

@@ -59,14 +59,20 @@ def test_shuffle_stage_is_a_seeded_permutation():
     assert out == list(shuffle_stage(range(100), 10, np.random.default_rng(1)))
 
 
-@pytest.mark.parametrize("n_shards", [2, 3, 8])
-def test_assign_shards_covers_every_sample_once(n_shards):
-    shards = [ShardInfo(f"s{j}", 7) for j in range(n_shards)]
-    seen = []
+@pytest.mark.parametrize("n_shards", [2, 3, 8, 13])
+@pytest.mark.parametrize("known", [True, False])
+def test_assign_shards_covers_every_sample_once(n_shards, known):
+    sizes = [7 + 5 * (j % 3) for j in range(n_shards)]
+    shards = [ShardInfo(f"s{j}", sizes[j] if known else None) for j in range(n_shards)]
+    seen, per_slot = [], []
     for slot in range(4):
-        for shard, every, offset in assign_shards(shards, seed=0, epoch=3, shuffle=True, slot=slot, n_slots=4):
-            seen += [(shard.url, i) for i in range(7) if i % every == offset]
-    assert sorted(seen) == sorted((f"s{j}", i) for j in range(n_shards) for i in range(7))
+        mine = assign_shards(shards, seed=0, epoch=3, shuffle=True, slot=slot, n_slots=4)
+        kept = [(sh.url, i) for sh, every, offset in mine for i in range(sizes[int(sh.url[1:])]) if i % every == offset]
+        seen += kept
+        per_slot.append(len(kept))
+    assert sorted(seen) == sorted((f"s{j}", i) for j in range(n_shards) for i in range(sizes[j]))
+    if known and n_shards >= 4:
+        assert max(per_slot) - min(per_slot) <= max(sizes), "dealt by sample count: within one shard"
 
 
 def test_config_reports_every_unknown_and_bad_key():
