@@ -124,7 +124,7 @@ def resample(waveform: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 def subtract_mean(waveform: np.ndarray) -> np.ndarray:
     """AST's waveform normalisation: remove the DC offset of the clip (a copy)."""
-    return (waveform - waveform.mean(dtype=np.float64)).astype(np.float32)
+    return waveform.astype(np.float32, copy=False) - np.float32(waveform.mean(dtype=np.float64))
 
 
 def load_audio(
