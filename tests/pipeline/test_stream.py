@@ -59,6 +59,7 @@ def test_shuffle_stage_is_a_seeded_permutation():
     assert out == list(shuffle_stage(range(100), 10, np.random.default_rng(1)))
 
 
+@pytest.mark.filterwarnings("ignore:.*splitting at sample level")
 @pytest.mark.parametrize("n_shards", [2, 3, 8, 13])
 @pytest.mark.parametrize("known", [True, False])
 def test_assign_shards_covers_every_sample_once(n_shards, known):
