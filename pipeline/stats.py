@@ -35,7 +35,10 @@ class RunningStats:
             self._sums.append(float(x.sum()))
             self._sumsqs.append(float(np.dot(x, x)))
             return
-        x = values.detach().reshape(-1).to(dtype=torch.float64)
+        x = values.detach().reshape(-1)
+        if x.dtype == torch.float16:
+            x = x.float()  # exact; half -> float -> double is faster than half -> double
+        x = x.to(dtype=torch.float64)
         self.count += int(x.numel())
         self._sums.append(float(x.sum()))
         self._sumsqs.append(float(torch.dot(x, x)))
