@@ -284,6 +284,16 @@ def test_corrupt_shard_raises_naming_it_or_is_skipped_and_counted(tmp_path):
     assert good <= set(keys) and len(keys) == len(set(keys))
 
 
+def test_corrupt_tar_header_is_named_and_not_retried(tmp_path):
+    write_shard_folder(tmp_path, n_shards=2, per_shard=4)
+    bad = tmp_path / "train-000000.tar"
+    data = bytearray(bad.read_bytes())
+    data[1024 + 2] ^= 0xFF  # inside the second member's header (the first member is 512 + 512 bytes)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*checksum"):
+        list(make_stream(StreamConfig(**BASE), str(tmp_path)))
+
+
 def test_balanced_sampling_repeats_rare_label_clips(tmp_path):
     write_shard_folder(tmp_path, n_shards=2, per_shard=20, n_classes=3)
     cfg = StreamConfig(**BASE, balanced=True)
