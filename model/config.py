@@ -33,6 +33,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False
+    threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for tiny models on few cores
     log_every: int = 10
     ckpt_every: int = 0  # steps between checkpoints; 0: only at the end of each epoch/phase
     keep_last: int = 3  # step checkpoints kept (epoch checkpoints are kept for weight averaging)

@@ -1,6 +1,7 @@
 """``model demo``: the whole flexast story in one command, small enough for a laptop CPU.
 
-1. generate the built-in demo audio (8 procedural classes, 0.5–8 s, mixed formats and sample rates);
+1. generate the built-in demo audio (480 clips: 400 train, 80 held out; 8 procedural classes, 0.5–8 s,
+   mixed formats and sample rates);
 2. build feature shards at 10, 20 and 40 ms frame shifts (train and eval splits);
 3. train a tiny ElasticAST + FlexiAST model (``configs/demo.yaml``) and a fixed-patch baseline;
 4. evaluate both over patch sizes, frame shifts and clip lengths;
@@ -36,7 +37,7 @@ BASELINE = [
 ]
 
 
-def _data(out: Path, log) -> tuple[str, str]:
+def _data(out: Path, log, n_clips: int) -> tuple[str, str]:
     from pipeline.build import build_shards
     from pipeline.build_config import BuildConfig
     from pipeline.demo import write_demo
@@ -45,7 +46,7 @@ def _data(out: Path, log) -> tuple[str, str]:
     manifest = audio / "all.csv"
     if not manifest.exists():
         t = time.perf_counter()
-        write_demo(str(audio))
+        write_demo(str(audio), n_clips=n_clips)
         log(f"[1/5] demo audio written to {audio} ({time.perf_counter() - t:.0f} s)")
     else:
         log(f"[1/5] demo audio already in {audio}")
@@ -71,12 +72,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, log=print) -> di
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_dir, eval_dir = _data(out, log)
+    train_dir, eval_dir = _data(out, log, 48 if quick else 480)
     t_data = time.perf_counter() - t_start
 
     common = [f"data.train={train_dir}", f"data.valid={eval_dir}"]
-    if quick:
-        common += ["optim.epochs=2"]
+    if quick:  # a smoke test of the whole path: tiny data, a few steps
+        common += ["optim.epochs=3", "optim.warmup_steps=2", "run.progress=false"]
     runs = {}
     for name, extra in (("flexi_elastic", []), ("baseline_p32", BASELINE)):
         run_dir = out / "runs" / name
@@ -102,9 +103,9 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, log=print) -> di
         "AST (fixed patch 32)": adapter.load_model(runs["baseline_p32"]["dir"] / "final"),
     }
     spec = GridSpec(
-        patch_sizes=(16, 20, 24, 32, 40, 48),
+        patch_sizes=(16, 32, 48) if quick else (16, 20, 24, 32, 40, 48),
         shifts_ms=SHIFTS_MS,
-        max_lengths=(50, 100, 200, 400, 800),
+        max_lengths=(100, 400) if quick else (50, 100, 200, 400, 800),
         base_max_frames=200,
     )
     rows = eval_grid(models, data, spec, progress=False)
@@ -164,9 +165,13 @@ def _write_report(out, runs, rows, tables, plots, chance, data, t_data, t_eval, 
         f"Chance level is {chance:.3f} (always guessing the most common class).",
         "",
         f"At the baseline's own patch size 32 the two models score {f32:.3f} (flexible) and {b32:.3f} (fixed).",
-        f"Averaged over all patch sizes they score {f_mean:.3f} and {b_mean:.3f}: the fixed-patch model is only",
-        "good where it was trained, the flexible one keeps working when you trade accuracy for speed with",
-        "a larger patch (fewer tokens) or spend more compute with a smaller one.",
+        f"Averaged over all patch sizes they score {f_mean:.3f} and {b_mean:.3f}. "
+        + (
+            "The fixed-patch model is good mainly where it was trained; the flexible one keeps working when you "
+            "trade accuracy for speed with a larger patch (fewer tokens) or spend more compute with a smaller one."
+            if f_mean > b_mean + 0.03
+            else "On this run the gap between them is small; the per-patch table below shows where each one stands."
+        ),
         "",
         tables,
         "",

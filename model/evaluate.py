@@ -29,7 +29,7 @@ import torch
 
 from model import adapter
 from model.config import Config
-from model.data import ClipLoader, ClipSet, Resolution, read_clips
+from model.data import ClipLoader, ClipSet, PaddedBatch, Resolution, read_clips
 from model.metrics import chance_metrics, classification_metrics
 
 DEFAULT_PATCHES = (8, 10, 12, 16, 20, 24, 30, 32, 40, 48)
@@ -51,6 +51,7 @@ def score_clipset(
     pool_mode: str = "avg",
     budget: int = 16384,
     device: torch.device | str = "cpu",
+    pad_to: int = 0,
 ) -> dict:
     """Scores ``(N, C)`` (sigmoid or softmax follows the labels), targets and timing for every clip."""
     resolution = resolution or Resolution()
@@ -66,6 +67,8 @@ def score_clipset(
         pool_mode=pool_mode,
         max_frames=max_frames,
         norm=norm,
+        pad_to=pad_to,
+        pad_patch=(*patch, model.config.fstride, model.config.tstride),
         train=False,
     )
     was_training = model.training
@@ -74,7 +77,7 @@ def score_clipset(
     t0 = time.perf_counter()
     for batch in loader:
         batch = batch.to(device)
-        logits = model(batch).float()
+        logits = (model(batch.x) if isinstance(batch, PaddedBatch) else model(batch)).float()
         prob = torch.softmax(logits, 1) if single else torch.sigmoid(logits)
         scores.append(prob.cpu().numpy())
         targets.append(batch.labels.cpu().numpy())
@@ -102,6 +105,7 @@ def evaluate_clipset(model, data: ClipSet, cfg: Config, *, patch, resolution, ma
         norm=tuple(cfg.data.norm) if cfg.data.norm else None,
         pool_mode=cfg.data.pool_mode,
         device=device,
+        pad_to=cfg.data.pad_to,
     )
     m = classification_metrics(out["scores"], out["targets"]) if len(out["keys"]) else {}
     return {**m, "n_clips": len(out["keys"]), "tokens": out["tokens"], "seconds": round(out["seconds"], 3)}

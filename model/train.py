@@ -80,6 +80,9 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend)
         self.is_main = self.rank == 0
+        self._threads_before = torch.get_num_threads()
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed + self.rank)
         if self.train_data is None and cfg.data.loader == "stream":
             from model.streaming import index_only
@@ -453,6 +456,8 @@ class Trainer:
         return result
 
     def cleanup(self) -> None:
+        if getattr(self, "_threads_before", None):
+            torch.set_num_threads(self._threads_before)
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None

@@ -13,7 +13,14 @@ TINY_MODEL = {"preset": "custom", "embed_dim": 32, "depth": 2, "heads": 2, "n_me
 
 def tiny_config(out_dir, recipe: dict, steps: int = 30, **sections) -> object:
     raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "tensorboard": False, "log_every": 1, "seed": 0},
+        "run": {
+            "out_dir": str(out_dir),
+            "progress": False,
+            "tensorboard": False,
+            "log_every": 1,
+            "seed": 0,
+            "threads": 1,
+        },
         "data": {"labels": "single", "max_frames": 64, "token_budget": 256, "shift_ms": 10.0},
         "model": dict(TINY_MODEL, pool="mean"),
         "recipe": recipe,
