@@ -168,9 +168,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 register("build-shards", "turn audio + a manifest into feature shards (WebDataset tars and/or Zarr)",
          _add_build, _run_build,
-         "Decode every clip of a manifest (soundfile), mix to mono, resample (soxr), compute Kaldi/AST log-mel "
-         "fbanks at one or more frame shifts and write them as shards with index.json and rejected.jsonl. "
-         "Rerunning the same command after a crash resumes where it stopped.")  # fmt: skip
+         "Decode every clip of a manifest (soundfile), mix to mono, resample (soxr), compute Kaldi/AST log-mel\n"
+         "fbanks at one or more frame shifts and write them as shards with index.json and rejected.jsonl.\n"
+         "Rerunning the same command after a crash resumes where it stopped. See docs/build-shards.md.\n\n"
+         "examples:\n"
+         "  pipeline build-shards data/demo/train.csv --out shards/demo-train --shifts 10,20,40\n"
+         "  pipeline build-shards audioset/train.json --labels class_labels_indices.csv --shifts elastic \\\n"
+         "      --max-seconds 10 --out s3://bucket/audioset --dask tcp://scheduler:8786")  # fmt: skip
 register("inspect", "summarise a shard folder (samples, hours, labels, frames, mean/std)", _add_inspect, _run_inspect)
 register("verify", "read every sample of a shard folder back and check it against index.json", _add_verify,
          _run_verify, "Exits with status 1, naming the shard, if anything is missing, truncated or wrong.")  # fmt: skip
@@ -185,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        p = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.description or cmd.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
