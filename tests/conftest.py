@@ -57,12 +57,12 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A fresh, empty bucket on the session's moto server; yields ``s3://<bucket>``."""
-    import s3fs
+    import boto3
 
-    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    # boto3 rather than s3fs.mkdir: s3fs sends LocationConstraint=us-east-1, which S3 (and moto) reject.
+    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1")
     name = "flexast-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
-    fs.mkdir(name)
-    fs.invalidate_cache()
+    client.create_bucket(Bucket=name)
     yield f"s3://{name}"
 
 
