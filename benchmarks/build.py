@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.audio import load_audio, subtract_mean
 from pipeline.build import build_shards
 from pipeline.build_config import AST_FBANK, BuildConfig, parse_shifts
-from pipeline.executor import ProcessExecutor
+from pipeline.executor import InlineExecutor, ProcessExecutor, timed_call
 from pipeline.fbank import fbank
 
 
@@ -71,19 +71,37 @@ def featurizer_only(root: str, n: int, shifts) -> tuple[float, float]:
     return len(waves) / (time.perf_counter() - t0), len(waves) / (time.process_time() - c0)
 
 
-def end_to_end(manifest: str, out: str, cfg: BuildConfig, workers: int) -> tuple[float, float, float, int]:
-    """(clips/s warm, clips/s including pool start-up, clips/s of CPU time (1 worker only), samples)."""
+class Timed:
+    """Wraps an executor and sums the CPU time its workers spend inside shard tasks (``cpu_s``)."""
+
+    def __init__(self, inner):
+        self.inner, self.cpu_s, self.description = inner, 0.0, inner.description
+
+    def map(self, fn, items):
+        return self.inner.map(fn, items)
+
+    def as_completed(self, fn, items):
+        for (_, x), (result, cpu, _pid) in self.inner.as_completed(timed_call, [(fn, x) for x in items]):
+            self.cpu_s += cpu
+            yield x, result
+
+    def close(self):
+        self.inner.close()
+
+
+def end_to_end(manifest: str, out: str, cfg: BuildConfig, workers: int):
+    """Clips/s: warm, including pool start-up, of CPU time inside the shard tasks, of this process's CPU time
+    (the whole build when ``workers == 1``); and the number of samples."""
     t_cold = time.perf_counter()
-    executor = ProcessExecutor(workers) if workers > 1 else None
-    if executor is not None:
-        list(executor.pool.map(_warm, range(workers * 2)))
+    executor = Timed(ProcessExecutor(workers) if workers > 1 else InlineExecutor())
+    if workers > 1:
+        list(executor.inner.pool.map(_warm, range(workers * 2)))
     t0, c0 = time.perf_counter(), time.process_time()
     report = build_shards(manifest, out, cfg, workers=workers, executor=executor, progress=False)
     t1, c1 = time.perf_counter(), time.process_time()
-    if executor is not None:
-        executor.close()
+    executor.close()
     n = report.samples
-    return n / (t1 - t0), n / (t1 - t_cold), n / (c1 - c0), n
+    return n / (t1 - t0), n / (t1 - t_cold), n / executor.cpu_s, n / (c1 - c0), n
 
 
 def _warm(_):
@@ -108,20 +126,22 @@ def main() -> None:
         os.makedirs(audio)
         manifest = make_clips(audio, args.clips, args.seconds)
         cfg = BuildConfig(name="bench", shifts_ms=shifts, shard_samples=args.shard_samples)
-        feat, feat_cpu, one, one_cpu, two, two_cold = [], [], [], [], [], []
+        feat, feat_cpu, one, one_cpu, one_task, two, two_cold, two_task = [], [], [], [], [], [], [], []
         load = os.getloadavg()[0]
         for r in range(args.repeat):  # interleaved repeats; the best of each is reported (the machine is shared)
             wall, cpu = featurizer_only(audio, args.clips, shifts)
             feat.append(wall)
             feat_cpu.append(cpu)
-            warm, _, cpu, n = end_to_end(manifest, os.path.join(tmp, f"w1-{r}"), cfg, 1)
+            warm, _, task, cpu, n = end_to_end(manifest, os.path.join(tmp, f"w1-{r}"), cfg, 1)
             one.append(warm)
             one_cpu.append(cpu)
-            warm, cold, _, _ = end_to_end(manifest, os.path.join(tmp, f"w2-{r}"), cfg, 2)
+            one_task.append(task)
+            warm, cold, task, _, _ = end_to_end(manifest, os.path.join(tmp, f"w2-{r}"), cfg, 2)
             two.append(warm)
+            two_task.append(task)
             two_cold.append(cold)
         feat, feat_cpu, one, one_cpu = max(feat), max(feat_cpu), max(one), max(one_cpu)
-        two, two_cold = max(two), max(two_cold)
+        two, two_cold, one_task, two_task = max(two), max(two_cold), max(one_task), max(two_task)
         load = max(load, os.getloadavg()[0])
     print(
         f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
@@ -140,6 +160,9 @@ def main() -> None:
         f"CPU time (robust to other jobs): featurizer {feat_cpu:.2f} clips/s, end to end 1 worker {one_cpu:.2f} "
         f"clips/s, ratio {one_cpu / feat_cpu:.2f}"
     )
+    print(f"CPU time per clip in shard tasks: 1 worker {1000 / one_task:.1f} ms, 2 workers {1000 / two_task:.1f} ms "
+          f"(equal means no parallel overhead: with 2 free cores the speed-up would be about "
+          f"{2 * two_task / one_task:.2f})")  # fmt: skip
     print(f"1-min load average during the run: up to {load:.1f} on {os.cpu_count()} CPUs (other jobs share them)")
 
 

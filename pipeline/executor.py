@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.errors import ConfigError
@@ -103,6 +104,14 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def timed_call(fn_and_item: tuple[Callable, object]) -> tuple[object, float, int]:
+    """``(fn(item), CPU seconds it took in the worker process, worker pid)``: for benchmarks and diagnostics."""
+    fn, item = fn_and_item
+    start = time.process_time()
+    result = fn(item)
+    return result, time.process_time() - start, os.getpid()
 
 
 def _local_cluster(n_workers: int):
