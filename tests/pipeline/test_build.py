@@ -255,3 +255,16 @@ def test_zarr_only_build_verifies(tmp_path):
     assert all(s["bytes"] > 0 for s in report.index["shards"])
     check = verify(report.out)
     assert check.ok and check.samples == 3, check.problems
+
+
+def test_segment_rows_and_jsonl_manifest(tmp_path):
+    write_audio(tmp_path / "long.flac", 2.0, 16000, 500.0)
+    rows = [{"path": "long.flac", "labels": ["x"], "start": 0.25, "end": 1.0},
+            {"path": "long.flac", "labels": ["y"], "start": 1.0}]  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    report = build_shards(manifest, str(tmp_path / "out"), BuildConfig(), workers=1, progress=False)
+    samples = all_samples(report.out, report.index)
+    assert list(samples) == ["long_000000250ms", "long_000001000ms"]
+    a, b = (s["json"] for s in samples.values())
+    assert (a["start_s"], a["end_s"], a["duration_s"]) == (0.25, 1.0, 0.75) and a["labels"] == ["x"]
+    assert (b["start_s"], b["end_s"]) == (1.0, 2.0) and b["frames"]["s10"] == num_frames(16000, 25.0, 10.0, 16000)
