@@ -37,7 +37,7 @@ from pipeline.errors import FeatureError
 from pipeline.fbank_options import FLT_EPSILON, FbankOptions, mel_banks, window_function
 
 BACKENDS = ("flexast", "kaldi-native", "torchaudio", "nnaudio-mel")
-DEFAULT_CHUNK_ROWS = {"cpu": 512, "cuda": 65536}
+DEFAULT_CHUNK_ROWS = {"cpu": 2048, "cuda": 65536}  # about 2 clips of 10 s at 1 shift
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def fbank(
         shifts_ms: frame shifts in ms (e.g. ``ELASTICAST_SHIFTS_MS``); default ``[frame_shift]``.
         backend: ``"flexast"`` (ours, default), ``"kaldi-native"``, ``"torchaudio"`` or ``"nnaudio-mel"``
             (a librosa-style GPU mel frontend, *not* Kaldi or AST compatible); see :mod:`pipeline.fbank_backends`.
-        chunk_rows: frames per chunk; default 512 on CPU (cache-sized), 65536 on CUDA.
+        chunk_rows: frames per chunk; default 2048 on CPU (cache-sized), 65536 on CUDA.
         seed: seeds the dither noise (only used when ``dither > 0``).
         **options: the keywords of ``torchaudio.compliance.kaldi.fbank`` (see :class:`FbankOptions`).
 
@@ -248,7 +248,7 @@ def fbank(
 
         return run_backend(backend, wave, lens, shifts, opts)
     if chunk_rows is None:
-        chunk_rows = DEFAULT_CHUNK_ROWS.get(wave.device.type, 512)
+        chunk_rows = DEFAULT_CHUNK_ROWS.get(wave.device.type, 2048)
     if chunk_rows <= 0:
         raise FeatureError(f"chunk_rows must be positive, got {chunk_rows}")
     return _flexast_fbank(wave, lens, shifts, opts, chunk_rows, seed)
