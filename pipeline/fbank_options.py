@@ -7,11 +7,11 @@ Notation: ``W`` window length in samples, ``P`` padded FFT length (a power of tw
 ``round_to_power_of_two``), ``K = P // 2 + 1`` FFT bins, ``F`` mel bins.
 
 Why bin 3 of the AST preset is constant: with 128 mel bins between 20 Hz and 8 kHz and a 512-point FFT
-(31.25 Hz per FFT bin), the lowest triangles are narrower than one FFT bin. Triangle 3 spans about
-78.4-102.6 Hz and contains no FFT bin centre (93.75 Hz lies just beyond its right edge once the mel
-arithmetic is rounded in float32), so all its weights are zero, its energy is zero, and the log clamps it to
-``log(FLT_EPSILON) = -15.9424``. The reference does exactly this and pretrained AST checkpoints were
-trained on it, so we reproduce it instead of "fixing" it.
+(31.25 Hz per FFT bin), the lowest triangles are narrower than two FFT bins. Triangle 3 spans 62.96-93.01 Hz
+and no FFT bin lies inside it (62.5 Hz is just below its left edge, 93.75 Hz just above its right edge), so
+all its weights are zero, its energy is zero, and the log clamps it to ``log(FLT_EPSILON) = -15.9424``.
+The reference does exactly this and pretrained AST checkpoints were trained on it, so we reproduce it
+instead of "fixing" it (kaldi-native-fbank refuses such settings outright).
 """
 
 from __future__ import annotations
