@@ -4,7 +4,7 @@ The option names and defaults are those of ``torchaudio.compliance.kaldi.fbank``
 unchanged. Lengths are in milliseconds (``frame_length``, ``frame_shift``), frequencies in Hz.
 
 Notation: ``W`` window length in samples, ``P`` padded FFT length (a power of two when
-``round_to_power_of_two``), ``K = P // 2 + 1`` FFT bins, ``F`` mel bins.
+``round_to_power_of_two``), ``K = P // 2`` FFT bins below Nyquist, ``F`` mel bins.
 
 Why bin 3 of the AST preset is constant: with 128 mel bins between 20 Hz and 8 kHz and a 512-point FFT
 (31.25 Hz per FFT bin), the lowest triangles are narrower than two FFT bins. Triangle 3 spans 62.96-93.01 Hz
