@@ -13,18 +13,8 @@ from tests.factories import write_collection
 from tests.pipeline.test_build import tree_bytes
 
 
-def make_bucket(s3_server, name: str) -> str:
-    """A bucket made with boto3: the conftest ``s3_bucket`` fixture's s3fs mkdir sends LocationConstraint=us-east-1,
-    which S3 and moto reject."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1").create_bucket(Bucket=name)
-    return f"s3://{name}"
-
-
-def test_build_into_s3_matches_a_local_build_and_verifies(tmp_path, s3_server):
+def test_build_into_s3_matches_a_local_build_and_verifies(tmp_path, s3_server, s3_bucket):
     opts = s3_server["storage_options"]
-    s3_bucket = make_bucket(s3_server, "flexast-build")
     manifest, rows = write_collection(tmp_path, n=5)
     cfg = BuildConfig(name="s3", shifts_ms=(10.0, 20.0), shard_samples=2, format="both")
     remote = build_shards(manifest, f"{s3_bucket}/out", cfg, workers=1, progress=False, storage_options=opts)
