@@ -59,6 +59,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the fixtures' noise-level bins need MKL's FFT")
 def test_golden_fixtures_every_config_and_the_multi_shift_call():
     env = dict(os.environ, MKL_CBWR="COMPATIBLE", OMP_NUM_THREADS="1")
     root = Path(__file__).resolve().parents[2]
