@@ -453,6 +453,7 @@ class Trainer:
             from model.report import write_train_report
 
             write_train_report(self.out / "report.md", self.cfg, result, self.history)
+            (self.out / "result.json").write_text(json.dumps(result, indent=1, default=float))
         return result
 
     def cleanup(self) -> None:

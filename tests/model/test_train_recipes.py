@@ -180,3 +180,18 @@ def test_loss_identities():
     onehot = torch.nn.functional.one_hot(y, 5).float()
     assert torch.allclose(supervised_loss(z, onehot, "ce"), torch.nn.functional.cross_entropy(z, y), atol=1e-6)
     assert torch.allclose(supervised_loss(z, y, "bce"), supervised_loss(z, onehot, "bce"))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_training(data, tmp_path):
+    """On CUDA the loop runs under bf16 autocast (varlen attention when available) and still learns."""
+    recipe, sections = RECIPES["elasticast_random"]
+    cfg = tiny_config(tmp_path, recipe, steps=20, run={"device": "cuda"}, **sections)
+    tr = Trainer(cfg, train_data=data)
+    tr.setup()
+    assert tr.device.type == "cuda"
+    before = mean_loss(tr.model.float().cpu(), data)
+    tr.model.cuda()
+    tr.train()
+    tr.cleanup()
+    assert mean_loss(tr.model.float().cpu(), data) < before
