@@ -13,8 +13,9 @@ ragged batch stored as ``values (ΣT, F)`` plus ``lengths (N,)``.
 numba has no float16 data model, so float16 input is widened to float32 before the kernel and the result
 narrowed after it, both by torch (vectorised; numpy's float16 casts were 5-30x slower here). Kernels are
 compiled lazily on first use and cached on disk (``cache=True``), so importing this module stays fast.
-The parallel kernels (``prange``) are used only where the work pays for the threads: big single arrays
-and ragged batches.
+The parallel kernels (``prange``) are used only where the work pays for the threads (at least
+``PARALLEL_MIN_ELEMENTS`` input values), so the small per-clip calls of DataLoader workers never start
+numba's thread pool (which is not safe to fork).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.errors import FeatureError
 
 MODES = ("avg", "max")
 TAILS = ("floor", "ceil")
-PARALLEL_MIN_ELEMENTS = 1 << 21  # below this a single array is pooled on one thread
+PARALLEL_MIN_ELEMENTS = 1 << 21  # below this many input elements, pooling runs on one thread (no thread pool)
 
 
 @numba.njit(cache=True, inline="always")
@@ -81,12 +82,25 @@ def _pool_single_parallel(x, n_out, factor, is_max):
     return out
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, inline="always")
+def _pool_clip(x, i, starts, lengths, out_starts, out_lengths, factor, is_max, out):
+    n_rows = min(lengths[i], out_lengths[i] * factor)
+    _pool_rows(x, starts[i], starts[i] + n_rows, factor, is_max, out, out_starts[i])
+
+
+@numba.njit(cache=True)
 def _pool_ragged(x, starts, lengths, out_starts, out_lengths, factor, is_max):
     out = np.empty((out_lengths.sum(), x.shape[1]), dtype=np.float32)
+    for i in range(len(starts)):
+        _pool_clip(x, i, starts, lengths, out_starts, out_lengths, factor, is_max, out)
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _pool_ragged_parallel(x, starts, lengths, out_starts, out_lengths, factor, is_max):
+    out = np.empty((out_lengths.sum(), x.shape[1]), dtype=np.float32)
     for i in numba.prange(len(starts)):
-        n_rows = min(lengths[i], out_lengths[i] * factor)
-        _pool_rows(x, starts[i], starts[i] + n_rows, factor, is_max, out, out_starts[i])
+        _pool_clip(x, i, starts, lengths, out_starts, out_lengths, factor, is_max, out)
     return out
 
 
@@ -188,5 +202,6 @@ def pool_time_ragged(values, lengths, factor: int, mode: str = "avg", tail: str 
     if len(lens) == 0:
         out = np.zeros((0, arr.shape[1]), dtype=arr.dtype)
     else:
-        out = _narrow(_pool_ragged(data, starts, lens, out_starts, out_lens, factor, mode == "max"), arr.dtype)
+        kernel = _pool_ragged_parallel if data.size >= PARALLEL_MIN_ELEMENTS else _pool_ragged
+        out = _narrow(kernel(data, starts, lens, out_starts, out_lens, factor, mode == "max"), arr.dtype)
     return (torch.from_numpy(out), torch.from_numpy(out_lens)) if is_tensor else (out, out_lens)

@@ -67,9 +67,12 @@ def test_large_array_takes_the_parallel_kernel_and_agrees(monkeypatch):
         np.testing.assert_array_equal(pool_time(x, 4, mode, "ceil"), numpy_pool(x, 4, mode, "ceil"))
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("tail", ["floor", "ceil"])
-def test_ragged_batch_pools_each_clip_on_its_own(dtype, tail):
+def test_ragged_batch_pools_each_clip_on_its_own(dtype, tail, parallel, monkeypatch):
+    if parallel:
+        monkeypatch.setattr(pooling, "PARALLEL_MIN_ELEMENTS", 0)
     rng = np.random.default_rng(1)
     lengths = [0, 1, 5, 17, 40, 3]
     clips = [rng.normal(size=(n, 6)).astype(dtype) for n in lengths]
