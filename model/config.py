@@ -40,6 +40,7 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True
     attention: str = "auto"  # backend override passed to the model
+    find_unused: bool = False  # DDP find_unused_parameters (needed only if some parameters get no gradient)
 
 
 @dataclass

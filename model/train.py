@@ -176,7 +176,7 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=self.cfg.run.find_unused,
             )
         self.compiled = torch.compile(self.ddp_model) if self.cfg.run.compile else self.ddp_model
         o = self.cfg.optim
