@@ -91,3 +91,13 @@ def test_the_expected_recipes_exist():
         "demo.yaml",
     }
     assert expected <= names, expected - names
+
+
+def test_train_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
+    from model.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# model train --config bad.yaml\nrun: {out_dir: x}\noptim: {lr: -1, warmup: 3}\n")
+    assert main(["train", "--config", str(bad), "--set", "model.depth=two"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.warmup: unknown key" in err and "optim.lr: must be > 0" in err and "model.depth" in err
