@@ -34,7 +34,7 @@ class TrainState:
     step: int = 0  # optimizer updates so far (all stages)
     stage: int = 0  # index of the current stage (coarse-to-fine phase)
     stage_step: int = 0  # updates within the stage (drives the lr schedule)
-    epoch: int = 0  # epochs completed within the stage
+    epoch: int = 0  # epochs completed (counted over all stages; names the epoch_XXXX checkpoints)
     loader: dict = field(default_factory=dict)
     flops: float = 0.0
     tokens: int = 0

@@ -305,6 +305,10 @@ class ClipLoader:
     def __len__(self) -> int:
         return len(self._plan_epoch(self.epoch))
 
+    def at_epoch_end(self) -> bool:
+        """True when every step of the current epoch has been handed out."""
+        return self.position >= len(self._plan_epoch(self.epoch))
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0

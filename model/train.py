@@ -65,6 +65,7 @@ class Trainer:
         self.tokens_seen = 0
         self.wall_start = time.perf_counter()
         self.history: list[dict] = []
+        self._last_eval: tuple[int, dict] = (-1, {})
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -338,12 +339,16 @@ class Trainer:
                             bar.close()
                         return {"stopped_at": self.state.step}
                 else:
-                    # Stage ended mid-epoch: remember where the loader is.
+                    # The stage's steps are done: close the epoch if the loader is exactly at its end
+                    # (epoch-driven stages), else remember where the loader is.
+                    if getattr(self.loader, "at_epoch_end", lambda: False)():
+                        self._end_epoch(stage)
                     self.state.loader = self.loader.state_dict()
             if bar is not None:
                 bar.close()
                 bar = None
-            last_metrics = self._evaluate(stage) or last_metrics
+            done = self._last_eval[1] if self._last_eval[0] == self.state.step else self._evaluate(stage)
+            last_metrics = done or last_metrics
             self._save_weights(self.out / f"stage{self.state.stage + 1}")
             if self.state.stage + 1 < len(self.stages):
                 self.state.stage += 1
@@ -365,6 +370,8 @@ class Trainer:
     def _evaluate(self, stage: Stage) -> dict:
         if self.valid_data is None or not self.is_main:
             return {}
+        if self._last_eval[0] == self.state.step:
+            return self._last_eval[1]
         res = stage.resolutions[0]
         metrics = evaluate_clipset(
             self.model,
@@ -377,6 +384,7 @@ class Trainer:
         )
         row = {"step": self.state.step, "stage": stage.name, "split": "valid", **metrics}
         self._log(row)
+        self._last_eval = (self.state.step, metrics)
         return metrics
 
     def _log(self, row: dict) -> None:

@@ -130,3 +130,26 @@ def test_weight_averaging_and_ema_math(tmp_path):
         )
         adapter.save_weights(other, tmp_path / "odd")
         average_checkpoints(target, [tmp_path / "epoch_0", tmp_path / "odd"])
+
+
+def test_epoch_checkpoints_are_averaged_at_the_end(tmp_path):
+    data = synthetic_clipset(n_clips=12, seed=1)
+    cfg = tiny_config(tmp_path, {"name": "ast", "patch": [8, 8]}, steps=0, optim={"epochs": 3, "average": [2, 3]})
+    tr = Trainer(cfg, train_data=data, valid_data=synthetic_clipset(n_clips=6, seed=2))
+    tr.setup()
+    result = tr.train()
+    tr.cleanup()
+    epochs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("epoch_"))
+    assert epochs == ["epoch_0001", "epoch_0002", "epoch_0003"]
+    assert "valid_averaged" in result and (tmp_path / "averaged" / "model.safetensors").exists()
+    expected = {
+        k: (
+            adapter.read_state_dict(tmp_path / "checkpoints" / "epoch_0002")[k].double()
+            + adapter.read_state_dict(tmp_path / "checkpoints" / "epoch_0003")[k].double()
+        )
+        / 2
+        for k in ("head.fc.weight", "patch_embed.proj.weight")
+    }
+    averaged = adapter.read_state_dict(tmp_path / "averaged")
+    for k, v in expected.items():
+        torch.testing.assert_close(averaged[k].double(), v, rtol=1e-6, atol=1e-7)
