@@ -13,6 +13,7 @@ Forward, per clip:
 
 Backward is twice the forward (input and weight gradients), except the patch embedding whose input needs no
 gradient (once). Token counts come from :func:`pipeline.batch.token_count`, the one place tokens are counted.
+Token dropout (ElasticAST training) is not modelled: pass the kept counts to :func:`model_flops` to include it.
 """
 
 from __future__ import annotations
