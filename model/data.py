@@ -8,11 +8,16 @@ ESC-50, Speech Commands, tests). Every step of an epoch is *planned* from ``(see
 a resumed run replays the plan and skips the steps already done: no sample is repeated or lost.
 Every DDP rank gets the same number of steps (the plan is dealt round-robin and cut to a multiple of
 the world size). Packing uses :func:`pipeline.packing.plan_packs` (best-fit-decreasing over a buffer).
+
+The data logic itself is the pipeline's, in the stream's order: pooling (:func:`pipeline.pooling.pool_time`,
+tail floor) → crop → mixup (:func:`pipeline.augment.mixup`) → SpecAugment
+(:func:`pipeline.augment.spec_augment`) → :func:`pipeline.augment.normalise`; balanced sampling draws with
+:func:`pipeline.sampling.clip_weights`; tokens are :func:`pipeline.batch.token_count`. All random draws of a
+step come from one generator seeded by ``(seed, epoch, step)``.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -22,10 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.augment import mixup, normalise, spec_augment
 from pipeline.batch import PackedBatch, token_count, trim_frames
 from pipeline.errors import ConfigError, ShardError
 from pipeline.packing import plan_packs
+from pipeline.pooling import pool_time, pooled_length
+from pipeline.sampling import clip_weights
 from pipeline.shards import iter_tar, load_npy
+from pipeline.sources import expand_urls, is_remote
 from pipeline.units import parse_shift_name, shift_name
 
 
@@ -62,25 +71,21 @@ class ClipSet:
 
 
 def _shard_paths(source: str) -> tuple[list[str], dict]:
-    """Tar shards and the parsed ``index.json`` of a folder, an ``index.json`` path, or a glob."""
-    if os.path.isdir(source):
-        source = os.path.join(source, "index.json")
-    if source.endswith(".json"):
-        if not os.path.exists(source):
-            raise ShardError(f"{source}: index.json not found (build shards first: pipeline build-shards)")
-        with open(source) as f:
-            index = json.load(f)
-        base = os.path.dirname(source)
-        paths = [os.path.join(base, s["name"]) for s in index.get("shards", []) if s["name"].endswith(".tar")]
-        return paths, index
-    paths = sorted(glob.glob(source))
-    if not paths:
-        raise ShardError(f"{source}: no shards match")
-    index_path = os.path.join(os.path.dirname(paths[0]), "index.json")
-    index = {}
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
+    """Tar shards and the parsed ``index.json`` of a source spec (:func:`pipeline.sources.expand_urls`).
+
+    A glob or brace pattern has no index of its own; the ``index.json`` beside its first shard is used if present.
+    """
+    index_path = os.path.join(source, "index.json") if os.path.isdir(source) else source
+    if index_path.endswith(".json") and not is_remote(index_path) and not os.path.exists(index_path):
+        raise ShardError(f"{index_path}: index.json not found (build shards first: pipeline build-shards)")
+    index, shards = expand_urls(index_path if index_path.endswith(".json") else source)
+    paths = [s.url for s in shards if s.url.endswith(".tar")]
+    if index is None:
+        beside = os.path.join(os.path.dirname(paths[0]), "index.json") if paths else ""
+        index = {}
+        if beside and not is_remote(beside) and os.path.exists(beside):
+            with open(beside) as f:
+                index = json.load(f)
     return paths, index
 
 
@@ -106,15 +111,23 @@ def read_clips(source: str, max_clips: int = 0) -> ClipSet:
                 break
         if max_clips and len(clips) >= max_clips:
             break
+    return clipset_from_index(index, clips)
+
+
+def clipset_from_index(index: dict, clips: list[Clip]) -> ClipSet:
+    """``clips`` with the vocabulary, per-shift stats, fbank options and shifts that ``index`` records.
+
+    Without label names in the index they are ``"0" … "C-1"`` for the label ids the clips use (none without clips).
+    """
     labels = index.get("labels", {})
     names = list(labels.get("names", []))
-    if not names:
+    if not names and clips:
         n = 1 + max((i for c in clips for i in c.label_ids), default=0)
         names = [str(i) for i in range(n)]
     stats = {parse_shift_name(k): (float(v["mean"]), float(v["std"])) for k, v in index.get("stats", {}).items()}
     n_mels = int(index.get("n_mels", clips[0].feats[min(clips[0].feats)].shape[1] if clips else 128))
     build = index.get("config", {})
-    return ClipSet(
+    data = ClipSet(
         clips,
         names,
         list(labels.get("display_names", names)),
@@ -123,15 +136,8 @@ def read_clips(source: str, max_clips: int = 0) -> ClipSet:
         dict(build.get("features", {})),
         int(index.get("sample_rate", build.get("sample_rate", 16000))),
     )
-
-
-def pool_time(x: np.ndarray, factor: int, mode: str) -> np.ndarray:
-    """``(T, F)`` → ``(T // R, F)`` by avg or max over non-overlapping windows of ``R`` frames."""
-    if factor == 1:
-        return x
-    t = (x.shape[0] // factor) * factor
-    win = x[:t].reshape(t // factor, factor, x.shape[1])  # (T/R, R, F)
-    return win.max(axis=1) if mode == "max" else win.mean(axis=1, dtype=np.float32)
+    data.stored_shifts = [float(s) for s in index.get("shifts_ms", [])]
+    return data
 
 
 @dataclass
@@ -144,6 +150,11 @@ class Resolution:
     @property
     def effective_shift_ms(self) -> float:
         return self.shift_ms * self.pool
+
+    @property
+    def compression(self) -> float:
+        """ElasticAST's ``C``: frames of 10 ms that one frame covers (scales the SpecAugment time mask)."""
+        return self.effective_shift_ms / 10.0
 
 
 @dataclass
@@ -181,7 +192,11 @@ class ClipLoader:
             eval; never padded.
         pad_to: > 0 switches to classic padded batches of this many frames (AST recipe).
         pad_patch: ``(p_f, p_t, f_stride, t_stride)`` used to count tokens of a padded clip.
-        train: shuffle, random crops, SpecAugment.
+        norm: ``(mean, std)`` for every shift; default: the index's per-shift stats.
+        freq_mask, time_mask: SpecAugment maxima (bins; 10 ms frames, scaled by each clip's compression).
+        mixup: chance that a clip is mixed with a partner of its step (per clip, as in AST), λ ~ Beta(α, α).
+        balanced: draw clips with AST's balanced weights (with replacement) instead of a permutation.
+        train: shuffle, random crops, mixup, SpecAugment.
         rank, world: DDP rank and world size.
     """
 
@@ -234,7 +249,12 @@ class ClipLoader:
     # ---- planning -------------------------------------------------------------------------------
 
     def _frames(self, clip: Clip, res: Resolution) -> int:
-        return clip.feats[res.shift_ms].shape[0] // res.pool
+        return pooled_length(clip.feats[res.shift_ms].shape[0], res.pool, "floor")
+
+    def _pad_tokens_per_clip(self) -> int:
+        """Tokens of one ``pad_to``-frame clip at the padded recipe's (possibly overlapping) patch stride."""
+        p_f, p_t, fs, ts = self.pad_patch
+        return int(token_count(self.pad_to, self.data.n_mels, (p_f, p_t), stride=(fs, ts)))
 
     def _plan_epoch(
         self, epoch: int
@@ -263,9 +283,7 @@ class ClipLoader:
         return mine
 
     def _pad_steps(self, items):
-        p_f, p_t, fs, ts = self.pad_patch
-        per_clip = (1 + (self.data.n_mels - p_f) // fs) * (1 + (self.pad_to - p_t) // ts)
-        per_step = max(1, self.budget // per_clip)
+        per_step = max(1, self.budget // self._pad_tokens_per_clip())
         return [(self.patches[0], items[s : s + per_step], None) for s in range(0, len(items), per_step)]
 
     def _pack_steps(self, items, rng):
@@ -276,8 +294,8 @@ class ClipLoader:
             while queue and len(buffer) < self.pack_buffer:
                 buffer.append(queue.pop(0))
             patch = self.patches[int(rng.integers(len(self.patches)))] if self.train else self.patches[0]
-            p_f, p_t = patch
-            per_col = self.data.n_mels // p_f
+            p_t = patch[1]
+            per_col = int(token_count(p_t, self.data.n_mels, patch))  # tokens of one patch column
             max_keep = (cap // per_col) * p_t
             alive, counts = [], []
             for i, r, start, keep in buffer:
@@ -329,49 +347,27 @@ class ClipLoader:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
-    def _features(self, clip: Clip, res: Resolution, start: int, keep: int, rng) -> np.ndarray:
-        x = pool_time(clip.feats[res.shift_ms].astype(np.float32), res.pool, self.pool_mode)
+    def _features(self, clip: Clip, res: Resolution, start: int, keep: int) -> torch.Tensor:
+        """Raw (un-normalised) ``(keep, F)`` float32 crop, pooled first; eval pads a too-short clip with NaN."""
+        x = clip.feats[res.shift_ms].astype(np.float32)  # (T, F), a fresh buffer the augmentations may overwrite
+        if res.pool > 1:
+            x = pool_time(x, res.pool, self.pool_mode, tail="floor")  # (T // R, F)
         x = x[start : start + keep]
-        if x.shape[0] < keep:  # eval only: a clip shorter than one patch, zero-padded to one patch
+        if x.shape[0] < keep:  # eval only: a clip shorter than one patch, padded to one patch
             x = np.concatenate([x, np.full((keep - x.shape[0], x.shape[1]), np.nan, np.float32)], 0)
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def _normalised(self, x: torch.Tensor, res: Resolution) -> torch.Tensor:
+        """:func:`pipeline.augment.normalise` in place with the shift's stats; NaN padding becomes 0, the mean."""
         mean, std = self.norm or self.data.stats.get(res.shift_ms, (0.0, 0.5))
-        x = np.nan_to_num((x - mean) / (2.0 * std), nan=0.0)  # padding sits at the normalised mean, 0
-        if self.train and (self.freq_mask or self.time_mask):
-            x = x.copy()
-            if self.freq_mask:
-                w = int(rng.integers(0, self.freq_mask + 1))
-                f0 = int(rng.integers(0, max(1, x.shape[1] - w + 1)))
-                x[:, f0 : f0 + w] = 0.0
-            tm = int(self.time_mask * 10.0 / res.effective_shift_ms)  # scaled by 1/C as ElasticAST does
-            if tm:
-                w = int(rng.integers(0, tm + 1))
-                t0 = int(rng.integers(0, max(1, x.shape[0] - w + 1)))
-                x[t0 : t0 + w] = 0.0
-        return x
+        return torch.nan_to_num_(normalise(x, mean, std, out=x), nan=0.0)
 
     def _balanced_weights(self) -> np.ndarray:
-        """AST's balanced sampling: label weight 1000 / (count + 0.01), a clip's weight the sum over its labels."""
-        counts = np.zeros(self.data.n_classes)
-        for c in self.data.clips:
-            counts[c.label_ids] += 1
-        label_w = 1000.0 / (counts + 0.01)
-        w = np.array([label_w[c.label_ids].sum() for c in self.data.clips])
+        """``(N,)`` draw probabilities of AST's balanced sampling (:func:`pipeline.sampling.clip_weights`)."""
+        ids = [c.label_ids for c in self.data.clips]
+        counts = np.bincount(np.asarray([i for c in ids for i in c], np.int64), minlength=self.data.n_classes)
+        w = clip_weights(ids, counts)
         return w / w.sum()
-
-    def _mix(self, feats: list[np.ndarray], labels: torch.Tensor, rng) -> tuple[list[np.ndarray], torch.Tensor]:
-        """Mixup within the step: clip i ← λ·clip i + (1 − λ)·clip π(i) (its first T_i frames, zero-padded)."""
-        lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
-        perm = rng.permutation(len(feats))
-        mixed = []
-        for i, j in enumerate(perm):
-            other = feats[j][: feats[i].shape[0]]
-            if other.shape[0] < feats[i].shape[0]:
-                pad = np.zeros((feats[i].shape[0] - other.shape[0], other.shape[1]), np.float32)
-                other = np.concatenate([other, pad])
-            mixed.append(lam * feats[i] + (1.0 - lam) * other)
-        if labels.dim() == 1:
-            labels = torch.nn.functional.one_hot(labels, self.data.n_classes).float()
-        return mixed, lam * labels + (1.0 - lam) * labels[torch.from_numpy(perm)]
 
     def _labels(self, clips: list[Clip]) -> torch.Tensor:
         if self.labels == "single":
@@ -384,22 +380,30 @@ class ClipLoader:
     def _make(self, step, rng) -> PackedBatch | PaddedBatch:
         patch, members, rows = step
         clips = [self.data.clips[i] for i, *_ in members]
-        feats = [self._features(self.data.clips[i], self.resolutions[r], s, k, rng) for i, r, s, k in members]
+        res = [self.resolutions[r] for _, r, _, _ in members]
+        feats = [self._features(self.data.clips[i], self.resolutions[r], s, k) for i, r, s, k in members]
         labels = self._labels(clips)
-        if self.train and self.mixup > 0 and len(feats) > 1 and rng.random() < self.mixup:
-            feats, labels = self._mix(feats, labels, rng)
+        if self.train and self.mixup > 0:  # per clip with probability `mixup`, partner cut or tiled to T_i
+            if labels.dim() == 1:
+                labels = torch.nn.functional.one_hot(labels, self.data.n_classes).float()  # (N, C)
+            feats, labels = mixup(feats, labels, self.mixup_alpha, self.mixup, rng)
+        if self.train and (self.freq_mask or self.time_mask):
+            feats = [
+                spec_augment(f, self.freq_mask, self.time_mask, rng, compression=r.compression, inplace=True)
+                for f, r in zip(feats, res, strict=True)
+            ]
+        feats = [self._normalised(f, r) for f, r in zip(feats, res, strict=True)]
         keys = [c.key for c in clips]
         if self.pad_to:
-            x = torch.zeros(len(feats), self.pad_to, self.data.n_mels)
+            x = torch.zeros(len(feats), self.pad_to, self.data.n_mels)  # (B, T, F)
             for b, f in enumerate(feats):
-                x[b, : f.shape[0]] = torch.from_numpy(f)
+                x[b, : f.shape[0]] = f
             out = PaddedBatch(x, labels, keys)
-            p_f, p_t, fs, ts = self.pad_patch
-            out._tokens = len(feats) * (1 + (self.data.n_mels - p_f) // fs) * (1 + (self.pad_to - p_t) // ts)
+            out._tokens = len(feats) * self._pad_tokens_per_clip()
             return out
-        shifts = [self.resolutions[r].effective_shift_ms for _, r, _, _ in members]
+        shifts = [r.effective_shift_ms for r in res]
         return PackedBatch.from_clips(
-            [torch.from_numpy(np.ascontiguousarray(f)) for f in feats],
+            feats,
             labels,
             keys,
             patch,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from model import adapter
+from pipeline.augment import normalise
 from pipeline.batch import PackedBatch, trim_frames
 from pipeline.errors import PipelineError
 
@@ -86,7 +87,7 @@ class Predictor:
         opts["num_mel_bins"] = self.model.config.n_mels
         feats = fbank(wave, shifts_ms=[shift_ms], **opts)[shift_ms][0].numpy()  # (T, F)
         mean, std = self._norm(shift_ms)
-        return (feats - mean) / (2.0 * std), audio.duration_s
+        return normalise(feats, mean, std), audio.duration_s
 
     @torch.no_grad()
     def predict(

@@ -15,9 +15,8 @@ import os
 from collections.abc import Iterator
 
 from model.config import Config
-from model.data import ClipSet, PaddedBatch
+from model.data import ClipSet, PaddedBatch, clipset_from_index
 from pipeline.batch import PackedBatch
-from pipeline.units import parse_shift_name
 
 
 def index_only(source: str) -> ClipSet:
@@ -26,22 +25,7 @@ def index_only(source: str) -> ClipSet:
     from pipeline.sources import expand_urls
 
     index, _ = expand_urls(path)
-    index = index or {}
-    labels = index.get("labels", {})
-    names = list(labels.get("names", []))
-    stats = {parse_shift_name(k): (float(v["mean"]), float(v["std"])) for k, v in index.get("stats", {}).items()}
-    build = index.get("config", {})
-    data = ClipSet(
-        [],
-        names,
-        list(labels.get("display_names", names)),
-        stats,
-        int(index.get("n_mels", 128)),
-        dict(build.get("features", {})),
-        int(index.get("sample_rate", 16000)),
-    )
-    data.stored_shifts = [float(s) for s in index.get("shifts_ms", [])]
-    return data
+    return clipset_from_index(index or {}, [])
 
 
 def stream_config(cfg: Config, stage, seed: int) -> dict:

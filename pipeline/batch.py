@@ -27,14 +27,20 @@ from dataclasses import dataclass, field
 import torch
 
 
-def token_count(n_frames, n_mels: int, patch: tuple[int, int]):
+def token_count(n_frames, n_mels: int, patch: tuple[int, int], stride: tuple[int, int] | None = None):
     """Tokens a clip of ``n_frames`` frames and ``n_mels`` bins makes at patch ``(p_f, p_t)``.
 
     Non-overlapping patches; the frequency remainder ``n_mels % p_f`` and the time remainder are
     dropped, as a strided convolution does. Works on Python ints, numpy arrays and torch tensors.
     This is the only place tokens are counted: the packer and the model both call it.
+    ``stride`` ``(s_f, s_t)`` (default: the patch) counts the overlapping patches of the classic
+    padded AST, ``(1 + (n_mels − p_f) // s_f) · (1 + (n_frames − p_t) // s_t)``, for clips of at
+    least one patch.
     """
     p_f, p_t = patch
+    if stride is not None and tuple(stride) != (p_f, p_t):
+        s_f, s_t = stride
+        return (1 + (n_mels - p_f) // s_f) * (1 + (n_frames - p_t) // s_t)
     return (n_mels // p_f) * (n_frames // p_t)
 
 
