@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import ShapeError
-from model.patch_embed import FlexiPatchEmbed, resize_matrix
+from model.patch_embed import FlexiPatchEmbed, pi_resize_matrix, resize_matrix
 
 
 def _embed(base=(8, 8), resize="pi", axes="both", dim=6, seed=0):
@@ -34,6 +34,13 @@ def test_resize_matrix_is_bilinear_resize():
     b = resize_matrix((6, 5), (9, 11))
     ours = (x.reshape(3, -1) @ b.T).reshape(3, 1, 9, 11)
     torch.testing.assert_close(ours, F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize(("old", "new"), [((16, 16), (24, 24)), ((16, 16), (8, 12)), ((8, 8), (30, 10))])
+def test_separable_pinv_equals_pinv_of_the_full_resize_matrix(old, new):
+    # pinv((B_f ⊗ B_t)ᵀ) = pinv(B_fᵀ) ⊗ pinv(B_tᵀ): checked against one SVD of the full 2-D matrix.
+    full = torch.linalg.pinv(resize_matrix(old, new).T)
+    assert torch.allclose(pi_resize_matrix(old, new), full, atol=1e-12)
 
 
 @pytest.mark.parametrize("target", [(12, 12), (16, 16), (4, 4), (6, 10)])
