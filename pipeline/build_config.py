@@ -11,18 +11,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from pipeline import fbank_options
 from pipeline.errors import ConfigError
 from pipeline.units import ELASTICAST_SHIFTS_MS
 
-AST_FBANK = {
-    "htk_compat": True,
-    "window_type": "hanning",
-    "use_energy": False,
-    "num_mel_bins": 128,
-    "dither": 0.0,
-    "frame_length": 25.0,
-}
-"""The AST preset of the Kaldi fbank options (the default features of a build)."""
+AST_FBANK = {k: v for k, v in fbank_options.AST_FBANK.items() if k not in ("frame_shift", "sample_frequency")}
+"""The AST fbank preset without shift and rate, which a build sets from ``shifts_ms`` and ``sample_rate``."""
 
 FORMATS = ("wds", "zarr", "both")
 LONG_CLIP_MODES = ("cut", "split")
