@@ -252,37 +252,3 @@ def label_names(path: str | Path) -> tuple[list[str], list[str]]:
 def describe(model: ASTModel) -> dict:
     """A small JSON-able summary of a model."""
     return {**dataclasses.asdict(model.config), "params": model.num_params()}
-
-
-def _resize_1d(old: int, new: int) -> torch.Tensor:
-    """``(new, old)`` matrix of 1-D linear resizing (``align_corners=False``, no antialias), float64."""
-    basis = torch.eye(old, dtype=torch.float64)[:, None, :]  # (old, 1, old)
-    out = torch.nn.functional.interpolate(basis, size=new, mode="linear", align_corners=False)  # (old, 1, new)
-    return out[:, 0, :].T  # (new, old)
-
-
-def fast_pi_matrix(old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """``pinv(Bᵀ)`` of the 2-D bilinear resize ``B = B_f ⊗ B_t`` as ``pinv(B_fᵀ) ⊗ pinv(B_tᵀ)``.
-
-    Bilinear resizing is separable, and the Moore–Penrose inverse of a Kronecker product is the Kronecker
-    product of the inverses, so this equals :func:`model.patch_embed.pi_resize_matrix` (row-major
-    ``(p_f, p_t)`` flattening) at the cost of two tiny pinvs instead of one ``p²×p0²`` SVD (seconds at 48).
-    """
-    pf = torch.linalg.pinv(_resize_1d(old[0], new[0]).T)  # (new_f, old_f)
-    pt = torch.linalg.pinv(_resize_1d(old[1], new[1]).T)  # (new_t, old_t)
-    return torch.kron(pf, pt)  # (new_f·new_t, old_f·old_t)
-
-
-def warm_pi_cache(model: ASTModel, patches) -> None:
-    """Fill the patch embedding's PI-resize cache for ``patches`` with :func:`fast_pi_matrix` (same values)."""
-    pe = model.patch_embed
-    if pe.resize != "pi" or not hasattr(pe, "_pinv"):
-        return
-    w = pe.proj.weight
-    for patch in patches:
-        patch = (int(patch[0]), int(patch[1]))
-        if patch == pe.base_patch:
-            continue
-        key = (pe.base_patch, patch, torch.device(w.device), w.dtype)
-        if key not in pe._pinv:
-            pe._pinv[key] = fast_pi_matrix(pe.base_patch, patch).to(w.device, w.dtype)

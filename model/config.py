@@ -69,7 +69,7 @@ class DataConfig:
     pack_buffer: int = 64  # clips the packer looks ahead over
     shuffle_buffer: int = 256
     specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
-    mixup: float = 0.0  # probability of mixing a batch (AST: 0.5), λ ~ Beta(mixup_alpha, mixup_alpha)
+    mixup: float = 0.0  # probability that a clip is mixed with a partner (AST: 0.5), λ ~ Beta(mixup_alpha, mixup_alpha)
     mixup_alpha: float = 10.0
     balanced: bool = False  # AST balanced sampling weights
     norm: list[float] = field(default_factory=list)  # [mean, std]; [] = per-shift stats from index.json

@@ -31,6 +31,7 @@ from model import adapter
 from model.config import Config
 from model.data import ClipLoader, ClipSet, PaddedBatch, Resolution, read_clips
 from model.metrics import chance_metrics, classification_metrics
+from pipeline.batch import token_count
 
 DEFAULT_PATCHES = (8, 10, 12, 16, 20, 24, 30, 32, 40, 48)
 
@@ -57,7 +58,7 @@ def score_clipset(
     resolution = resolution or Resolution()
     single = is_single_label(data)
     n_mels = model.config.n_mels
-    budget = max(budget, (n_mels // patch[0]) * (max_frames // patch[1] + 1))
+    budget = max(budget, token_count(max_frames + patch[1], n_mels, patch))  # room for the longest clip
     loader = ClipLoader(
         data,
         labels="single" if single else "multi",
@@ -141,7 +142,6 @@ def eval_grid(
     for name, model in models.items():
         model = model.to(device)
         native = tuple(model.config.base_patch)
-        adapter.warm_pi_cache(model, [_patch_for(model, p) for p in spec.patch_sizes])
         points = []
         for p in spec.patch_sizes:
             points.append(("patch", p, _patch_for(model, p), Resolution(spec.base_shift_ms), spec.base_max_frames))

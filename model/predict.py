@@ -101,7 +101,6 @@ class Predictor:
     ) -> list[Prediction]:
         """Top-``k`` labels per file (errors kept per file); optionally save pooled embeddings ``(N_ok, D)``."""
         patch = tuple(patch) if patch else tuple(self.model.config.base_patch)
-        adapter.warm_pi_cache(self.model, [patch])
         results, embs = [], []
         for path in paths:
             t0 = time.perf_counter()

@@ -166,7 +166,6 @@ class Trainer:
             self.model = adapter.load_model(ckpt, self.device)
         else:  # kernel and positions interpolated to this stage's grid
             self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
-        adapter.warm_pi_cache(self.model, [*stage.patches, stage.eval_patch])
         self.loader = self._make_loader(stage)
         if ckpt is not None:
             self.loader.load_state_dict(self.state.loader)
