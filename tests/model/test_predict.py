@@ -9,30 +9,18 @@ import pytest
 import torch
 
 from model import adapter
-from model.ast import ASTModel, ModelConfig
+from model.ast import ASTModel
 from model.cli import main
 from model.predict import Predictor, format_table
 from tests.factories import write_audio
+from tests.model.model_helpers import tiny_config as tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    model = ASTModel(
-        ModelConfig(
-            num_classes=3,
-            n_mels=32,
-            max_frames=128,
-            embed_dim=16,
-            depth=1,
-            num_heads=2,
-            base_patch=(8, 8),
-            fstride=8,
-            tstride=8,
-            pool="mean",
-        )
-    )
+    model = ASTModel(tiny_model_config(num_classes=3, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
     folder = root / "final"
     adapter.save_weights(model, folder)
     info = {

@@ -12,6 +12,7 @@ from model.ast import ASTModel
 from model.losses import kd_loss, supervised_loss
 from model.train import Trainer
 from tests.factories import synthetic_clipset
+from tests.model.model_helpers import tiny_config as tiny_model_config
 from tests.model.train_helpers import mean_loss, tiny_config
 
 RECIPES = {
@@ -106,36 +107,9 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
 
 def test_kernel_transfer_is_exact_for_pi_upsampling():
     """Moving the kernel 8×8 → 8×16 with PI-resize keeps ⟨x, w⟩ = ⟨resize(x), ŵ⟩ (FlexiAST identity)."""
-    from model.ast import ModelConfig
 
-    src = ASTModel(
-        ModelConfig(
-            num_classes=3,
-            n_mels=32,
-            max_frames=64,
-            embed_dim=16,
-            depth=1,
-            num_heads=2,
-            base_patch=(8, 8),
-            fstride=8,
-            tstride=8,
-            pool="mean",
-        )
-    )
-    dst = ASTModel(
-        ModelConfig(
-            num_classes=3,
-            n_mels=32,
-            max_frames=64,
-            embed_dim=16,
-            depth=1,
-            num_heads=2,
-            base_patch=(8, 16),
-            fstride=8,
-            tstride=16,
-            pool="mean",
-        )
-    )
+    src = ASTModel(tiny_model_config(num_classes=3, embed_dim=16, depth=1, pool="mean"))
+    dst = ASTModel(tiny_model_config(num_classes=3, embed_dim=16, depth=1, base_patch=(8, 16), tstride=16, pool="mean"))
     adapter.transfer(src, dst, "pi")
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     up = torch.nn.functional.interpolate(x, size=(8, 16), mode="bilinear", align_corners=False)

@@ -12,6 +12,7 @@ from model.checkpointing import latest_step_checkpoint
 from model.train import Trainer
 from model.weights import EMA, average_checkpoints
 from tests.factories import synthetic_clipset
+from tests.model.model_helpers import tiny_config as tiny_model_config
 from tests.model.train_helpers import tiny_config
 
 PHASES = [
@@ -81,24 +82,11 @@ def test_checkpoint_files_load_without_pickle(tmp_path):
 
 
 def test_weight_averaging_and_ema_math(tmp_path):
-    from model.ast import ASTModel, ModelConfig
+    from model.ast import ASTModel
 
     def make(seed):
         torch.manual_seed(seed)
-        return ASTModel(
-            ModelConfig(
-                num_classes=3,
-                n_mels=16,
-                max_frames=32,
-                embed_dim=8,
-                depth=1,
-                num_heads=2,
-                base_patch=(8, 8),
-                fstride=8,
-                tstride=8,
-                pool="mean",
-            )
-        )
+        return ASTModel(tiny_model_config(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean"))
 
     models = [make(s) for s in range(3)]
     for i, m in enumerate(models):
@@ -114,20 +102,8 @@ def test_weight_averaging_and_ema_math(tmp_path):
     expected = 0.75 * models[0].state_dict()[k] + 0.25 * models[1].state_dict()[k]
     torch.testing.assert_close(ema.shadow[k], expected)
     with pytest.raises(ValueError, match="cannot average"):
-        other = ASTModel(
-            ModelConfig(
-                num_classes=3,
-                n_mels=16,
-                max_frames=32,
-                embed_dim=8,
-                depth=1,
-                num_heads=2,
-                base_patch=(8, 16),
-                fstride=8,
-                tstride=16,
-                pool="mean",
-            )
-        )
+        small = dict(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean")
+        other = ASTModel(tiny_model_config(**small, base_patch=(8, 16), tstride=16))
         adapter.save_weights(other, tmp_path / "odd")
         average_checkpoints(target, [tmp_path / "epoch_0", tmp_path / "odd"])
 
