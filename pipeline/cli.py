@@ -68,6 +68,10 @@ def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-seconds", type=float, default=0.0, help="reject clips shorter than this (too_short)")
     p.add_argument("--keep-audio", action="store_true", help="also store the mono resampled audio as 16-bit FLAC")
     p.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
+    p.add_argument("--decode-ahead", type=int, metavar="N",
+                   help="clips each worker decodes ahead on a background thread, overlapping reading and decoding "
+                        "with the fbank (0: inline; default 2, or 0 when local workers fill every core). "
+                        "Speed only; the output is the same")  # fmt: skip
     p.add_argument("--dask", metavar="ADDRESS", help="run on Dask: tcp://scheduler:8786, or local:N for a LocalCluster")
     p.add_argument("--overwrite", action="store_true", help="replace an output built with a different config")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any row was rejected")
@@ -108,7 +112,7 @@ def _run_build(args: argparse.Namespace) -> int:
     report = build_shards(
         args.manifest, args.out, config, labels=args.labels, only_split=args.only_split, workers=args.workers,
         dask=args.dask, overwrite=args.overwrite, progress=not args.quiet,
-        storage_options=_storage_options(args.storage_options),
+        storage_options=_storage_options(args.storage_options), decode_ahead=args.decode_ahead,
     )  # fmt: skip
     return report.exit_code(args.strict)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.errors import ConfigError
+from pipeline.shard_task import DECODE_AHEAD
 
 
 class InlineExecutor:
@@ -43,6 +44,7 @@ class ProcessExecutor:
     def __init__(self, workers: int):
         from concurrent.futures import ProcessPoolExecutor
 
+        self.workers = workers
         self.description = f"{workers} local processes"
         if "forkserver" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("forkserver")
@@ -127,6 +129,13 @@ def _local_cluster(n_workers: int):
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         get_mp_context().set_forkserver_preload(["distributed", "pipeline.shard_task"])
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
+def default_decode_ahead(executor) -> int:
+    """Clips a shard task decodes ahead on a background thread: 2 where a core is free for that thread or reads
+    wait on storage (in-process, Dask), 0 where local workers already fill every core (measured slower there)."""
+    workers = getattr(executor, "workers", None)
+    return 0 if workers is not None and workers >= (os.cpu_count() or 1) else DECODE_AHEAD
 
 
 def make_executor(workers: int | None = None, dask: str | None = None):

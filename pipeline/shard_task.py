@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,7 @@ DURATION_EDGES_S = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.
 """Fixed histogram edges in seconds; the last bin also counts everything longer."""
 
 STALL_ENV = "FLEXAST_TEST_STALL_SHARD"  # test hook: "<stem>:<marker path>" stalls mid-shard (kill-and-resume test)
+DECODE_AHEAD = 2  # rows decoded ahead of the featurizer on a background thread
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ShardTask:
     config_hash: str
     out: str
     storage_options: dict | None = None
+    decode_ahead: int = DECODE_AHEAD  # how a task runs, not what it writes: not part of the config hash
 
 
 def part_url(out: str, stem: str) -> str:
@@ -106,11 +110,54 @@ def _maybe_stall(stem: str, n_written: int) -> None:
         time.sleep(3600)
 
 
+def decode_row(row: ManifestRow, cfg: BuildConfig, storage_options: dict | None):
+    """``((pieces, n_cut, n_dropped), None)`` for a usable row, or ``(None, rejection record)``."""
+    win_s = cfg.frame_length_ms / 1000.0
+    try:
+        audio = load_audio(row.source, cfg.sample_rate, row.start_s, row.end_s, cfg.min_seconds, storage_options)
+        if audio.duration_s < win_s:
+            raise AudioError("too_short", row.source, f"{audio.duration_s:.4f} s < one {win_s} s window")
+        return segments(audio, cfg), None
+    except AudioError as exc:
+        return None, dict(row=row.row, source=row.source, key=row.key, reason=exc.reason, detail=exc.detail)
+    except Exception as exc:  # never lose a row silently: an unexpected failure is a rejection too
+        detail = f"{type(exc).__name__}: {exc}"
+        return None, dict(row=row.row, source=row.source, key=row.key, reason="error", detail=detail)
+
+
+def decode_ahead(rows, cfg: BuildConfig, storage_options: dict | None, ahead: int = DECODE_AHEAD):
+    """Yield ``(row, label_ids, decoded, rejection)`` in row order, decoding up to ``ahead`` rows early (0: inline).
+
+    Decoding runs on one background thread: soundfile, soxr and fsspec reads release the GIL, so reading
+    and decoding the next clips overlaps the featurizer (and the wait on remote storage) instead of
+    adding to it. Order, and so the shard's bytes, are unchanged.
+    """
+    if ahead <= 0:  # inline: decode each row just before it is featurised
+        for row, label_ids in rows:
+            yield row, label_ids, *decode_row(row, cfg, storage_options)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        source = iter(rows)
+
+        def submit() -> None:
+            item = next(source, None)
+            if item is not None:
+                pending.append((item, pool.submit(decode_row, item[0], cfg, storage_options)))
+
+        for _ in range(ahead):
+            submit()
+        while pending:
+            (row, label_ids), future = pending.popleft()
+            submit()
+            decoded, rejection = future.result()
+            yield row, label_ids, decoded, rejection
+
+
 def write_shard(task: ShardTask) -> dict:
     """Decode, featurise and write one shard; returns (and stores in ``_parts/``) the shard's record."""
     cfg = task.config
     names = {s: shift_name(s) for s in cfg.shifts_ms}
-    win_s = cfg.frame_length_ms / 1000.0
     stats = {s: RunningStats() for s in cfg.shifts_ms}
     frames_total = {names[s]: 0 for s in cfg.shifts_ms}
     rejected, durations, label_ids_all, keys = [], [], [], []
@@ -123,23 +170,12 @@ def write_shard(task: ShardTask) -> dict:
     writer = TarShardWriter(join(task.out, tar_name), task.storage_options) if want_tar else None
     try:
         with one_thread():
-            for row, label_ids in task.rows:
-                try:
-                    audio = load_audio(
-                        row.source, cfg.sample_rate, row.start_s, row.end_s, cfg.min_seconds, task.storage_options
-                    )
-                    if audio.duration_s < win_s:
-                        raise AudioError("too_short", row.source, f"{audio.duration_s:.4f} s < one {win_s} s window")
-                    pieces, n_cut, n_dropped = segments(audio, cfg)
-                except AudioError as exc:
-                    rejected.append(
-                        dict(row=row.row, source=row.source, key=row.key, reason=exc.reason, detail=exc.detail)
-                    )
+            decoded_rows = decode_ahead(task.rows, cfg, task.storage_options, task.decode_ahead)
+            for row, label_ids, decoded, rejection in decoded_rows:
+                if rejection is not None:
+                    rejected.append(rejection)
                     continue
-                except Exception as exc:  # never lose a row silently: an unexpected failure is a rejection too
-                    detail = f"{type(exc).__name__}: {exc}"
-                    rejected.append(dict(row=row.row, source=row.source, key=row.key, reason="error", detail=detail))
-                    continue
+                pieces, n_cut, n_dropped = decoded
                 cut += n_cut
                 dropped += n_dropped
                 rows_written += 1

@@ -147,6 +147,18 @@ def test_process_pool_output_is_byte_identical_to_inline(tmp_path):
     assert tree_bytes(a.out) == tree_bytes(b.out)
 
 
+def test_decoding_ahead_on_a_thread_changes_no_byte(tmp_path):
+    # The bad inputs make some rows rejections: their order in rejected.jsonl must not move either.
+    _, rows = write_collection(tmp_path, n=5)
+    bad = write_bad_inputs(tmp_path)
+    manifest = write_manifest(tmp_path / "all.csv", rows + list(bad.values()))
+    cfg = BuildConfig(name="ahead", shifts_ms=(10.0, 20.0), shard_samples=4)
+    inline = build_shards(manifest, str(tmp_path / "inline"), cfg, workers=1, progress=False, decode_ahead=0)
+    ahead = build_shards(manifest, str(tmp_path / "ahead"), cfg, workers=1, progress=False, decode_ahead=3)
+    assert inline.rejected > 0 and inline.written > 0
+    assert tree_bytes(inline.out) == tree_bytes(ahead.out)
+
+
 def tree_bytes(root: str) -> dict[str, bytes]:
     """Every file under ``root`` by relative path (the resume records in _parts included)."""
     out = {}
