@@ -20,6 +20,8 @@ numba's thread pool (which is not safe to fork).
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 import torch
@@ -128,7 +130,10 @@ def _check(mode: str, tail: str, factor: int, x) -> None:
 def _widen(x: np.ndarray) -> np.ndarray:
     """Contiguous float32 input for the kernels (float16 is widened exactly, by torch)."""
     if x.dtype == np.float16:
-        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+        # Memory-mapped shard members are read-only; torch warns about that, but .float() copies and never writes.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
     return np.ascontiguousarray(x)
 
 
