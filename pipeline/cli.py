@@ -114,7 +114,11 @@ def _run_build(args: argparse.Namespace) -> int:
         dask=args.dask, overwrite=args.overwrite, progress=not args.quiet,
         storage_options=_storage_options(args.storage_options), decode_ahead=args.decode_ahead,
     )  # fmt: skip
-    return report.exit_code(args.strict)
+    code = report.exit_code(args.strict)
+    if code:  # said even with --quiet: a failing exit status never comes without its reason
+        why = "nothing was written" if report.written == 0 else f"{report.rejected} row(s) rejected and --strict"
+        print(f"build-shards failed: {why}; see {report.out}/rejected.jsonl", file=sys.stderr)
+    return code
 
 
 # --- inspect / verify / demo-data -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import io
 import json
 import posixpath
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import fsspec
@@ -193,7 +194,19 @@ def read_delimited(path: str, storage_options: dict | None = None) -> Manifest:
     fields = set(reader.fieldnames or ())
     if "path" not in fields:
         raise ManifestError(f"{path}: the header needs a 'path' column; found {sorted(fields)}")
+    _warn_ignored_columns(path, fields)
     return _collect(path, list(reader))
+
+
+MANIFEST_COLUMNS = ("path", "label", "labels", "key", "split", "start", "end")
+
+
+def _warn_ignored_columns(path: str, fields: set[str]) -> None:
+    """Name header columns the reader does not use (a typo such as ``lbl`` would otherwise give unlabelled rows)."""
+    ignored = sorted(fields - set(MANIFEST_COLUMNS))
+    if ignored:
+        no_labels = "" if fields & {"label", "labels"} else "; rows will have no labels"
+        warnings.warn(f"{path}: ignoring columns {ignored} (known: {list(MANIFEST_COLUMNS)}){no_labels}", stacklevel=3)
 
 
 def read_jsonl(path: str, storage_options: dict | None = None) -> Manifest:

@@ -30,10 +30,13 @@ def test_build_exit_codes(tmp_path, capsys):
     mixed = write_manifest(tmp_path / "mixed.csv", [*rows, bad["missing"]])
     base = ["build-shards", mixed, "--workers", "1", "--quiet"]
     assert cli.main([*base, "--out", str(tmp_path / "m1")]) == 0  # a rejection alone is not a failure
+    capsys.readouterr()
     assert cli.main([*base, "--out", str(tmp_path / "m2"), "--strict"]) == 1
+    assert "1 row(s) rejected and --strict" in capsys.readouterr().err  # said even with --quiet
 
     nothing = write_manifest(tmp_path / "nothing.csv", [bad["empty"], bad["missing"]])
     assert cli.main(["build-shards", nothing, "--out", str(tmp_path / "n"), "--workers", "1", "--quiet"]) == 1
+    assert "nothing was written" in capsys.readouterr().err
 
     # A changed config refuses (a typed error, status 2) unless --overwrite.
     assert cli.main([*args[:-2], "--shifts", "elastic"]) == 2

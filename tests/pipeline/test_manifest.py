@@ -59,6 +59,17 @@ def test_missing_path_column_is_a_manifest_error(tmp_path):
         read_manifest(str(tmp_path / "nope.csv"))
 
 
+def test_unknown_columns_are_named_in_a_warning(tmp_path):
+    typo = write_manifest(tmp_path / "typo.csv", [{"path": "x.wav", "lbl": "a"}])
+    with pytest.warns(UserWarning, match=r"ignoring columns \['lbl'\].*rows will have no labels"):
+        manifest = read_manifest(typo)
+    assert manifest.rows[0].labels == ()
+    extra = write_manifest(tmp_path / "extra.csv", [{"path": "x.wav", "label": "a", "speaker": "id1"}])
+    with pytest.warns(UserWarning, match=r"ignoring columns \['speaker'\]") as record:
+        read_manifest(extra)
+    assert "no labels" not in str(record[0].message)
+
+
 def test_ast_data_file_with_class_labels_indices(tmp_path):
     (tmp_path / "class_labels_indices.csv").write_text(
         'index,mid,display_name\n1,/m/dog,"Dog"\n0,/m/speech,"Speech"\n2,/m/cat,"Cat, domestic"\n'
