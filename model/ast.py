@@ -16,7 +16,6 @@ Both return logits ``(N, C)``, or ``(logits, embeddings)`` with ``embeddings`` t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
@@ -30,6 +29,7 @@ from model.heads import POOLS, ClassifierHead, build_pool, prefix_tokens
 from model.patch_embed import RESIZE_MODES, FlexiPatchEmbed
 from model.pos_embed import FactorizedPosEmbed, GridPosEmbed
 from pipeline.batch import PackedBatch, token_count
+from pipeline.errors import check_known_keys
 
 
 @dataclass
@@ -139,10 +139,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are reported all at once."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ModelConfigError(f"unknown ModelConfig keys: {unknown}")
+        check_known_keys(cls, d, "ModelConfig keys", ModelConfigError)
         return cls(**d)
 
     def to_json(self) -> str:

@@ -38,3 +38,13 @@ class ConfigError(PipelineError):
 
 class FeatureError(PipelineError):
     """Bad input to the featurizer (shapes, lengths, options)."""
+
+
+def check_known_keys(cls, given, what: str, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` naming every key of ``given`` that is not a field of dataclass ``cls``, and the known ones."""
+    import dataclasses
+
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise error(f"unknown {what}: {unknown} (known: {known})")

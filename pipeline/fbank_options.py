@@ -16,14 +16,13 @@ instead of "fixing" it (kaldi-native-fbank refuses such settings outright).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, check_known_keys
 from pipeline.units import ms_to_samples
 
 WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
@@ -66,10 +65,7 @@ class FbankOptions:
     @classmethod
     def from_kwargs(cls, **kwargs) -> FbankOptions:
         """Build from keyword arguments; unknown names and bad values are reported all at once."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigError(f"unknown fbank option(s) {unknown}; known: {sorted(names)}")
+        check_known_keys(cls, kwargs, "fbank option(s)")
         opts = cls(**kwargs)
         opts.validate()
         return opts

@@ -7,10 +7,9 @@ in 10 ms frames (scaled per clip by its compression), budgets are tokens
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, check_known_keys
 from pipeline.resolution import PhaseSchedule, ResolutionPolicy
 
 
@@ -115,10 +114,7 @@ class StreamConfig:
     @classmethod
     def from_dict(cls, d: dict) -> StreamConfig:
         """Build from a dict, reporting every unknown key at once."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown stream config keys: {unknown} (known: {sorted(known)})")
+        check_known_keys(cls, d, "stream config keys")
         return cls(**d)
 
     def policy(self, epoch: int) -> ResolutionPolicy:
