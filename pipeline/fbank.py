@@ -16,7 +16,7 @@ How it is fast.
 - Frames whose start sample coincides across shifts are computed once: the rows are the union of the
   start samples of every shift (3224 instead of 7562 for a 10 s clip at the 16 ElasticAST shifts), and
   each shift gathers its rows from that union.
-- Rows are processed in cache-sized chunks (``chunk_rows``), through reused buffers.
+- Rows are processed in chunks that fit a core's L2 (``chunk_rows``), through reused buffers.
 - The window, the mel matrix and the row plan of each clip length are built once and cached.
 - Work the options do not need (energy when ``use_energy`` is off) is skipped.
 
@@ -37,16 +37,18 @@ from pipeline.errors import FeatureError
 from pipeline.fbank_options import FLT_EPSILON, FbankOptions, mel_banks, window_function
 
 BACKENDS = ("flexast", "kaldi-native", "torchaudio", "nnaudio-mel")
-DEFAULT_CHUNK_ROWS = {"cpu": 2048, "cuda": 65536}  # about 2 clips of 10 s at 1 shift
+DEFAULT_CHUNK_ROWS = {"cpu": 512, "cuda": 65536}  # CPU: per torch thread; (512, 512) float32 fits its L2
 
 
 @dataclass(frozen=True)
 class RowPlan:
-    """Which frames one clip length needs: ``starts`` (R,) distinct start samples, sorted, and per shift
-    the rows of ``starts`` it uses (``None`` when it uses all of them in order)."""
+    """Which frames one clip length needs: ``starts`` (R,) distinct start samples, sorted; per shift the rows
+    of ``starts`` it uses (``None`` when it uses all of them in order); and ``uses`` (n_shifts, R), bool, the
+    same as a membership table in ``rows``' order (``uses[j, r]``: shift j uses row r)."""
 
     starts: torch.Tensor
     rows: dict[float, torch.Tensor | None]
+    uses: torch.Tensor
 
 
 @lru_cache(maxsize=256)
@@ -54,12 +56,17 @@ def row_plan(num_samples: int, window: int, hops: tuple[tuple[float, int], ...])
     """Distinct frame starts of a clip of ``num_samples`` across ``hops`` ((shift_ms, hop_samples) pairs)."""
     if num_samples < window:
         empty = torch.zeros(0, dtype=torch.long)
-        return RowPlan(empty, {s: empty for s, _ in hops})
+        return RowPlan(empty, {s: empty for s, _ in hops}, torch.zeros(len(hops), 0, dtype=torch.bool))
     per_shift = {s: torch.arange(1 + (num_samples - window) // h, dtype=torch.long) * h for s, h in hops}
     if len({h for _, h in hops}) == 1:
-        return RowPlan(next(iter(per_shift.values())), dict.fromkeys(per_shift))
+        starts = next(iter(per_shift.values()))
+        return RowPlan(starts, dict.fromkeys(per_shift), torch.ones(len(hops), starts.numel(), dtype=torch.bool))
     starts = torch.unique(torch.cat(list(per_shift.values())))  # sorted
-    return RowPlan(starts, {s: torch.searchsorted(starts, st) for s, st in per_shift.items()})
+    rows = {s: torch.searchsorted(starts, st) for s, st in per_shift.items()}
+    uses = torch.zeros(len(hops), starts.numel(), dtype=torch.bool)
+    for j, idx in enumerate(rows.values()):
+        uses[j, idx] = True
+    return RowPlan(starts, rows, uses)
 
 
 def _as_padded(waveforms, lengths) -> tuple[torch.Tensor, list[int]]:
@@ -86,6 +93,8 @@ def _as_padded(waveforms, lengths) -> tuple[torch.Tensor, list[int]]:
     if not clips:
         return torch.zeros(0, 0), []
     lens = [w.numel() for w in clips]
+    if len(clips) == 1:  # nothing to pad: a view, not a copy
+        return clips[0].reshape(1, -1).contiguous(), lens  # (1, S)
     return torch.nn.utils.rnn.pad_sequence(clips, batch_first=True), lens  # (N, S_max)
 
 
@@ -107,16 +116,30 @@ def _mel_blocks(banks_t: torch.Tensor, per_block: int = 16) -> list[tuple[int, i
     return blocks
 
 
+@dataclass(frozen=True)
+class _Constants:
+    """What the kernel needs that depends only on the options, dtype and device (built once, then cached)."""
+
+    window: torch.Tensor  # (W,)
+    banks_t: torch.Tensor  # (K, F)
+    blocks: list  # _mel_blocks(banks_t)
+    eps: torch.Tensor  # ()
+
+
+@lru_cache(maxsize=32)
+def _constants(opts: FbankOptions, dtype: torch.dtype, device: torch.device) -> _Constants:
+    banks_t = mel_banks(opts, dtype, device).T.contiguous()  # (K, F)
+    eps = torch.tensor(FLT_EPSILON, dtype=dtype, device=device)
+    return _Constants(window_function(opts, dtype, device), banks_t, _mel_blocks(banks_t), eps)
+
+
 class _Kernel:
-    """The per-row computation for one set of options, dtype and device, with its constants and buffers."""
+    """The per-row computation for one set of options, dtype and device; one per call (it owns a buffer)."""
 
     def __init__(self, opts: FbankOptions, dtype: torch.dtype, device: torch.device):
         self.opts = opts
-        self.window = window_function(opts, dtype, device)  # (W,)
-        banks_t = mel_banks(opts, dtype, device).T  # (K, F)
-        self.banks_t = banks_t.contiguous()
-        self.blocks = _mel_blocks(banks_t)
-        self.eps = torch.tensor(FLT_EPSILON, dtype=dtype, device=device)
+        c = _constants(opts, dtype, device)
+        self.window, self.banks_t, self.blocks, self.eps = c.window, c.banks_t, c.blocks, c.eps
         self.log_floor = math.log(opts.energy_floor) if opts.energy_floor > 0 else None
         self._buf = torch.zeros(0, opts.padded_size, dtype=dtype, device=device)
 
@@ -160,9 +183,31 @@ class _Kernel:
         return mel
 
 
-def _flexast_fbank(
-    wave: torch.Tensor, lens: list[int], shifts: tuple[float, ...], opts: FbankOptions, chunk_rows: int, seed: int
-) -> dict[float, list[torch.Tensor]]:
+@dataclass(frozen=True)
+class ClipRows:
+    """One clip's features at every shift, each distinct frame stored once: ``values`` (R, F) and the plan.
+
+    ``at(shift_ms)`` gathers that shift's ``(T, F)`` features. Consumers that reduce over every shift
+    (the build's statistics) can work on ``values`` once and weight rows by ``plan.rows`` instead.
+    """
+
+    values: torch.Tensor
+    plan: RowPlan
+
+    def at(self, shift_ms: float) -> torch.Tensor:
+        rows = self.plan.rows[shift_ms]
+        return self.values if rows is None else self.values.index_select(0, rows.to(self.values.device))  # (T, F)
+
+
+def _flexast_rows(
+    wave: torch.Tensor,
+    lens: list[int],
+    shifts: tuple[float, ...],
+    opts: FbankOptions,
+    chunk_rows: int,
+    seed: int,
+    store_dtype: torch.dtype,
+) -> list[ClipRows]:
     s_max = wave.shape[1]
     device, dtype = wave.device, wave.dtype
     w = opts.window_size
@@ -172,7 +217,7 @@ def _flexast_fbank(
     counts = [p.starts.numel() for p in plans]
     offsets = [0, *torch.tensor(counts).cumsum(0).tolist()] if counts else [0]
     total = offsets[-1]
-    out = torch.empty(total, opts.num_features, dtype=dtype, device=device)  # (ΣR, F)
+    out = torch.empty(total, opts.num_features, dtype=store_dtype, device=device)  # (ΣR, F)
     if total:
         # Global start sample of every distinct row: clip i's samples begin at i * S_max in the flat batch.
         starts = torch.cat([p.starts + i * s_max for i, p in enumerate(plans)]).to(device)  # (ΣR,)
@@ -183,17 +228,8 @@ def _flexast_fbank(
         for lo in range(0, total, chunk_rows):
             hi = min(lo + chunk_rows, total)
             frames = every.index_select(0, starts[lo:hi])  # (R_chunk, W)
-            out[lo:hi] = kernel(frames, None if noise is None else noise[lo:hi])
-    result: dict[float, list[torch.Tensor]] = {s: [] for s in shifts}
-    for i, plan in enumerate(plans):
-        mine = out[offsets[i] : offsets[i + 1]]  # (R_i, F)
-        for s in shifts:
-            rows = plan.rows[s]
-            feats = mine if rows is None else mine.index_select(0, rows.to(device))  # (T, F)
-            if opts.subtract_mean and feats.shape[0]:
-                feats = feats - feats.mean(dim=0).unsqueeze(0)
-            result[s].append(feats)
-    return result
+            out[lo:hi] = kernel(frames, None if noise is None else noise[lo:hi])  # casts to store_dtype
+    return [ClipRows(out[offsets[i] : offsets[i + 1]], plan) for i, plan in enumerate(plans)]
 
 
 def _dither_noise(counts, w, opts, seed, dtype, device) -> torch.Tensor | None:
@@ -208,12 +244,35 @@ def _dither_noise(counts, w, opts, seed, dtype, device) -> torch.Tensor | None:
     return torch.cat(parts)  # (ΣR, W)
 
 
+def _prepare(waveforms, lengths, shifts_ms, options) -> tuple[FbankOptions, tuple[float, ...], torch.Tensor, list]:
+    """Validated options, shifts, padded ``(N, S_max)`` batch and lengths of a call."""
+    opts = FbankOptions.from_kwargs(**options)
+    shifts = tuple(float(s) for s in (shifts_ms if shifts_ms is not None else [opts.frame_shift]))
+    if not shifts or len(set(shifts)) != len(shifts):
+        raise FeatureError(f"shifts_ms must be a non-empty list of distinct shifts, got {list(shifts)}")
+    opts.validate(shifts)
+    wave, lens = _as_padded(waveforms, lengths)
+    if wave.dtype not in (torch.float32, torch.float64):
+        raise FeatureError(f"waveforms must be float32 (or float64 for tests), got {wave.dtype}")
+    return opts, shifts, wave, lens
+
+
+def _chunk_rows(chunk_rows: int | None, device: torch.device) -> int:
+    if chunk_rows is None:  # on CPU, each of torch's threads takes about DEFAULT_CHUNK_ROWS["cpu"] rows
+        per = DEFAULT_CHUNK_ROWS.get(device.type, DEFAULT_CHUNK_ROWS["cpu"])
+        chunk_rows = per * torch.get_num_threads() if device.type == "cpu" else per
+    if chunk_rows <= 0:
+        raise FeatureError(f"chunk_rows must be positive, got {chunk_rows}")
+    return chunk_rows
+
+
 def fbank(
     waveforms: torch.Tensor | Sequence[torch.Tensor],
     lengths: torch.Tensor | Sequence[int] | None = None,
     shifts_ms: Sequence[float] | None = None,
     *,
     backend: str = "flexast",
+    out_dtype: torch.dtype | None = None,
     chunk_rows: int | None = None,
     seed: int = 0,
     **options,
@@ -227,7 +286,11 @@ def fbank(
         shifts_ms: frame shifts in ms (e.g. ``ELASTICAST_SHIFTS_MS``); default ``[frame_shift]``.
         backend: ``"flexast"`` (ours, default), ``"kaldi-native"``, ``"torchaudio"`` or ``"nnaudio-mel"``
             (a librosa-style GPU mel frontend, *not* Kaldi or AST compatible); see :mod:`pipeline.fbank_backends`.
-        chunk_rows: frames per chunk; default 2048 on CPU (cache-sized), 65536 on CUDA.
+        out_dtype: dtype of the returned features (default: the waveform's). ``torch.float16`` is what shards
+            store; the cast happens once per distinct frame, before the per-shift gather, and gives the same
+            values as casting each shift's float32 features.
+        chunk_rows: frames per chunk; default 512 per torch thread on CPU (each thread's share of the
+            buffers stays in its core's L2), 65536 on CUDA.
         seed: seeds the dither noise (only used when ``dither > 0``).
         **options: the keywords of ``torchaudio.compliance.kaldi.fbank`` (see :class:`FbankOptions`).
 
@@ -235,23 +298,46 @@ def fbank(
         ``{shift_ms: [features of clip i, (T_i, F)]}``, in input order. ``T_i`` follows
         :func:`pipeline.units.num_frames`; it is 0 for a clip shorter than one window.
     """
-    opts = FbankOptions.from_kwargs(**options)
-    shifts = tuple(float(s) for s in (shifts_ms if shifts_ms is not None else [opts.frame_shift]))
-    if not shifts or len(set(shifts)) != len(shifts):
-        raise FeatureError(f"shifts_ms must be a non-empty list of distinct shifts, got {list(shifts)}")
-    opts.validate(shifts)
-    wave, lens = _as_padded(waveforms, lengths)
-    if wave.dtype not in (torch.float32, torch.float64):
-        raise FeatureError(f"waveforms must be float32 (or float64 for tests), got {wave.dtype}")
+    opts, shifts, wave, lens = _prepare(waveforms, lengths, shifts_ms, options)
+    out_dtype = out_dtype or wave.dtype
     if backend != "flexast":
         from pipeline.fbank_backends import run_backend
 
-        return run_backend(backend, wave, lens, shifts, opts)
-    if chunk_rows is None:
-        chunk_rows = DEFAULT_CHUNK_ROWS.get(wave.device.type, 2048)
-    if chunk_rows <= 0:
-        raise FeatureError(f"chunk_rows must be positive, got {chunk_rows}")
-    return _flexast_fbank(wave, lens, shifts, opts, chunk_rows, seed)
+        feats = run_backend(backend, wave, lens, shifts, opts)
+        return {s: [x.to(out_dtype) for x in clips] for s, clips in feats.items()}
+    # Per-shift mean subtraction needs the compute dtype; otherwise rows are stored in out_dtype directly.
+    store = wave.dtype if opts.subtract_mean else out_dtype
+    clips = _flexast_rows(wave, lens, shifts, opts, _chunk_rows(chunk_rows, wave.device), seed, store)
+    result: dict[float, list[torch.Tensor]] = {s: [] for s in shifts}
+    for clip in clips:
+        for s in shifts:
+            feats = clip.at(s)  # (T, F)
+            if opts.subtract_mean and feats.shape[0]:
+                feats = (feats - feats.mean(dim=0).unsqueeze(0)).to(out_dtype)
+            result[s].append(feats)
+    return result
+
+
+def fbank_rows(
+    waveforms: torch.Tensor | Sequence[torch.Tensor],
+    lengths: torch.Tensor | Sequence[int] | None = None,
+    shifts_ms: Sequence[float] | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+    chunk_rows: int | None = None,
+    seed: int = 0,
+    **options,
+) -> list[ClipRows]:
+    """Like :func:`fbank` (flexast backend), but each clip's distinct frames once, as :class:`ClipRows`.
+
+    ``fbank_rows(...)[i].at(s)`` equals ``fbank(...)[s][i]`` bit for bit. Not available with
+    ``subtract_mean=True``, where a frame's value depends on the shift that uses it.
+    """
+    opts, shifts, wave, lens = _prepare(waveforms, lengths, shifts_ms, options)
+    if opts.subtract_mean:
+        raise FeatureError("fbank_rows cannot share frames across shifts with subtract_mean=True; use fbank")
+    store = out_dtype or wave.dtype
+    return _flexast_rows(wave, lens, shifts, opts, _chunk_rows(chunk_rows, wave.device), seed, store)
 
 
 def fbank_one(waveform: torch.Tensor, channel: int = -1, **options) -> torch.Tensor:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError, FeatureError
-from pipeline.fbank import fbank, fbank_one, row_plan
+from pipeline.fbank import fbank, fbank_one, fbank_rows, row_plan
 from pipeline.fbank_options import AST_FBANK, FLT_EPSILON, FbankOptions
 from pipeline.fbank_reference import reference_fbank
 from pipeline.units import ELASTICAST_SHIFTS_MS, num_frames
@@ -122,6 +122,31 @@ def test_elasticast_shifts_in_one_call_equal_one_call_per_shift():
         for a, b in zip(together[s], alone, strict=True):
             assert a.shape == b.shape
             assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("subtract_mean", [False, True])
+def test_float16_output_equals_casting_each_shift_afterwards(subtract_mean):
+    clips = random_clips(3, 0.3, 1.5, seed=11)
+    shifts = [10.0, 12.0, 25.0]
+    opts = {**AST, "subtract_mean": subtract_mean}
+    wide = fbank(clips, shifts_ms=shifts, **opts)
+    half = fbank(clips, shifts_ms=shifts, out_dtype=torch.float16, chunk_rows=100, **opts)
+    for s in shifts:
+        for a, b in zip(wide[s], half[s], strict=True):
+            assert b.dtype == torch.float16 and torch.equal(a.to(torch.float16), b)
+
+
+def test_shared_rows_gather_to_the_per_shift_features_bit_for_bit():
+    clips = random_clips(3, 0.2, 1.5, seed=12)
+    shifts = list(ELASTICAST_SHIFTS_MS)
+    per_shift = fbank(clips, shifts_ms=shifts, **AST)
+    rows = fbank_rows(clips, shifts_ms=shifts, **AST)
+    for i, clip in enumerate(rows):
+        assert clip.values.shape[0] == clip.plan.starts.numel() < sum(x[i].shape[0] for x in per_shift.values())
+        for s in shifts:
+            assert torch.equal(clip.at(s), per_shift[s][i])
+    with pytest.raises(FeatureError, match="subtract_mean"):
+        fbank_rows(clips, shifts_ms=shifts, subtract_mean=True)
 
 
 def test_distinct_frames_of_a_10s_clip_at_the_16_shifts():
