@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.fbank import RowPlan
+
+ROW_BLOCK = 256  # rows reduced at a time by update_shared_rows (float64 temporaries fit L2)
 
 
 class RunningStats:
@@ -42,6 +48,12 @@ class RunningStats:
         self.count += int(x.numel())
         self._sums.append(float(x.sum()))
         self._sumsqs.append(float(torch.dot(x, x)))
+
+    def add(self, count: int, sum: float, sumsq: float) -> None:
+        """Add already-reduced moments of ``count`` values."""
+        self.count += int(count)
+        self._sums.append(float(sum))
+        self._sumsqs.append(float(sumsq))
 
     @property
     def sum(self) -> float:
@@ -75,6 +87,27 @@ class RunningStats:
 
     def __repr__(self) -> str:
         return f"RunningStats(count={self.count}, mean={self.mean:.6g}, std={self.std:.6g})"
+
+
+def update_shared_rows(stats: dict[float, RunningStats], values: torch.Tensor, plan: RowPlan) -> None:
+    """Add to ``stats[s]`` the rows of ``values`` (R, F) that shift ``s`` uses, for every shift of ``plan``.
+
+    Rows shared by several shifts (see :class:`pipeline.fbank.ClipRows`) are reduced once: each row's sum
+    and sum of squares in float64, then one product with the plan's 0/1 membership table. For float16 values
+    the sums are exact (every partial sum is a multiple of 2^-24 well inside float64's 53 bits), so they
+    equal a direct reduction of each shift's values bit for bit; sums of squares agree to float64 rounding.
+    """
+    values = values.detach()
+    moments = torch.empty(values.shape[0], 2, dtype=torch.float64)  # (R, 2): row sum, row sum of squares
+    for lo in range(0, values.shape[0], ROW_BLOCK):  # blocks: the float64 temporaries stay in cache
+        x = values[lo : lo + ROW_BLOCK]
+        x = (x.float() if x.dtype == torch.float16 else x).to(torch.float64, copy=True)  # (B, F); via float32: faster
+        moments[lo : lo + ROW_BLOCK, 0] = x.sum(dim=1)
+        moments[lo : lo + ROW_BLOCK, 1] = x.square_().sum(dim=1)
+    per_shift = (plan.uses.to(torch.float64) @ moments).tolist()  # (n_shifts, R) @ (R, 2) -> (n_shifts, 2)
+    rows_used = plan.uses.sum(dim=1).tolist()  # (n_shifts,)
+    for s, (total, total_sq), n_rows in zip(plan.rows, per_shift, rows_used, strict=True):
+        stats[s].add(n_rows * int(values.shape[1]), total, total_sq)
 
 
 def merge_all(parts: Iterable[RunningStats]) -> RunningStats:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline.stats import RunningStats, merge_all
+from pipeline.fbank import row_plan
+from pipeline.stats import RunningStats, merge_all, update_shared_rows
 
 
 def test_merge_is_order_independent_and_matches_numpy():
@@ -30,3 +32,34 @@ def test_merge_is_order_independent_and_matches_numpy():
 
 def test_empty_stats():
     assert RunningStats().to_dict() == {"count": 0, "sum": 0.0, "sumsq": 0.0, "mean": 0.0, "std": 0.0}
+
+
+def test_shared_rows_give_the_per_shift_statistics():
+    """Reducing each distinct row once and weighting by the plan equals reducing every shift's own rows."""
+    hops = ((10.0, 160), (12.0, 192), (25.0, 400))
+    plan = row_plan(16000, 400, hops)
+    rng = np.random.default_rng(1)
+    values = torch.from_numpy(rng.normal(-3.0, 4.0, size=(plan.starts.numel(), 8)).astype(np.float16))  # (R, F)
+    shared = {s: RunningStats() for s, _ in hops}
+    update_shared_rows(shared, values, plan)
+    for s, _ in hops:
+        direct = RunningStats()
+        direct.update(values[plan.rows[s]].numpy())
+        assert shared[s].count == direct.count == len(plan.rows[s]) * 8
+        assert shared[s].sum == direct.sum  # exact: float16 partial sums are exact in float64
+        assert shared[s].sumsq == pytest.approx(direct.sumsq, rel=1e-15)
+    alone = row_plan(16000, 400, hops[:1])  # one shift: it uses every row
+    one = {10.0: RunningStats()}
+    update_shared_rows(one, values[: alone.starts.numel()], alone)
+    assert one[10.0].count == alone.starts.numel() * 8 == 98 * 8
+    assert one[10.0].sum == float(values[:98].double().sum())
+
+
+def test_shared_rows_leave_float64_input_untouched():
+    plan = row_plan(8000, 400, ((10.0, 160), (20.0, 320)))
+    values = torch.randn(plan.starts.numel(), 4, dtype=torch.float64)
+    before = values.clone()
+    stats = {10.0: RunningStats(), 20.0: RunningStats()}
+    update_shared_rows(stats, values, plan)
+    assert torch.equal(values, before)
+    assert stats[10.0].sumsq == pytest.approx(float((values * values).sum()), rel=1e-12)
