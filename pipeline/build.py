@@ -249,8 +249,8 @@ def build_shards(
         overwrite: replace an existing output built with another config instead of refusing.
         progress: show a tqdm bar (clips/s, audio hours/s) and print the summary.
         storage_options: fsspec options for the output and for audio/manifest URLs.
-        decode_ahead: clips each task decodes ahead on a background thread, overlapping reads and decoding
-            with the featurizer (0: decode inline; default: :func:`pipeline.executor.default_decode_ahead`).
+        decode_ahead: clips each task decodes ahead of the featurizer, and reduces and writes behind it, on
+            two background threads (0: all inline; default: :func:`pipeline.executor.default_decode_ahead`).
             Changes speed only, never the output.
         log: where summary lines go.
 

@@ -69,8 +69,8 @@ def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-audio", action="store_true", help="also store the mono resampled audio as 16-bit FLAC")
     p.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
     p.add_argument("--decode-ahead", type=int, metavar="N",
-                   help="clips each worker decodes ahead on a background thread, overlapping reading and decoding "
-                        "with the fbank (0: inline; default 2, or 0 when local workers fill every core). "
+                   help="clips each worker decodes ahead of the fbank, and writes behind it, on two background "
+                        "threads (0: all inline; default 2, or 0 when local workers fill every core). "
                         "Speed only; the output is the same")  # fmt: skip
     p.add_argument("--dask", metavar="ADDRESS", help="run on Dask: tcp://scheduler:8786, or local:N for a LocalCluster")
     p.add_argument("--overwrite", action="store_true", help="replace an output built with a different config")

@@ -132,8 +132,9 @@ def _local_cluster(n_workers: int):
 
 
 def default_decode_ahead(executor) -> int:
-    """Clips a shard task decodes ahead on a background thread: 2 where a core is free for that thread or reads
-    wait on storage (in-process, Dask), 0 where local workers already fill every core (measured slower there)."""
+    """Clips a shard task decodes ahead (and writes behind) on background threads: 2 where a core is free for
+    them or reads wait on storage (in-process, Dask), 0 where local workers already fill every core (measured
+    slower there)."""
     workers = getattr(executor, "workers", None)
     return 0 if workers is not None and workers >= (os.cpu_count() or 1) else DECODE_AHEAD
 

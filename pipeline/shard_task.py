@@ -7,6 +7,9 @@ A task is a plain picklable function call, :func:`write_shard` ``(task) -> dict`
 in-process, in a local process pool and on a Dask worker. It writes the tar and/or the Zarr group
 (each visible only when complete) and then ``_parts/<stem>.json``, the record that marks the shard
 finished for resume and that the driver merges into ``index.json``.
+
+Inside a task three stages can overlap (``decode_ahead > 0``): decoding on one thread, the fbank on the
+task's own thread, and statistics + tar writing on another (:class:`WriteBehind`). Each keeps row order.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch
 from pipeline.audio import Audio, load_audio, subtract_mean
 from pipeline.build_config import BuildConfig
 from pipeline.errors import AudioError
+from pipeline.fbank import ClipRows
 from pipeline.manifest import ManifestRow
 from pipeline.shards import TarShardWriter, flac_bytes, join, write_bytes, write_zarr_group
-from pipeline.stats import RunningStats
+from pipeline.stats import RunningStats, update_shared_rows
 from pipeline.units import num_frames, samples_to_seconds, seconds_to_samples, shift_name
 
 DURATION_EDGES_S = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 60.0, 120.0, 600.0)
@@ -82,13 +86,22 @@ def segments(audio: Audio, config: BuildConfig) -> tuple[list[tuple[float, np.nd
     return out, 0, dropped
 
 
-def featurize(wave: np.ndarray, config: BuildConfig) -> dict[float, torch.Tensor]:
-    """Mean-subtracted ``(S,)`` waveform → ``{shift_ms: (T, F) float16 tensor}`` with the build's fbank options."""
-    from pipeline.fbank import fbank
+def featurize(wave: np.ndarray, config: BuildConfig) -> tuple[dict[float, torch.Tensor], ClipRows | None]:
+    """Mean-subtracted ``(S,)`` waveform → ``{shift_ms: (T, F) float16 tensor}``, and the clip's shared rows.
+
+    With the usual options each distinct frame is computed and cast once, whichever shifts share it, and
+    the shared rows (:class:`pipeline.fbank.ClipRows`) are returned so statistics can reduce each frame once
+    too. With ``subtract_mean`` a frame's value depends on its shift: nothing is shared and the second item
+    is None.
+    """
+    from pipeline.fbank import fbank, fbank_rows
 
     x = torch.from_numpy(subtract_mean(wave))  # (S,)
-    feats = fbank([x], shifts_ms=config.shifts_ms, sample_frequency=float(config.sample_rate), **config.features)
-    return {s: feats[s][0].to(torch.float16) for s in config.shifts_ms}
+    options = dict(shifts_ms=config.shifts_ms, sample_frequency=float(config.sample_rate), out_dtype=torch.float16)
+    if config.features.get("subtract_mean"):
+        return {s: clips[0] for s, clips in fbank([x], **options, **config.features).items()}, None
+    clip = fbank_rows([x], **options, **config.features)[0]
+    return {s: clip.at(s) for s in config.shifts_ms}, clip
 
 
 @contextlib.contextmanager
@@ -154,100 +167,169 @@ def decode_ahead(rows, cfg: BuildConfig, storage_options: dict | None, ahead: in
             yield row, label_ids, decoded, rejection
 
 
+class ShardContents:
+    """What one shard has received so far, and its writers: the tar (written as samples arrive), the Zarr
+    arrays (collected, written whole by :meth:`finish`), the statistics and the record's counters."""
+
+    def __init__(self, task: ShardTask):
+        cfg = self.config = task.config
+        self.task = task
+        self.names = {s: shift_name(s) for s in cfg.shifts_ms}
+        self.stats = {s: RunningStats() for s in cfg.shifts_ms}
+        self.frames_total = {self.names[s]: 0 for s in cfg.shifts_ms}
+        self.keys: list[str] = []
+        self.durations: list[float] = []
+        self.label_ids: list[list[int]] = []
+        self.label_counts: dict[int, int] = {}
+        self.zarr_values: dict[float, list[np.ndarray]] = {s: [] for s in cfg.shifts_ms}
+        self.want_tar = cfg.format in ("wds", "both")
+        self.want_zarr = cfg.format in ("zarr", "both")
+        self.tar_name = f"{task.stem}.tar"
+        self.writer = TarShardWriter(join(task.out, self.tar_name), task.storage_options) if self.want_tar else None
+
+    def add(self, meta: dict, feats: dict[float, torch.Tensor], shared: ClipRows | None, wave: np.ndarray) -> None:
+        """Count, reduce into the statistics and write one sample (``meta`` is its JSON record)."""
+        cfg = self.config
+        if shared is not None:
+            update_shared_rows(self.stats, shared.values, shared.plan)
+        else:
+            for s in cfg.shifts_ms:
+                self.stats[s].update(feats[s])
+        for s in cfg.shifts_ms:
+            self.frames_total[self.names[s]] += int(feats[s].shape[0])
+        if self.writer is not None:
+            members = [("json", json.dumps(meta, ensure_ascii=False).encode())]
+            members += [(f"{self.names[s]}.npy", feats[s].numpy()) for s in cfg.shifts_ms]
+            if cfg.keep_audio:
+                members.append(("flac", flac_bytes(wave, cfg.sample_rate)))
+            self.writer.add(meta["key"], members)
+        if self.want_zarr:
+            for s in cfg.shifts_ms:
+                self.zarr_values[s].append(feats[s].numpy())
+        self.keys.append(meta["key"])
+        self.durations.append(meta["duration_s"])
+        self.label_ids.append(meta["label_ids"])
+        for i in meta["label_ids"]:
+            self.label_counts[i] = self.label_counts.get(i, 0) + 1
+
+    def finish(self) -> tuple[int, str | None]:
+        """Make the shard visible (tar renamed into place, Zarr group written); ``(bytes, zarr group or None)``."""
+        n, size, zarr_group = len(self.keys), 0, None
+        if self.writer is not None:
+            if n:
+                size = self.writer.close()
+            else:
+                self.writer.abort()
+        if self.want_zarr and n:
+            zarr_group = f"store.zarr/{self.task.stem}"
+            arrays = {}
+            for s in self.config.shifts_ms:
+                values = self.zarr_values[s]
+                arrays[f"{self.names[s]}/values"] = np.concatenate(values, 0)  # (ΣT, F)
+                arrays[f"{self.names[s]}/offsets"] = np.cumsum([0] + [len(v) for v in values]).astype(np.int64)
+            arrays["keys"] = np.asarray(self.keys, dtype=str)
+            arrays["label_values"] = np.asarray([i for ids in self.label_ids for i in ids], dtype=np.int64)
+            arrays["label_offsets"] = np.cumsum([0] + [len(x) for x in self.label_ids]).astype(np.int64)
+            arrays["duration_s"] = np.asarray(self.durations, dtype=np.float64)
+            attrs = {"shard": self.task.stem, "n_mels": self.config.n_mels, "sample_rate": self.config.sample_rate,
+                     "shifts_ms": list(self.config.shifts_ms), "samples": n}  # fmt: skip
+            out = join(self.task.out, "store.zarr")
+            zarr_size = write_zarr_group(out, self.task.stem, arrays, attrs, self.task.storage_options)
+            size = size if self.want_tar else zarr_size
+        return size, zarr_group
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class WriteBehind:
+    """Runs ``fn(*args)`` calls in order on one background thread, at most ``depth`` behind (0: inline).
+
+    Statistics (torch) and tar writes (file I/O) release the GIL, so they overlap the next clip's fbank.
+    The first failure is raised by the next :meth:`submit` or by :meth:`drain`.
+    """
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="write") if depth > 0 else None
+        self.pending: deque = deque()
+
+    def submit(self, fn, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True)
+
+
 def write_shard(task: ShardTask) -> dict:
-    """Decode, featurise and write one shard; returns (and stores in ``_parts/``) the shard's record."""
+    """Decode, featurise and write one shard; returns (and stores in ``_parts/``) the shard's record.
+
+    With ``task.decode_ahead > 0`` three stages overlap: decoding (a thread), the fbank (this thread) and
+    statistics + writing (a thread). Every stage keeps row order, so the bytes do not depend on it.
+    """
     cfg = task.config
-    names = {s: shift_name(s) for s in cfg.shifts_ms}
-    stats = {s: RunningStats() for s in cfg.shifts_ms}
-    frames_total = {names[s]: 0 for s in cfg.shifts_ms}
-    rejected, durations, label_ids_all, keys = [], [], [], []
-    zarr_values = {s: [] for s in cfg.shifts_ms}
-    zarr_frames = {s: [] for s in cfg.shifts_ms}
-    label_counts: dict[int, int] = {}
-    rows_written, cut, dropped = 0, 0, 0
-    want_tar = cfg.format in ("wds", "both")
-    tar_name = f"{task.stem}.tar"
-    writer = TarShardWriter(join(task.out, tar_name), task.storage_options) if want_tar else None
+    rejected, rows_written, cut, dropped = [], 0, 0, 0
+    contents = ShardContents(task)
+    behind = WriteBehind(task.decode_ahead)
     try:
         with one_thread():
-            decoded_rows = decode_ahead(task.rows, cfg, task.storage_options, task.decode_ahead)
-            for row, label_ids, decoded, rejection in decoded_rows:
+            for row, label_ids, decoded, rejection in decode_ahead(
+                task.rows, cfg, task.storage_options, task.decode_ahead
+            ):
                 if rejection is not None:
                     rejected.append(rejection)
                     continue
                 pieces, n_cut, n_dropped = decoded
-                cut += n_cut
-                dropped += n_dropped
-                rows_written += 1
+                cut, dropped, rows_written = cut + n_cut, dropped + n_dropped, rows_written + 1
                 base_start = row.start_s or 0.0
                 for j, (offset_s, wave) in enumerate(pieces):
-                    key = row.key if len(pieces) == 1 else f"{row.key}_seg{j:04d}"
-                    feats = featurize(wave, cfg)
+                    feats, shared = featurize(wave, cfg)
                     duration = samples_to_seconds(int(wave.shape[0]), cfg.sample_rate)
-                    frames = {names[s]: int(feats[s].shape[0]) for s in cfg.shifts_ms}
                     for s in cfg.shifts_ms:
                         assert feats[s].shape[0] == num_frames(wave.shape[0], cfg.frame_length_ms, s, cfg.sample_rate)
-                        stats[s].update(feats[s])
-                        frames_total[names[s]] += frames[names[s]]
                     meta = {
-                        "key": key,
+                        "key": row.key if len(pieces) == 1 else f"{row.key}_seg{j:04d}",
                         "labels": list(row.labels),
                         "label_ids": list(label_ids),
                         "duration_s": duration,
                         "source": row.source,
                         "sample_rate": cfg.sample_rate,
-                        "frames": frames,
+                        "frames": {contents.names[s]: int(feats[s].shape[0]) for s in cfg.shifts_ms},
                         "start_s": base_start + offset_s,
                         "end_s": base_start + offset_s + duration,
                     }
-                    if writer is not None:
-                        members = [("json", json.dumps(meta, ensure_ascii=False).encode())]
-                        members += [(f"{names[s]}.npy", feats[s].numpy()) for s in cfg.shifts_ms]
-                        if cfg.keep_audio:
-                            members.append(("flac", flac_bytes(wave, cfg.sample_rate)))
-                        writer.add(key, members)
-                    if cfg.format in ("zarr", "both"):
-                        for s in cfg.shifts_ms:
-                            zarr_values[s].append(feats[s].numpy())
-                            zarr_frames[s].append(feats[s].shape[0])
-                    keys.append(key)
-                    durations.append(duration)
-                    label_ids_all.append(list(label_ids))
-                    for i in label_ids:
-                        label_counts[i] = label_counts.get(i, 0) + 1
-                    _maybe_stall(task.stem, len(keys))
-        n = len(keys)
-        size, zarr_group = 0, None
-        if writer is not None:
-            if n:
-                size = writer.close()
-            else:
-                writer.abort()
-        if cfg.format in ("zarr", "both") and n:
-            zarr_group = f"store.zarr/{task.stem}"
-            arrays = {}
-            for s in cfg.shifts_ms:
-                arrays[f"{names[s]}/values"] = np.concatenate(zarr_values[s], 0)  # (ΣT, F)
-                arrays[f"{names[s]}/offsets"] = np.concatenate([[0], np.cumsum(zarr_frames[s])]).astype(np.int64)
-            arrays["keys"] = np.asarray(keys, dtype=str)
-            arrays["label_values"] = np.asarray([i for ids in label_ids_all for i in ids], dtype=np.int64)
-            arrays["label_offsets"] = np.concatenate([[0], np.cumsum([len(x) for x in label_ids_all])]).astype(np.int64)
-            arrays["duration_s"] = np.asarray(durations, dtype=np.float64)
-            attrs = {"shard": task.stem, "n_mels": cfg.n_mels, "sample_rate": cfg.sample_rate,
-                     "shifts_ms": list(cfg.shifts_ms), "samples": n}  # fmt: skip
-            zarr_size = write_zarr_group(join(task.out, "store.zarr"), task.stem, arrays, attrs, task.storage_options)
-            size = size if want_tar else zarr_size
+                    behind.submit(contents.add, meta, feats, shared, wave)
+                    if os.environ.get(STALL_ENV):
+                        behind.drain()
+                        _maybe_stall(task.stem, len(contents.keys))
+            behind.drain()
+        size, zarr_group = contents.finish()
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        behind.close()
+        contents.abort()
         raise
+    behind.close()
+    n, durations = len(contents.keys), contents.durations
     record = {
         "stem": task.stem,
         "split": task.split,
-        "name": tar_name if want_tar else task.stem,
+        "name": contents.tar_name if contents.want_tar else task.stem,
         "samples": n,
         "bytes": size,
-        "frames": frames_total,
+        "frames": contents.frames_total,
         "zarr_group": zarr_group,
         "rows": len(task.rows),
         "rows_written": rows_written,
@@ -256,8 +338,8 @@ def write_shard(task: ShardTask) -> dict:
         "segments_dropped": dropped,
         "seconds": float(sum(durations)),
         "duration_counts": histogram(durations),
-        "label_counts": {str(k): v for k, v in sorted(label_counts.items())},
-        "stats": {names[s]: stats[s].to_dict() for s in cfg.shifts_ms},
+        "label_counts": {str(k): v for k, v in sorted(contents.label_counts.items())},
+        "stats": {contents.names[s]: contents.stats[s].to_dict() for s in cfg.shifts_ms},
         "config_hash": task.config_hash,
     }
     write_bytes(part_url(task.out, task.stem), json.dumps(record, indent=1).encode(), task.storage_options)

@@ -20,6 +20,7 @@ from pipeline.build_config import AST_FBANK, BuildConfig
 from pipeline.errors import ConfigError
 from pipeline.fbank_reference import reference_fbank
 from pipeline.manifest import ManifestRow
+from pipeline.shard_task import WriteBehind
 from pipeline.shards import read_zarr_group
 from pipeline.units import ELASTICAST_SHIFTS_MS, num_frames, shift_name
 from tests.factories import write_audio, write_bad_inputs, write_collection, write_manifest
@@ -280,3 +281,37 @@ def test_segment_rows_and_jsonl_manifest(tmp_path):
     a, b = (s["json"] for s in samples.values())
     assert (a["start_s"], a["end_s"], a["duration_s"]) == (0.25, 1.0, 0.75) and a["labels"] == ["x"]
     assert (b["start_s"], b["end_s"]) == (1.0, 2.0) and b["frames"]["s10"] == num_frames(16000, 25.0, 10.0, 16000)
+
+
+def test_per_shift_mean_subtraction_is_featurised_and_counted_per_shift(tmp_path):
+    """With ``subtract_mean`` a frame's value depends on its shift, so frames are not shared; stats still match."""
+    manifest, rows = write_collection(tmp_path, n=3)
+    cfg = BuildConfig(name="t", shifts_ms=(10.0, 25.0), shard_samples=3, features={"subtract_mean": True})
+    report = build_shards(manifest, str(tmp_path / "out"), cfg, workers=1, progress=False)
+    samples = all_samples(report.out, report.index)
+    for name in ("s10", "s25"):
+        allv = np.concatenate([samples[r["key"]][name].astype(np.float64) for r in rows])  # (ΣT, F)
+        st = report.index["stats"][name]
+        assert st["count"] == allv.size and st["mean"] == pytest.approx(allv.mean(), rel=1e-12, abs=1e-12)
+        assert st["std"] == pytest.approx(allv.std(), rel=1e-9)
+        for r in rows:  # every clip's mel bins are centred at this shift (to float16 rounding)
+            assert np.abs(samples[r["key"]][name].astype(np.float64).mean(axis=0)).max() < 2e-3
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_write_behind_keeps_order_and_raises_the_first_failure(depth):
+    done = []
+
+    def step(i):
+        if i == 5:
+            raise OSError(f"disk full at {i}")
+        done.append(i)
+
+    behind = WriteBehind(depth)
+    with pytest.raises(OSError, match="disk full at 5"):
+        for i in range(10):
+            behind.submit(step, i)
+        behind.drain()
+    behind.close()
+    assert done[:5] == [0, 1, 2, 3, 4] and 5 not in done
+    assert len(done) <= 5 + depth  # at most `depth` later calls ran before the failure surfaced
