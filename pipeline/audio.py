@@ -94,12 +94,25 @@ def decode(
                 raise AudioError("bad_segment", source, f"start_s={start_s} but the file lasts {total / sr:.3f} s")
             if start > 0:
                 snd.seek(start)
-            data = snd.read(max(0, stop - start), dtype="float32", always_2d=True)  # (S, C)
+            data = _read_float32(snd, max(0, stop - start))  # (S, C)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
         raise AudioError("unreadable", source, str(exc).strip() or type(exc).__name__) from exc
     return data, sr
+
+
+def _read_float32(snd: sf.SoundFile, frames: int) -> np.ndarray:
+    """``frames`` frames as ``(S, C)`` float32, scaled as libsndfile scales them.
+
+    16-bit PCM (WAV, FLAC, …) is read as int16 and scaled here by 2^-15, which is exact and gives libsndfile's
+    float values bit for bit, several times faster for WAV (libsndfile's own conversion dominates there).
+    """
+    if snd.subtype != "PCM_16":
+        return snd.read(frames, dtype="float32", always_2d=True)
+    data = snd.read(frames, dtype="int16", always_2d=True).astype(np.float32)  # (S, C)
+    data *= np.float32(2.0**-15)
+    return data
 
 
 def to_mono(data: np.ndarray) -> np.ndarray:

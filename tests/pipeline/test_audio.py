@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from pipeline.audio import load_audio, probe_seconds, subtract_mean
+from pipeline.audio import decode, load_audio, probe_seconds, subtract_mean
 from pipeline.errors import AudioError
 from tests.factories import tone_array, write_audio, write_bad_inputs
 
@@ -19,6 +19,22 @@ def test_wav_and_flac_decode_to_the_written_samples(tmp_path):
         audio = load_audio(path)
         assert audio.sample_rate == 16000 and audio.source_channels == 1
         np.testing.assert_allclose(audio.waveform, expected, atol=1 / 32768)  # 16-bit quantisation
+
+
+@pytest.mark.parametrize(("ext", "subtype"), [("wav", "PCM_16"), ("flac", "PCM_16"), ("wav", "PCM_24"),
+                                             ("flac", "PCM_24"), ("wav", "FLOAT")])  # fmt: skip
+def test_decoded_samples_are_libsndfiles_float_values_bit_for_bit(tmp_path, ext, subtype):
+    """16-bit files take an int16 read scaled by 2^-15; every subtype must equal soundfile's own float32 read."""
+    rng = np.random.default_rng(5)
+    x = np.clip(rng.normal(0, 0.4, size=(7001, 2)), -1, 1).astype(np.float32)  # (S, 2), full-scale samples
+    x[:4] = [[-1.0, 1.0], [0.0, -0.0], [1 / 32768, -1 / 32768], [0.99997, -0.99997]]
+    path = str(tmp_path / f"x.{ext}")
+    sf.write(path, x, 16000, subtype=subtype)
+    expected, _ = sf.read(path, dtype="float32", always_2d=True)
+    got, sr = decode(path)
+    assert sr == 16000 and got.dtype == np.float32 and np.array_equal(got, expected)
+    part, _ = decode(path, 0.1, 0.2)  # a segment: seek, then the same path
+    assert np.array_equal(part, expected[1600:3200])
 
 
 @pytest.mark.parametrize("ext", ["ogg", "mp3"])
