@@ -157,7 +157,8 @@ class _Kernel:
             frames = frames - torch.mean(frames, dim=1).unsqueeze(1)
         energy = self._log_energy(frames) if o.use_energy and o.raw_energy else None
         if self._buf.shape[0] < r:
-            self._buf = torch.zeros(r, o.padded_size, dtype=frames.dtype, device=frames.device)
+            self._buf = torch.empty(r, o.padded_size, dtype=frames.dtype, device=frames.device)
+            self._buf[:, w:] = 0  # the zero padding; columns :W are overwritten for every chunk
         buf = self._buf[:r]  # (R, P); columns W: stay zero
         a = o.preemphasis_coefficient
         if a != 0.0:
