@@ -4,7 +4,8 @@
 
 Peers, measured in the same run on the same clips:
     * featurizer only: ``pipeline.fbank.fbank`` on already-decoded 16 kHz waveforms, one clip per call, one torch
-      thread (what one build worker does between decoding and writing);
+      thread, float16 out (``out_dtype``, what shards store): what one build worker does between decoding and
+      writing, at its fastest;
     * end to end, 1 worker: ``build_shards(workers=1)``: header probing, decode (soundfile), mono, resample (soxr,
       for the clips that are not at 16 kHz), mean removal, 16-shift fbank, float16, statistics, tar write. By
       default the worker decodes two clips ahead on a background thread (``decode_ahead``), so reading and
@@ -12,9 +13,15 @@ Peers, measured in the same run on the same clips:
     * end to end, 2 workers: the same with a local pool of 2 processes. The pool is started and warmed up
       before the clock starts (a real build amortises the start-up over hours); the cold time is printed too;
     * worker scaling: 1 against 2 workers with inline decoding (``decode_ahead=0``), so that one worker does not
-      already use part of the second core.
+      already use part of the second core; next to it, the featurizer alone in 2 processes against 1 on the same
+      clips, which is what this machine's two cores give for the same work (a shared VM may give well under 2).
 Targets (issue 3): end to end ≥ 70% of featurizer-only clips/s, and 2 workers ≥ 1.7× one worker.
-Clips are a fixed-seed mix: 3/4 FLAC at 16 kHz, 1/4 WAV at 44.1 kHz stereo (so resampling is exercised).
+Clips (``--formats``), fixed seed:
+    * ``mix`` (default): 3/4 FLAC at 16 kHz, 1/4 WAV at 44.1 kHz stereo (so resampling is exercised);
+    * ``wav16``: 16 kHz mono 16-bit WAV, the form AST's own data preparation writes;
+    * ``flac16``: 16 kHz mono FLAC.
+Decoding cost differs by format by an order of magnitude (FLAC decoding is about half the featurizer's cost
+per clip here, a 16 kHz WAV about 3%), so the ratio is reported per collection.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -39,13 +47,19 @@ from pipeline.executor import InlineExecutor, ProcessExecutor, timed_call
 from pipeline.fbank import fbank
 from pipeline.shard_task import DECODE_AHEAD
 
+FORMATS = {  # (sample rate, extension, channels) of clip i, by --formats
+    "mix": lambda i: (44100, "wav", 2) if i % 4 == 3 else (16000, "flac", 1),
+    "wav16": lambda i: (16000, "wav", 1),
+    "flac16": lambda i: (16000, "flac", 1),
+}
 
-def make_clips(root: str, n: int, seconds: float) -> str:
+
+def make_clips(root: str, n: int, seconds: float, formats: str = "mix") -> str:
     """``n`` broadband clips (tones, a chirp and noise) under ``root``; returns the manifest path."""
     rng = np.random.default_rng(0)
     lines = ["path,label"]
     for i in range(n):
-        sr, fmt, ch = (44100, "wav", 2) if i % 4 == 3 else (16000, "flac", 1)
+        sr, fmt, ch = FORMATS[formats](i)
         t = np.arange(int(seconds * sr)) / sr
         f0 = rng.uniform(100, 1000)
         x = 0.2 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * (200 * t + 300 * t * t))
@@ -61,19 +75,58 @@ def make_clips(root: str, n: int, seconds: float) -> str:
     return manifest
 
 
-def featurizer_only(root: str, n: int, shifts) -> tuple[float, float]:
-    """(clips/s of wall time, clips/s of this process's CPU time) of fbank alone on pre-decoded waveforms."""
-    waves = []
-    for name in sorted(os.listdir(root)):
-        if name.endswith((".flac", ".wav")):
-            waves.append(torch.from_numpy(subtract_mean(load_audio(os.path.join(root, name)).waveform)))
+def decoded_waves(root: str) -> list[torch.Tensor]:
+    """The benchmark's clips decoded, mixed down, resampled and mean-subtracted, as the build does."""
+    names = sorted(n for n in os.listdir(root) if n.endswith((".flac", ".wav")))
+    return [torch.from_numpy(subtract_mean(load_audio(os.path.join(root, n)).waveform)) for n in names]
+
+
+def featurize_all(waves: list[torch.Tensor], shifts) -> float:
+    """Featurise ``waves`` one clip per call, one torch thread, float16 out as shards store it; seconds of CPU."""
     torch.set_num_threads(1)
-    fbank([waves[0]], shifts_ms=shifts, sample_frequency=16000.0, **AST_FBANK)  # warm-up (caches, allocator)
-    t0, c0 = time.perf_counter(), time.process_time()
+    c0 = time.process_time()
     for w in waves:
-        feats = fbank([w], shifts_ms=shifts, sample_frequency=16000.0, **AST_FBANK)
-        _ = {s: feats[s][0].to(torch.float16) for s in shifts}  # the same float16 cast a build does
-    return len(waves) / (time.perf_counter() - t0), len(waves) / (time.process_time() - c0)
+        fbank([w], shifts_ms=shifts, sample_frequency=16000.0, out_dtype=torch.float16, **AST_FBANK)
+    return time.process_time() - c0
+
+
+def featurizer_only(waves: list[torch.Tensor], shifts) -> tuple[float, float]:
+    """(clips/s of wall time, clips/s of this process's CPU time) of fbank alone on pre-decoded waveforms."""
+    featurize_all(waves[:1], shifts)  # warm-up (caches, allocator)
+    t0 = time.perf_counter()
+    cpu = featurize_all(waves, shifts)
+    return len(waves) / (time.perf_counter() - t0), len(waves) / cpu
+
+
+_WAVES: dict[str, list[torch.Tensor]] = {}  # per pool worker: the decoded clips, loaded once during warm-up
+
+
+def _featurize_part(args) -> float:
+    """In a pool worker: featurise every ``parts``-th clip from ``part`` on; ``sleep_s`` spreads warm-up tasks."""
+    root, part, parts, shifts, sleep_s = args
+    if root not in _WAVES:
+        _WAVES[root] = decoded_waves(root)
+    time.sleep(sleep_s)
+    return featurize_all(_WAVES[root][part::parts], shifts)
+
+
+def featurizer_scaling(root: str, shifts) -> float:
+    """Speed-up of the featurizer alone in 2 processes (each taking half the clips) over 1: the machine's
+    own 2-core ceiling for this work, measured in the same run as the build's scaling."""
+    pool = ProcessExecutor(2)
+    try:
+        pool.map(_featurize_part, [(root, 0, 48, shifts, 0.5)] * 2)  # each worker loads the clips once
+        n = len(decoded_waves(root))
+        pool.map(_featurize_part, [(root, 0, 1, shifts, 0.0)])  # one worker warm
+        t0 = time.perf_counter()
+        pool.map(_featurize_part, [(root, 0, 1, shifts, 0.0)])
+        one = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pool.map(_featurize_part, [(root, 0, 2, shifts, 0.0), (root, 1, 2, shifts, 0.0)])
+        two = n / (time.perf_counter() - t0)
+    finally:
+        pool.close()
+    return two / one
 
 
 class Timed:
@@ -119,67 +172,77 @@ def _warm(_):
     return os.getpid()
 
 
+def decode_cpu_per_clip(root: str) -> float:
+    """Seconds of CPU per clip to decode, mix down and resample the benchmark's clips (the build's first stage)."""
+    names = sorted(n for n in os.listdir(root) if n.endswith((".flac", ".wav")))
+    c0 = time.process_time()
+    for name in names:
+        load_audio(os.path.join(root, name))
+    return (time.process_time() - c0) / len(names)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=48)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--shifts", default="elastic")
     ap.add_argument("--shard-samples", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; best of each is reported")
+    ap.add_argument("--formats", choices=sorted(FORMATS), default="mix", help="the clips' formats (see above)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats (ratios are paired per repeat)")
     args = ap.parse_args()
     shifts = parse_shifts(args.shifts)
+    runs: dict[str, list[float]] = {}
+
+    def keep(**measured: float) -> None:
+        for k, v in measured.items():
+            runs.setdefault(k, []).append(v)
+
     with tempfile.TemporaryDirectory(prefix="flexast-bench-build-") as tmp:
         audio = os.path.join(tmp, "audio")
         os.makedirs(audio)
-        manifest = make_clips(audio, args.clips, args.seconds)
+        manifest = make_clips(audio, args.clips, args.seconds, args.formats)
+        waves = decoded_waves(audio)
         cfg = BuildConfig(name="bench", shifts_ms=shifts, shard_samples=args.shard_samples)
-        feat, feat_cpu, one, one_cpu, one_task, two, two_cold, two_task = [], [], [], [], [], [], [], []
-        one_inline, two_inline = [], []
         load = os.getloadavg()[0]
-        for r in range(args.repeat):  # interleaved repeats; the best of each is reported (the machine is shared)
-            wall, cpu = featurizer_only(audio, args.clips, shifts)
-            feat.append(wall)
-            feat_cpu.append(cpu)
-            warm, _, task, cpu, n = end_to_end(manifest, os.path.join(tmp, f"w1-{r}"), cfg, 1)
-            one.append(warm)
-            one_cpu.append(cpu)
-            warm, cold, task, _, _ = end_to_end(manifest, os.path.join(tmp, f"w2-{r}"), cfg, 2)
-            two.append(warm)
-            two_cold.append(cold)
+        for r in range(args.repeat):  # interleaved repeats: each ratio compares runs made seconds apart
+            feat, feat_cpu = featurizer_only(waves, shifts)
+            one, _, _, one_cpu, n = end_to_end(manifest, os.path.join(tmp, f"w1-{r}"), cfg, 1)
+            two, two_cold, _, _, _ = end_to_end(manifest, os.path.join(tmp, f"w2-{r}"), cfg, 2)
             # Worker scaling on its own: decode inline in both, so one worker does not already use a second core.
-            warm, _, task, _, _ = end_to_end(manifest, os.path.join(tmp, f"i1-{r}"), cfg, 1, decode_ahead=0)
-            one_inline.append(warm)
-            one_task.append(task)
-            warm, _, task, _, _ = end_to_end(manifest, os.path.join(tmp, f"i2-{r}"), cfg, 2, decode_ahead=0)
-            two_inline.append(warm)
-            two_task.append(task)
-        feat, feat_cpu, one, one_cpu = max(feat), max(feat_cpu), max(one), max(one_cpu)
-        two, two_cold, one_task, two_task = max(two), max(two_cold), max(one_task), max(two_task)
-        one_inline, two_inline = max(one_inline), max(two_inline)
+            one_inline, _, one_task, _, _ = end_to_end(manifest, os.path.join(tmp, f"i1-{r}"), cfg, 1, decode_ahead=0)
+            two_inline, _, two_task, _, _ = end_to_end(manifest, os.path.join(tmp, f"i2-{r}"), cfg, 2, decode_ahead=0)
+            keep(feat=feat, one=one, two=two, two_cold=two_cold, one_inline=one_inline, two_inline=two_inline,
+                 ratio=one / feat, ratio_cpu=one_cpu / feat_cpu, scaling=two_inline / one_inline,
+                 ceiling=featurizer_scaling(audio, shifts), decode_share=decode_cpu_per_clip(audio) * feat_cpu,
+                 task_growth=one_task / two_task)  # fmt: skip
         load = max(load, os.getloadavg()[0])
+    best = {k: max(v) for k, v in runs.items()}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+
+    def each(key: str) -> str:
+        return " ".join(f"{x:.2f}" for x in runs[key])
+
     print(
         f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     )
-    print(f"{n} clips of {args.seconds:g} s, {len(shifts)} shifts, shards of {args.shard_samples} clips, "
-          f"best of {args.repeat}")  # fmt: skip
-    print(f"featurizer only (1 thread):     {feat:8.2f} clips/s")
-    print(
-        f"end to end, 1 worker:           {one:8.2f} clips/s   ratio to featurizer {one / feat:5.2f}  (target >= 0.70)"
-    )
-    print(f"end to end, 2 workers (warm):   {two:8.2f} clips/s   ({two / one:4.2f}x one worker; defaults: the worker "
-          f"decodes ahead, the 2 that fill both cores do not)")  # fmt: skip
-    print(f"inline decoding, 1 worker:      {one_inline:8.2f} clips/s")
-    print(f"inline decoding, 2 workers:     {two_inline:8.2f} clips/s   speed-up vs 1 worker "
-          f"{two_inline / one_inline:5.2f}  (target >= 1.70)")  # fmt: skip
-    print(f"end to end, 2 workers (cold):   {two_cold:8.2f} clips/s   (pool start-up included)")
-    print(
-        f"CPU time (robust to other jobs): featurizer {feat_cpu:.2f} clips/s, end to end 1 worker {one_cpu:.2f} "
-        f"clips/s, ratio {one_cpu / feat_cpu:.2f}"
-    )
-    print(f"CPU time per clip in shard tasks, inline decoding: 1 worker {1000 / one_task:.1f} ms, "
-          f"2 workers {1000 / two_task:.1f} ms "
-          f"(equal means no parallel overhead: with 2 free cores the speed-up would be about "
-          f"{2 * two_task / one_task:.2f})")  # fmt: skip
+    print(f"{n} clips of {args.seconds:g} s ({args.formats}), {len(shifts)} shifts, shards of {args.shard_samples} "
+          f"clips, {args.repeat} interleaved repeats")  # fmt: skip
+    print("clips/s: the best repeat; ratios: the median of per-repeat pairs")
+    print(f"featurizer only (1 thread):     {best['feat']:8.2f} clips/s")
+    print(f"end to end, 1 worker:           {best['one']:8.2f} clips/s")
+    print(f"end to end, 2 workers (warm):   {best['two']:8.2f} clips/s   (defaults: 1 worker overlaps decoding and "
+          f"writing on background threads, 2 workers filling both cores do not)")  # fmt: skip
+    print(f"end to end, 2 workers (cold):   {best['two_cold']:8.2f} clips/s   (pool start-up included)")
+    print(f"inline decoding, 1 / 2 workers: {best['one_inline']:8.2f} / {best['two_inline']:.2f} clips/s")
+    print(f"RATIO end to end / featurizer:  {med['ratio']:5.2f}  (target >= 0.70; per repeat {each('ratio')})")
+    print(f"  same on CPU time:             {med['ratio_cpu']:5.2f}  (per repeat {each('ratio_cpu')})")
+    print(f"  decoding alone costs {med['decode_share']:.2f}x the featurizer's CPU per clip, so one core could "
+          f"reach at most {1 / (1 + med['decode_share']):.2f} before any writing")  # fmt: skip
+    print(f"SCALING 2 workers / 1 worker:   {med['scaling']:5.2f}  (target >= 1.70; per repeat {each('scaling')})")
+    print(f"  featurizer alone, 2 processes / 1: {med['ceiling']:5.2f} (this machine's own ceiling for the work, "
+          f"per repeat {each('ceiling')})")  # fmt: skip
+    print(f"  CPU per clip in shard tasks, 2 workers / 1 worker: {med['task_growth']:.2f} "
+          f"(1.00 = no slowdown from running two at once; per repeat {each('task_growth')})")  # fmt: skip
     print(f"1-min load average during the run: up to {load:.1f} on {os.cpu_count()} CPUs (other jobs share them)")
 
 
