@@ -32,6 +32,7 @@ from pipeline.batch import PackedBatch, token_count, trim_frames
 from pipeline.errors import ConfigError, ShardError
 from pipeline.packing import plan_packs
 from pipeline.pooling import pool_time, pooled_length
+from pipeline.resolution import TimeScale
 from pipeline.sampling import clip_weights
 from pipeline.shards import iter_tar, load_npy
 from pipeline.sources import expand_urls, is_remote
@@ -141,23 +142,6 @@ def clipset_from_index(index: dict, clips: list[Clip]) -> ClipSet:
 
 
 @dataclass
-class Resolution:
-    """How a clip's time axis is made: a stored ``shift_ms``, optionally pooled by ``pool``."""
-
-    shift_ms: float = 10.0
-    pool: int = 1
-
-    @property
-    def effective_shift_ms(self) -> float:
-        return self.shift_ms * self.pool
-
-    @property
-    def compression(self) -> float:
-        """ElasticAST's ``C``: frames of 10 ms that one frame covers (scales the SpecAugment time mask)."""
-        return self.effective_shift_ms / 10.0
-
-
-@dataclass
 class PaddedBatch:
     """Classic AST input: ``x (B, T, F)`` padded or cut to a fixed length, with labels and keys."""
 
@@ -208,7 +192,7 @@ class ClipLoader:
         patches: Sequence[tuple[int, int]] = ((16, 16),),
         budget: int = 4096,
         row_len: int = 0,
-        resolutions: Sequence[Resolution] = (Resolution(),),
+        resolutions: Sequence[TimeScale] = (TimeScale(),),
         pool_mode: str = "avg",
         max_frames: int = 1024,
         pad_to: int = 0,
@@ -248,7 +232,7 @@ class ClipLoader:
 
     # ---- planning -------------------------------------------------------------------------------
 
-    def _frames(self, clip: Clip, res: Resolution) -> int:
+    def _frames(self, clip: Clip, res: TimeScale) -> int:
         return pooled_length(clip.feats[res.shift_ms].shape[0], res.pool, "floor")
 
     def _pad_tokens_per_clip(self) -> int:
@@ -347,7 +331,7 @@ class ClipLoader:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
-    def _features(self, clip: Clip, res: Resolution, start: int, keep: int) -> torch.Tensor:
+    def _features(self, clip: Clip, res: TimeScale, start: int, keep: int) -> torch.Tensor:
         """Raw (un-normalised) ``(keep, F)`` float32 crop, pooled first; eval pads a too-short clip with NaN."""
         x = clip.feats[res.shift_ms].astype(np.float32)  # (T, F), a fresh buffer the augmentations may overwrite
         if res.pool > 1:
@@ -357,7 +341,7 @@ class ClipLoader:
             x = np.concatenate([x, np.full((keep - x.shape[0], x.shape[1]), np.nan, np.float32)], 0)
         return torch.from_numpy(np.ascontiguousarray(x))
 
-    def _normalised(self, x: torch.Tensor, res: Resolution) -> torch.Tensor:
+    def _normalised(self, x: torch.Tensor, res: TimeScale) -> torch.Tensor:
         """:func:`pipeline.augment.normalise` in place with the shift's stats; NaN padding becomes 0, the mean."""
         mean, std = self.norm or self.data.stats.get(res.shift_ms, (0.0, 0.5))
         return torch.nan_to_num_(normalise(x, mean, std, out=x), nan=0.0)
@@ -401,7 +385,7 @@ class ClipLoader:
             out = PaddedBatch(x, labels, keys)
             out._tokens = len(feats) * self._pad_tokens_per_clip()
             return out
-        shifts = [r.effective_shift_ms for r in res]
+        shifts = [r.frame_shift_ms for r in res]
         return PackedBatch.from_clips(
             feats,
             labels,
@@ -415,14 +399,14 @@ class ClipLoader:
 
 def resolutions_from(
     policy: str, shift_ms: float, shifts_ms: Sequence[float], pool_factors: Sequence[int], stored: Sequence[float]
-) -> list[Resolution]:
+) -> list[TimeScale]:
     """The per-clip resolution choices of a data policy: fixed | random (stored shifts) | pool (factors)."""
     if policy == "fixed":
-        return [Resolution(float(shift_ms), 1)]
+        return [TimeScale(float(shift_ms), 1)]
     if policy == "random":
-        return [Resolution(float(s), 1) for s in (shifts_ms or stored)]
+        return [TimeScale(float(s), 1) for s in (shifts_ms or stored)]
     if policy == "pool":
-        return [Resolution(float(shift_ms), int(r)) for r in pool_factors]
+        return [TimeScale(float(shift_ms), int(r)) for r in pool_factors]
     raise ConfigError(f"data.resolution: unknown policy {policy!r} (fixed, random or pool)")
 
 

@@ -29,9 +29,10 @@ import torch
 
 from model import adapter
 from model.config import Config
-from model.data import ClipLoader, ClipSet, PaddedBatch, Resolution, read_clips
+from model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
 from model.metrics import chance_metrics, classification_metrics
 from pipeline.batch import token_count
+from pipeline.resolution import TimeScale
 
 DEFAULT_PATCHES = (8, 10, 12, 16, 20, 24, 30, 32, 40, 48)
 
@@ -46,7 +47,7 @@ def score_clipset(
     data: ClipSet,
     *,
     patch: tuple[int, int],
-    resolution: Resolution | None = None,
+    resolution: TimeScale | None = None,
     max_frames: int = 1024,
     norm: tuple[float, float] | None = None,
     pool_mode: str = "avg",
@@ -55,7 +56,7 @@ def score_clipset(
     pad_to: int = 0,
 ) -> dict:
     """Scores ``(N, C)`` (sigmoid or softmax follows the labels), targets and timing for every clip."""
-    resolution = resolution or Resolution()
+    resolution = resolution or TimeScale()
     single = is_single_label(data)
     n_mels = model.config.n_mels
     budget = max(budget, token_count(max_frames + patch[1], n_mels, patch))  # room for the longest clip
@@ -144,15 +145,15 @@ def eval_grid(
         native = tuple(model.config.base_patch)
         points = []
         for p in spec.patch_sizes:
-            points.append(("patch", p, _patch_for(model, p), Resolution(spec.base_shift_ms), spec.base_max_frames))
+            points.append(("patch", p, _patch_for(model, p), TimeScale(spec.base_shift_ms), spec.base_max_frames))
         for s in spec.shifts_ms:
             mf = max(1, int(spec.base_max_frames * spec.base_shift_ms / s))
-            points.append(("shift", s, native, Resolution(float(s)), mf))
+            points.append(("shift", s, native, TimeScale(float(s)), mf))
         for r in spec.pool_factors:
             mf = max(1, spec.base_max_frames // r)
-            points.append(("pool", r, native, Resolution(spec.base_shift_ms, int(r)), mf))
+            points.append(("pool", r, native, TimeScale(spec.base_shift_ms, int(r)), mf))
         for n in spec.max_lengths:
-            points.append(("length", n, native, Resolution(spec.base_shift_ms), int(n)))
+            points.append(("length", n, native, TimeScale(spec.base_shift_ms), int(n)))
         for sweep, value, patch, res, mf in points:
             if patch[0] > model.config.n_mels:
                 continue
@@ -166,7 +167,7 @@ def eval_grid(
                 "value": value,
                 "patch_f": patch[0],
                 "patch_t": patch[1],
-                "shift_ms": res.effective_shift_ms,
+                "shift_ms": res.frame_shift_ms,
                 "pool": res.pool,
                 "max_frames": mf,
                 "n_clips": len(out["keys"]),

@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.config import Config, PhaseConfig
-from model.data import Resolution, resolutions_from
+from model.data import resolutions_from
 from pipeline.errors import ConfigError
+from pipeline.resolution import TimeScale
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Stage:
     name: str
     kind: str  # the recipe trained inside: ast | flexiast | elasticast
     patches: list[tuple[int, int]]  # drawn uniformly per step
-    resolutions: list[Resolution]
+    resolutions: list[TimeScale]
     pool_mode: str
     max_frames: int
     epochs: float = 0.0
@@ -54,7 +55,7 @@ def _patches(cfg: Config, kind: str) -> list[tuple[int, int]]:
     return [(int(p), int(p)) for p in cfg.recipe.patch_sizes]
 
 
-def _base_resolutions(cfg: Config, stored: list[float]) -> list[Resolution]:
+def _base_resolutions(cfg: Config, stored: list[float]) -> list[TimeScale]:
     d = cfg.data
     return resolutions_from(d.resolution, d.shift_ms, d.shifts_ms, d.pool_factors, stored)
 
@@ -91,9 +92,9 @@ def _phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Stage:
             raise ConfigError(
                 f"recipe.phases[{i}]: fshift x{r} needs frame shift {shift:g} ms in the shards (stored: {stored})"
             )
-        inner.resolutions = [Resolution(shift, 1)]
+        inner.resolutions = [TimeScale(shift, 1)]
     elif ph.method == "pool":
-        inner.resolutions = [Resolution(cfg.data.shift_ms, r)]
+        inner.resolutions = [TimeScale(cfg.data.shift_ms, r)]
         inner.pool_mode = ph.pool_mode
     elif ph.method == "patch":
         inner.patches = [(p_f, p_t * r)]

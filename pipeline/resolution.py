@@ -30,13 +30,11 @@ POLICIES = ("fixed", "random", "pool")
 
 
 @dataclass(frozen=True)
-class Resolution:
-    """A clip's resolution: stored shift name, pooling factor and the frames it then has."""
+class TimeScale:
+    """A time resolution: features stored at ``shift_ms``, pooled over time by ``pool``."""
 
-    shift: str
-    shift_ms: float
-    pool: int
-    n_frames: int
+    shift_ms: float = 10.0
+    pool: int = 1
 
     @property
     def frame_shift_ms(self) -> float:
@@ -44,7 +42,16 @@ class Resolution:
 
     @property
     def compression(self) -> float:
+        """ElasticAST's ``C``: 10 ms frames that one frame covers (scales the SpecAugment time mask)."""
         return self.frame_shift_ms / 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resolution(TimeScale):
+    """One clip's resolution: its time scale, the stored shift's name and the frames it then has."""
+
+    shift: str
+    n_frames: int
 
 
 @dataclass
@@ -81,15 +88,15 @@ class ResolutionPolicy:
                     f"random resolution needs shifts {missing} that the clip does not store ({sorted(frames)})"
                 )
             name = names[int(rng.integers(len(names)))]
-            return Resolution(name, parse_shift_name(name), 1, int(frames[name]))
+            return Resolution(parse_shift_name(name), 1, shift=name, n_frames=int(frames[name]))
         name = shift_name(self.shift_ms)
         if name not in frames:
             raise ShardError(f"resolution {self.kind!r} needs shift {name!r}; the clip stores {sorted(frames)}")
         t = int(frames[name])
         if self.kind == "fixed":
-            return Resolution(name, float(self.shift_ms), 1, t)
+            return Resolution(float(self.shift_ms), 1, shift=name, n_frames=t)
         r = int(self.pool_factors[int(rng.integers(len(self.pool_factors)))])
-        return Resolution(name, float(self.shift_ms), r, pooled_length(t, r, self.pool_tail))
+        return Resolution(float(self.shift_ms), r, shift=name, n_frames=pooled_length(t, r, self.pool_tail))
 
 
 def apply_pool(x: np.ndarray, res: Resolution, mode: str = "avg", tail: str = "floor") -> np.ndarray:

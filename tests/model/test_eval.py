@@ -12,9 +12,10 @@ import torch
 from model import adapter
 from model.ast import ASTModel, ModelConfig
 from model.cli import main
-from model.data import ClipLoader, Resolution, read_clips
+from model.data import ClipLoader, read_clips
 from model.evaluate import GridSpec, run_eval, score_clipset
 from model.metrics import classification_metrics
+from pipeline.resolution import TimeScale
 from tests.factories import write_shard_folder
 
 
@@ -54,7 +55,7 @@ def test_read_clips_matches_the_index(shards):
 
 def test_eval_loader_cuts_never_pads_and_covers_every_clip(shards):
     data = read_clips(str(shards[0]))
-    loader = ClipLoader(data, patches=[(4, 4)], budget=64, max_frames=40, train=False, resolutions=[Resolution(10.0)])
+    loader = ClipLoader(data, patches=[(4, 4)], budget=64, max_frames=40, train=False, resolutions=[TimeScale(10.0)])
     seen = []
     for b in loader:
         seen += b.keys

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.data import ClipLoader, Resolution
+from model.data import ClipLoader
+from pipeline.resolution import TimeScale
 from tests.factories import synthetic_clipset
 
 
@@ -51,7 +52,7 @@ def test_budget_is_respected_and_resolutions_are_used():
         data,
         budget=96,
         max_frames=200,
-        resolutions=[Resolution(10.0), Resolution(20.0), Resolution(10.0, 4)],
+        resolutions=[TimeScale(10.0), TimeScale(20.0), TimeScale(10.0, 4)],
         pool_mode="max",
     )
     shifts = set()
@@ -91,9 +92,7 @@ def test_mixup_mixes_features_and_labels_convexly():
 
 def test_eval_features_are_the_ast_normalised_pooled_centre_cut():
     data = synthetic_clipset(n_clips=5, seed=6)
-    ld = ClipLoader(
-        data, patches=[(8, 8)], budget=100000, max_frames=16, resolutions=[Resolution(10.0, 2)], train=False
-    )
+    ld = ClipLoader(data, patches=[(8, 8)], budget=100000, max_frames=16, resolutions=[TimeScale(10.0, 2)], train=False)
     batch = next(iter(ld))
     mean, std = data.stats[10.0]
     for key, got in zip(batch.keys, batch.clip_frames(), strict=True):
@@ -111,7 +110,7 @@ def test_time_mask_covers_the_same_duration_at_every_compression():
     masked_value = (0.0 - mean) / (2.0 * std)  # masks are 0 in raw log-mel space, as in AST
     longest = {}
     for pool in (1, 4):
-        ld = ClipLoader(data, budget=100000, max_frames=200, resolutions=[Resolution(10.0, pool)], time_mask=40, seed=2)
+        ld = ClipLoader(data, budget=100000, max_frames=200, resolutions=[TimeScale(10.0, pool)], time_mask=40, seed=2)
         runs = []
         for epoch in range(3):
             ld.set_epoch(epoch)

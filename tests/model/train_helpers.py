@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model.config import from_dict
-from model.data import ClipLoader, Resolution
+from model.data import ClipLoader
+from pipeline.resolution import TimeScale
 
 TINY_MODEL = {"preset": "custom", "embed_dim": 32, "depth": 2, "heads": 2, "n_mels": 32, "base_patch": [8, 8]}
 
@@ -41,7 +42,7 @@ def mean_loss(model, data, patch=(8, 8), max_frames=64) -> float:
         patches=[patch],
         budget=100000,
         max_frames=max_frames,
-        resolutions=[Resolution(10.0)],
+        resolutions=[TimeScale(10.0)],
         train=False,
     )
     total, n = 0.0, 0
