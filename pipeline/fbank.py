@@ -189,7 +189,7 @@ class ClipRows:
     """One clip's features at every shift, each distinct frame stored once: ``values`` (R, F) and the plan.
 
     ``at(shift_ms)`` gathers that shift's ``(T, F)`` features. Consumers that reduce over every shift
-    (the build's statistics) can work on ``values`` once and weight rows by ``plan.rows`` instead.
+    (the build's statistics) can work on ``values`` once and weight rows by ``plan.uses`` instead.
     """
 
     values: torch.Tensor
@@ -258,6 +258,17 @@ def _prepare(waveforms, lengths, shifts_ms, options) -> tuple[FbankOptions, tupl
     return opts, shifts, wave, lens
 
 
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _out_dtype(out_dtype: torch.dtype | None, wave: torch.Tensor) -> torch.dtype:
+    if out_dtype is None:
+        return wave.dtype
+    if out_dtype not in OUT_DTYPES:
+        raise FeatureError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    return out_dtype
+
+
 def _chunk_rows(chunk_rows: int | None, device: torch.device) -> int:
     if chunk_rows is None:  # on CPU, each of torch's threads takes about DEFAULT_CHUNK_ROWS["cpu"] rows
         per = DEFAULT_CHUNK_ROWS.get(device.type, DEFAULT_CHUNK_ROWS["cpu"])
@@ -300,7 +311,7 @@ def fbank(
         :func:`pipeline.units.num_frames`; it is 0 for a clip shorter than one window.
     """
     opts, shifts, wave, lens = _prepare(waveforms, lengths, shifts_ms, options)
-    out_dtype = out_dtype or wave.dtype
+    out_dtype = _out_dtype(out_dtype, wave)
     if backend != "flexast":
         from pipeline.fbank_backends import run_backend
 
@@ -337,7 +348,7 @@ def fbank_rows(
     opts, shifts, wave, lens = _prepare(waveforms, lengths, shifts_ms, options)
     if opts.subtract_mean:
         raise FeatureError("fbank_rows cannot share frames across shifts with subtract_mean=True; use fbank")
-    store = out_dtype or wave.dtype
+    store = _out_dtype(out_dtype, wave)
     return _flexast_rows(wave, lens, shifts, opts, _chunk_rows(chunk_rows, wave.device), seed, store)
 
 

@@ -147,6 +147,8 @@ def test_shared_rows_gather_to_the_per_shift_features_bit_for_bit():
             assert torch.equal(clip.at(s), per_shift[s][i])
     with pytest.raises(FeatureError, match="subtract_mean"):
         fbank_rows(clips, shifts_ms=shifts, subtract_mean=True)
+    with pytest.raises(FeatureError, match=r"got torch\.int16"):
+        fbank(clips, shifts_ms=shifts, out_dtype=torch.int16)
 
 
 def test_distinct_frames_of_a_10s_clip_at_the_16_shifts():
