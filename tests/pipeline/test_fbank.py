@@ -184,6 +184,16 @@ def test_short_clips_give_zero_frames_and_the_boundaries_are_exact():
     assert torch.allclose(out[-1], ref, atol=1e-4, rtol=0)
 
 
+def test_a_single_clip_that_is_a_view_into_a_larger_tensor():
+    """One clip is framed in place (no padding copy), so an offset or strided view must still be read right."""
+    big = random_clips(1, 1.0, 1.0, seed=13)[0]
+    for view in (big[1234:9000], big[::2]):
+        got = fbank([view], shifts_ms=[10.0, 25.0], **AST)
+        want = fbank([view.clone()], shifts_ms=[10.0, 25.0], **AST)
+        assert all(torch.equal(got[s][0], want[s][0]) for s in (10.0, 25.0))
+        assert torch.equal(fbank(view, shifts_ms=[10.0], **AST)[10.0][0], want[10.0][0])
+
+
 def test_padded_batch_with_lengths_equals_the_list_form():
     clips = random_clips(4, 0.05, 0.6, seed=9)
     padded = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
