@@ -13,13 +13,12 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from pipeline.fbank import RowPlan
-
-ROW_BLOCK = 256  # rows reduced at a time by update_shared_rows (float64 temporaries fit L2)
 
 
 class RunningStats:
@@ -89,21 +88,53 @@ class RunningStats:
         return f"RunningStats(count={self.count}, mean={self.mean:.6g}, std={self.std:.6g})"
 
 
+_HALF_TO_DOUBLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)  # every float16, widened
+
+
+@numba.njit(cache=True, nogil=True)
+def _half_row_moments(bits: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """``out[r] = (Σ_f x[r, f], Σ_f x[r, f]²)`` in float64 for float16 values given as their ``(R, F)`` bits."""
+    n = bits.shape[1]
+    for r in range(bits.shape[0]):
+        s0, s1, q0, q1 = 0.0, 0.0, 0.0, 0.0  # two chains each: the adds do not wait on one another
+        for f in range(0, n - 1, 2):
+            a, b = table[bits[r, f]], table[bits[r, f + 1]]
+            s0 += a
+            s1 += b
+            q0 += a * a
+            q1 += b * b
+        if n % 2:
+            a = table[bits[r, n - 1]]
+            s0 += a
+            q0 += a * a
+        out[r, 0] = s0 + s1
+        out[r, 1] = q0 + q1
+
+
+def row_moments(values: torch.Tensor) -> torch.Tensor:
+    """``(R, 2)`` float64: each row's sum and sum of squares, for an ``(R, F)`` tensor (float16 on CPU: numba).
+
+    Sums of float16 values are exact in float64 in any order (every partial sum is a multiple of 2^-24 well
+    inside 53 bits), so they do not depend on how they are computed; sums of squares agree to float64 rounding.
+    """
+    values = values.detach()
+    if values.dtype == torch.float16 and values.device.type == "cpu":
+        out = np.empty((values.shape[0], 2), dtype=np.float64)
+        bits = values.contiguous().view(torch.int16).numpy().view(np.uint16)  # (R, F) raw float16 bits
+        _half_row_moments(bits, _HALF_TO_DOUBLE, out)
+        return torch.from_numpy(out)
+    x = values.to(torch.float64)  # (R, F)
+    return torch.stack([x.sum(dim=1), (x * x).sum(dim=1)], dim=1)
+
+
 def update_shared_rows(stats: dict[float, RunningStats], values: torch.Tensor, plan: RowPlan) -> None:
     """Add to ``stats[s]`` the rows of ``values`` (R, F) that shift ``s`` uses, for every shift of ``plan``.
 
-    Rows shared by several shifts (see :class:`pipeline.fbank.ClipRows`) are reduced once: each row's sum
-    and sum of squares in float64, then one product with the plan's 0/1 membership table. For float16 values
-    the sums are exact (every partial sum is a multiple of 2^-24 well inside float64's 53 bits), so they
-    equal a direct reduction of each shift's values bit for bit; sums of squares agree to float64 rounding.
+    Rows shared by several shifts (see :class:`pipeline.fbank.ClipRows`) are reduced once
+    (:func:`row_moments`), then weighted by one product with the plan's 0/1 membership table. For float16
+    values the sums equal a direct reduction of each shift's values bit for bit.
     """
-    values = values.detach()
-    moments = torch.empty(values.shape[0], 2, dtype=torch.float64)  # (R, 2): row sum, row sum of squares
-    for lo in range(0, values.shape[0], ROW_BLOCK):  # blocks: the float64 temporaries stay in cache
-        x = values[lo : lo + ROW_BLOCK]
-        x = (x.float() if x.dtype == torch.float16 else x).to(torch.float64, copy=True)  # (B, F); via float32: faster
-        moments[lo : lo + ROW_BLOCK, 0] = x.sum(dim=1)
-        moments[lo : lo + ROW_BLOCK, 1] = x.square_().sum(dim=1)
+    moments = row_moments(values).cpu()  # (R, 2)
     per_shift = (plan.uses.to(torch.float64) @ moments).tolist()  # (n_shifts, R) @ (R, 2) -> (n_shifts, 2)
     rows_used = plan.uses.sum(dim=1).tolist()  # (n_shifts,)
     for s, (total, total_sq), n_rows in zip(plan.rows, per_shift, rows_used, strict=True):
