@@ -36,9 +36,10 @@ class InlineExecutor:
 class ProcessExecutor:
     """A local pool of ``workers`` processes.
 
-    Workers are forked from a fresh fork server that has imported the task module once (torch included), so
-    they start fast and never inherit this process's threads (forking a process with live torch thread pools
-    can deadlock). Where fork servers do not exist (Windows, macOS defaults), workers are spawned.
+    Workers are forked from a fresh fork server that has imported :mod:`pipeline.worker_preload` once (torch,
+    the task module, the compiled numba kernel), so they start fast and never inherit this process's threads
+    (forking a process with live torch thread pools can deadlock). Where fork servers do not exist (Windows,
+    macOS defaults), workers are spawned.
     """
 
     def __init__(self, workers: int):
@@ -48,7 +49,7 @@ class ProcessExecutor:
         self.description = f"{workers} local processes"
         if "forkserver" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["pipeline.shard_task"])
+            ctx.set_forkserver_preload(["pipeline.worker_preload"])
         else:
             ctx = multiprocessing.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
@@ -118,7 +119,7 @@ def timed_call(fn_and_item: tuple[Callable, object]) -> tuple[object, float, int
 
 def _local_cluster(n_workers: int):
     """A LocalCluster of ``n_workers`` single-threaded processes, forked from a fork server that has imported
-    distributed and the task module (torch included) once, where fork servers exist; spawned otherwise."""
+    distributed and :mod:`pipeline.worker_preload` once, where fork servers exist; spawned otherwise."""
     import dask
     from distributed import LocalCluster
 
@@ -127,7 +128,7 @@ def _local_cluster(n_workers: int):
     from distributed.utils import get_mp_context
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        get_mp_context().set_forkserver_preload(["distributed", "pipeline.shard_task"])
+        get_mp_context().set_forkserver_preload(["distributed", "pipeline.worker_preload"])
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
 
