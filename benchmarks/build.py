@@ -10,6 +10,7 @@ Peers, measured in the same run on the same clips:
       for the clips that are not at 16 kHz), mean removal, 16-shift fbank, float16, statistics, tar write. By
       default the worker decodes two clips ahead on a background thread (``decode_ahead``), so reading and
       decoding overlap the fbank; that thread may use a second core, which the CPU-time ratio accounts for;
+      statistics and tar writing run behind the fbank on another thread in the same way;
     * end to end, 2 workers: the same with a local pool of 2 processes. The pool is started and warmed up
       before the clock starts (a real build amortises the start-up over hours); the cold time is printed too;
     * worker scaling: 1 against 2 workers with inline decoding (``decode_ahead=0``), so that one worker does not
@@ -164,6 +165,12 @@ def end_to_end(manifest: str, out: str, cfg: BuildConfig, workers: int, decode_a
     return n / (t1 - t0), n / (t1 - t_cold), n / executor.cpu_s, n / (c1 - c0), n
 
 
+def warm_up() -> None:
+    """Load in this process what :mod:`pipeline.worker_preload` loads in the pool's fork server (numba's
+    statistics kernel takes about 0.5 s to load once per process; a real build amortises it over hours)."""
+    import pipeline.worker_preload  # noqa: F401
+
+
 def _warm(_):
     import pipeline.fbank
     import pipeline.shard_task  # noqa: F401
@@ -203,6 +210,7 @@ def main() -> None:
         manifest = make_clips(audio, args.clips, args.seconds, args.formats)
         waves = decoded_waves(audio)
         cfg = BuildConfig(name="bench", shifts_ms=shifts, shard_samples=args.shard_samples)
+        warm_up()  # what the pool's fork server preloads, loaded here too for the in-process (1-worker) builds
         load = os.getloadavg()[0]
         for r in range(args.repeat):  # interleaved repeats: each ratio compares runs made seconds apart
             feat, feat_cpu = featurizer_only(waves, shifts)
