@@ -1,6 +1,6 @@
 """Benchmark: end-to-end build-shards throughput against the featurizer alone, and 2 workers against 1.
 
-    .venv/bin/python benchmarks/build.py [--clips 64] [--shard-samples 16] [--formats mix] [--shifts elastic]
+    .venv/bin/python benchmarks/build.py [--clips 256] [--shard-samples 128] [--formats mix] [--shifts elastic]
 
 Peers, measured in the same run on the same clips:
     * featurizer only: ``pipeline.fbank.fbank`` on already-decoded 16 kHz waveforms, one clip per call, one torch
@@ -21,10 +21,10 @@ Clips (``--formats``), fixed seed:
     * ``mix`` (default): 3/4 FLAC at 16 kHz, 1/4 WAV at 44.1 kHz stereo (so resampling is exercised);
     * ``wav16``: 16 kHz mono 16-bit WAV, the form AST's own data preparation writes;
     * ``flac16``: 16 kHz mono FLAC.
-Shard size: each shard task starts its own decode-ahead and write-behind threads, so one decode and one write
-per shard (about 7 ms, from shards of 4 against 12) are not overlapped. A real shard (256 MB) holds about 130
-such clips; the default here, 4 shards of 16, keeps two shards per worker for the scaling runs and still
-charges each clip 8x what a real build does. ``--shard-samples 4`` shows the effect.
+Shard size: the default, 2 shards of 128 clips (about 243 MB each at 16 shifts), is the size the build's own
+default (``--shard-size 256MB``) gives, with one shard per worker in the 2-worker runs. Each shard task
+starts its own decode-ahead and write-behind threads, and its first decode and last write are not
+overlapped, so small shards understate the build: ``--clips 48 --shard-samples 4`` shows by how much.
 Decoding cost differs by format by an order of magnitude (against the featurizer's time per clip here: about
 0.5x for the mix, 0.3x for 16 kHz FLAC, 0.04x for 16 kHz WAV), so the ratio is reported per collection.
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -120,7 +121,7 @@ def featurizer_scaling(root: str, shifts) -> float:
     own 2-core ceiling for this work, measured in the same run as the build's scaling."""
     pool = ProcessExecutor(2)
     try:
-        pool.map(_featurize_part, [(root, 0, 48, shifts, 0.5)] * 2)  # each worker loads the clips once
+        pool.map(_featurize_part, [(root, 0, 1 << 30, shifts, 0.5)] * 2)  # each worker loads the clips once
         n = len(decoded_waves(root))
         pool.map(_featurize_part, [(root, 0, 1, shifts, 0.0)])  # one worker warm
         t0 = time.perf_counter()
@@ -165,6 +166,7 @@ def end_to_end(manifest: str, out: str, cfg: BuildConfig, workers: int, decode_a
     )
     t1, c1 = time.perf_counter(), time.process_time()
     executor.close()
+    shutil.rmtree(out)  # default-size shards: a few hundred MB per build
     n = report.samples
     return n / (t1 - t0), n / (t1 - t_cold), n / executor.cpu_s, n / (c1 - c0), n
 
@@ -194,10 +196,10 @@ def decode_cpu_per_clip(root: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--clips", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--shifts", default="elastic")
-    ap.add_argument("--shard-samples", type=int, default=16, help="clips per shard (see the note on shard size)")
+    ap.add_argument("--shard-samples", type=int, default=128, help="clips per shard (see the note on shard size)")
     ap.add_argument("--formats", choices=sorted(FORMATS), default="mix", help="the clips' formats (see above)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats (ratios are paired per repeat)")
     args = ap.parse_args()
