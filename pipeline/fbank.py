@@ -195,6 +195,11 @@ class ClipRows:
     values: torch.Tensor
     plan: RowPlan
 
+    def frames(self, shift_ms: float) -> int:
+        """``T`` at ``shift_ms``, without gathering."""
+        rows = self.plan.rows[shift_ms]
+        return int(self.values.shape[0] if rows is None else rows.numel())
+
     def at(self, shift_ms: float) -> torch.Tensor:
         rows = self.plan.rows[shift_ms]
         return self.values if rows is None else self.values.index_select(0, rows.to(self.values.device))  # (T, F)

@@ -28,7 +28,7 @@ import torch
 from pipeline.audio import Audio, load_audio, subtract_mean
 from pipeline.build_config import BuildConfig
 from pipeline.errors import AudioError
-from pipeline.fbank import ClipRows
+from pipeline.fbank import ClipRows, fbank, fbank_rows
 from pipeline.manifest import ManifestRow
 from pipeline.shards import TarShardWriter, flac_bytes, join, write_bytes, write_zarr_group
 from pipeline.stats import RunningStats, update_shared_rows
@@ -86,22 +86,27 @@ def segments(audio: Audio, config: BuildConfig) -> tuple[list[tuple[float, np.nd
     return out, 0, dropped
 
 
-def featurize(wave: np.ndarray, config: BuildConfig) -> tuple[dict[float, torch.Tensor], ClipRows | None]:
-    """Mean-subtracted ``(S,)`` waveform → ``{shift_ms: (T, F) float16 tensor}``, and the clip's shared rows.
+def featurize(centred: np.ndarray, config: BuildConfig) -> ClipRows | dict[float, torch.Tensor]:
+    """Mean-subtracted ``(S,)`` waveform (:func:`pipeline.audio.subtract_mean`) → the clip's float16 features
+    at every shift of the build.
 
-    With the usual options each distinct frame is computed and cast once, whichever shifts share it, and
-    the shared rows (:class:`pipeline.fbank.ClipRows`) are returned so statistics can reduce each frame once
-    too. With ``subtract_mean`` a frame's value depends on its shift: nothing is shared and the second item
-    is None.
+    With the usual options: :class:`pipeline.fbank.ClipRows`, each distinct frame computed and cast once,
+    whichever shifts share it; the per-shift gathers and the statistics happen later, on the write-behind
+    side (:meth:`ShardContents.add`). With ``subtract_mean`` a frame's value depends on its shift, so nothing is
+    shared: ``{shift_ms: (T, F) tensor}``.
     """
-    from pipeline.fbank import fbank, fbank_rows
-
-    x = torch.from_numpy(subtract_mean(wave))  # (S,)
+    x = torch.from_numpy(centred)  # (S,)
     options = dict(shifts_ms=config.shifts_ms, sample_frequency=float(config.sample_rate), out_dtype=torch.float16)
     if config.features.get("subtract_mean"):
-        return {s: clips[0] for s, clips in fbank([x], **options, **config.features).items()}, None
-    clip = fbank_rows([x], **options, **config.features)[0]
-    return {s: clip.at(s) for s in config.shifts_ms}, clip
+        return {s: clips[0] for s, clips in fbank([x], **options, **config.features).items()}
+    return fbank_rows([x], **options, **config.features)[0]
+
+
+def frame_count(features: ClipRows | dict[float, torch.Tensor], shift_ms: float) -> int:
+    """Frames of :func:`featurize`'s result at ``shift_ms``, without gathering them."""
+    if isinstance(features, ClipRows):
+        return features.frames(shift_ms)
+    return int(features[shift_ms].shape[0])
 
 
 @contextlib.contextmanager
@@ -124,13 +129,18 @@ def _maybe_stall(stem: str, n_written: int) -> None:
 
 
 def decode_row(row: ManifestRow, cfg: BuildConfig, storage_options: dict | None):
-    """``((pieces, n_cut, n_dropped), None)`` for a usable row, or ``(None, rejection record)``."""
+    """``((pieces, n_cut, n_dropped), None)`` for a usable row, or ``(None, rejection record)``.
+
+    Each piece is ``(offset_s, waveform (S,), mean-subtracted waveform (S,))``: the mean is removed here, on
+    the decode-ahead side, since every piece is featurised as its own clip.
+    """
     win_s = cfg.frame_length_ms / 1000.0
     try:
         audio = load_audio(row.source, cfg.sample_rate, row.start_s, row.end_s, cfg.min_seconds, storage_options)
         if audio.duration_s < win_s:
             raise AudioError("too_short", row.source, f"{audio.duration_s:.4f} s < one {win_s} s window")
-        return segments(audio, cfg), None
+        pieces, n_cut, n_dropped = segments(audio, cfg)
+        return ([(offset_s, wave, subtract_mean(wave)) for offset_s, wave in pieces], n_cut, n_dropped), None
     except AudioError as exc:
         return None, dict(row=row.row, source=row.source, key=row.key, reason=exc.reason, detail=exc.detail)
     except Exception as exc:  # never lose a row silently: an unexpected failure is a rejection too
@@ -187,12 +197,14 @@ class ShardContents:
         self.tar_name = f"{task.stem}.tar"
         self.writer = TarShardWriter(join(task.out, self.tar_name), task.storage_options) if self.want_tar else None
 
-    def add(self, meta: dict, feats: dict[float, torch.Tensor], shared: ClipRows | None, wave: np.ndarray) -> None:
+    def add(self, meta: dict, features: ClipRows | dict[float, torch.Tensor], wave: np.ndarray) -> None:
         """Count, reduce into the statistics and write one sample (``meta`` is its JSON record)."""
         cfg = self.config
-        if shared is not None:
-            update_shared_rows(self.stats, shared.values, shared.plan)
+        if isinstance(features, ClipRows):
+            update_shared_rows(self.stats, features.values, features.plan)
+            feats = {s: features.at(s) for s in cfg.shifts_ms}  # (T, F) each
         else:
+            feats = features
             for s in cfg.shifts_ms:
                 self.stats[s].update(feats[s])
         for s in cfg.shifts_ms:
@@ -295,11 +307,12 @@ def write_shard(task: ShardTask) -> dict:
                 pieces, n_cut, n_dropped = decoded
                 cut, dropped, rows_written = cut + n_cut, dropped + n_dropped, rows_written + 1
                 base_start = row.start_s or 0.0
-                for j, (offset_s, wave) in enumerate(pieces):
-                    feats, shared = featurize(wave, cfg)
+                for j, (offset_s, wave, centred) in enumerate(pieces):
+                    features = featurize(centred, cfg)
                     duration = samples_to_seconds(int(wave.shape[0]), cfg.sample_rate)
+                    frames = {s: frame_count(features, s) for s in cfg.shifts_ms}
                     for s in cfg.shifts_ms:
-                        assert feats[s].shape[0] == num_frames(wave.shape[0], cfg.frame_length_ms, s, cfg.sample_rate)
+                        assert frames[s] == num_frames(wave.shape[0], cfg.frame_length_ms, s, cfg.sample_rate)
                     meta = {
                         "key": row.key if len(pieces) == 1 else f"{row.key}_seg{j:04d}",
                         "labels": list(row.labels),
@@ -307,11 +320,11 @@ def write_shard(task: ShardTask) -> dict:
                         "duration_s": duration,
                         "source": row.source,
                         "sample_rate": cfg.sample_rate,
-                        "frames": {contents.names[s]: int(feats[s].shape[0]) for s in cfg.shifts_ms},
+                        "frames": {contents.names[s]: frames[s] for s in cfg.shifts_ms},
                         "start_s": base_start + offset_s,
                         "end_s": base_start + offset_s + duration,
                     }
-                    behind.submit(contents.add, meta, feats, shared, wave)
+                    behind.submit(contents.add, meta, features, wave)
                     if os.environ.get(STALL_ENV):
                         behind.drain()
                         _maybe_stall(task.stem, len(contents.keys))

@@ -145,6 +145,7 @@ def test_shared_rows_gather_to_the_per_shift_features_bit_for_bit():
         assert clip.values.shape[0] == clip.plan.starts.numel() < sum(x[i].shape[0] for x in per_shift.values())
         for s in shifts:
             assert torch.equal(clip.at(s), per_shift[s][i])
+            assert clip.frames(s) == per_shift[s][i].shape[0]
     with pytest.raises(FeatureError, match="subtract_mean"):
         fbank_rows(clips, shifts_ms=shifts, subtract_mean=True)
     with pytest.raises(FeatureError, match=r"got torch\.int16"):
