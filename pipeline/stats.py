@@ -30,23 +30,10 @@ class RunningStats:
         self._sumsqs = [float(sumsq)]
 
     def update(self, values) -> None:
-        """Add every element of ``values`` (numpy array or torch tensor, any shape; summed in float64).
-
-        Torch tensors are converted and summed with torch (much faster than numpy for float16 input).
-        """
-        if isinstance(values, np.ndarray):
-            x = np.asarray(values, dtype=np.float64).ravel()
-            self.count += int(x.size)
-            self._sums.append(float(x.sum()))
-            self._sumsqs.append(float(np.dot(x, x)))
-            return
-        x = values.detach().reshape(-1)
-        if x.dtype == torch.float16:
-            x = x.float()  # exact; half -> float -> double is faster than half -> double
-        x = x.to(dtype=torch.float64)
-        self.count += int(x.numel())
-        self._sums.append(float(x.sum()))
-        self._sumsqs.append(float(torch.dot(x, x)))
+        """Add every element of ``values`` (numpy array or torch tensor, any shape; summed in float64)."""
+        x = torch.as_tensor(values).reshape(1, -1)  # one row holding every value
+        total, total_sq = row_moments(x)[0].tolist()
+        self.add(x.numel(), total, total_sq)
 
     def add(self, count: int, sum: float, sumsq: float) -> None:
         """Add already-reduced moments of ``count`` values."""
