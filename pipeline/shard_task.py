@@ -207,8 +207,8 @@ class ShardContents:
             feats = features
             for s in cfg.shifts_ms:
                 self.stats[s].update(feats[s])
-        for s in cfg.shifts_ms:
-            self.frames_total[self.names[s]] += int(feats[s].shape[0])
+        for name, n_frames in meta["frames"].items():
+            self.frames_total[name] += n_frames
         if self.writer is not None:
             members = [("json", json.dumps(meta, ensure_ascii=False).encode())]
             members += [(f"{self.names[s]}.npy", feats[s].numpy()) for s in cfg.shifts_ms]
