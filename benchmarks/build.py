@@ -81,10 +81,14 @@ def make_clips(root: str, n: int, seconds: float, formats: str = "mix") -> str:
     return manifest
 
 
+def clip_paths(root: str) -> list[str]:
+    """The audio files :func:`make_clips` wrote under ``root``, in order."""
+    return [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.endswith((".flac", ".wav"))]
+
+
 def decoded_waves(root: str) -> list[torch.Tensor]:
     """The benchmark's clips decoded, mixed down, resampled and mean-subtracted, as the build does."""
-    names = sorted(n for n in os.listdir(root) if n.endswith((".flac", ".wav")))
-    return [torch.from_numpy(subtract_mean(load_audio(os.path.join(root, n)).waveform)) for n in names]
+    return [torch.from_numpy(subtract_mean(load_audio(path).waveform)) for path in clip_paths(root)]
 
 
 def featurize_all(waves: list[torch.Tensor], shifts) -> float:
@@ -187,11 +191,11 @@ def _warm(_):
 
 def decode_cpu_per_clip(root: str) -> float:
     """Seconds of CPU per clip to decode, mix down and resample the benchmark's clips (the build's first stage)."""
-    names = sorted(n for n in os.listdir(root) if n.endswith((".flac", ".wav")))
+    paths = clip_paths(root)
     c0 = time.process_time()
-    for name in names:
-        load_audio(os.path.join(root, name))
-    return (time.process_time() - c0) / len(names)
+    for path in paths:
+        load_audio(path)
+    return (time.process_time() - c0) / len(paths)
 
 
 def main() -> None:
