@@ -347,7 +347,8 @@ def fbank_rows(
 ) -> list[ClipRows]:
     """Like :func:`fbank` (flexast backend), but each clip's distinct frames once, as :class:`ClipRows`.
 
-    ``fbank_rows(...)[i].at(s)`` equals ``fbank(...)[s][i]`` bit for bit. Not available with
+    ``fbank_rows(...)[i].at(s)`` equals ``fbank(...)[s][i]`` up to float32 rounding (another FFT batch shape;
+    bitwise on some CPUs, see docs/fbank.md). Not available with
     ``subtract_mean=True``, where a frame's value depends on the shift that uses it.
     """
     opts, shifts, wave, lens = _prepare(waveforms, lengths, shifts_ms, options)

@@ -57,14 +57,20 @@ def test_matches_torch_flop_counter(pool):
     assert fused in (0, att)
 
 
-def test_attention_count_matches_math_sdpa():
-    """The quadratic term against torch's count of the unfused (math) SDPA on 3D inputs, clip by clip."""
+def test_attention_count_matches_the_two_attention_matmuls():
+    """The quadratic term against torch's count of attention written out as its two matmuls, clip by clip.
+
+    softmax(q kᵀ / √Dh) v is what every SDPA kernel computes; written as ``bmm`` calls it is counted the same
+    way by every torch version (how ``FlopCounterMode`` counts a fused or math SDPA call changed in 2.14).
+    """
     cfg = tiny_config(pool="mean", depth=1)
     lengths = [4, 12, 32]
+    head_dim = cfg.embed_dim // cfg.num_heads
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         for n in lengths:
-            q = torch.randn(cfg.num_heads, n, cfg.embed_dim // cfg.num_heads)  # (H, n, Dh): math path
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            q = torch.randn(cfg.num_heads, n, head_dim)  # (H, n, Dh)
+            scores = torch.bmm(q, q.transpose(1, 2)) / head_dim**0.5  # (H, n, n)
+            torch.bmm(scores.softmax(-1), q)  # (H, n, Dh)
     assert fc.get_total_flops() == model_flops(cfg, lengths, (8, 8), backward=False).attention
 
 
