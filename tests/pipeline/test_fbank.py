@@ -134,7 +134,7 @@ def test_float16_output_equals_casting_each_shift_afterwards(subtract_mean):
     half = fbank(clips, shifts_ms=shifts, out_dtype=torch.float16, chunk_rows=100, **opts)
     for s in shifts:
         for a, b in zip(wide[s], half[s], strict=True):
-            # Another chunking may round the float32 value one ulp apart, which can move the float16 value one of its own.
+            # Another chunking may round a float32 value one ulp apart, moving its float16 value one step.
             assert b.dtype == torch.float16
             assert_close_ulps(b, a.to(torch.float16), ulps=1, eps=EPS16)
 
