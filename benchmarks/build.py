@@ -46,12 +46,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.audio import load_audio, subtract_mean
-from pipeline.build import build_shards
-from pipeline.build_config import AST_FBANK, BuildConfig, parse_shifts
-from pipeline.executor import InlineExecutor, ProcessExecutor, timed_call
-from pipeline.fbank import fbank
-from pipeline.shard_task import DECODE_AHEAD
+from flexast.pipeline.audio import load_audio, subtract_mean
+from flexast.pipeline.build import build_shards
+from flexast.pipeline.build_config import AST_FBANK, BuildConfig, parse_shifts
+from flexast.pipeline.executor import InlineExecutor, ProcessExecutor, timed_call
+from flexast.pipeline.fbank import fbank
+from flexast.pipeline.shard_task import DECODE_AHEAD
 
 FORMATS = {  # (sample rate, extension, channels) of clip i, by --formats
     "mix": lambda i: (44100, "wav", 2) if i % 4 == 3 else (16000, "flac", 1),
@@ -178,12 +178,12 @@ def end_to_end(manifest: str, out: str, cfg: BuildConfig, workers: int, decode_a
 def warm_up() -> None:
     """Load in this process what :mod:`pipeline.worker_preload` loads in the pool's fork server (numba's
     statistics kernel takes about 0.5 s to load once per process; a real build amortises it over hours)."""
-    import pipeline.worker_preload  # noqa: F401
+    import flexast.pipeline.worker_preload  # noqa: F401
 
 
 def _warm(_):
-    import pipeline.fbank
-    import pipeline.shard_task  # noqa: F401
+    import flexast.pipeline.fbank
+    import flexast.pipeline.shard_task  # noqa: F401
 
     time.sleep(0.2)  # keep this worker busy so the other one takes the next warm-up task
     return os.getpid()

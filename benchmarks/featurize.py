@@ -34,11 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.fbank import fbank  # noqa: E402
-from pipeline.fbank_options import AST_FBANK  # noqa: E402
-from pipeline.fbank_reference import reference_fbank  # noqa: E402
-from pipeline.pooling import pool_time  # noqa: E402
-from pipeline.units import ELASTICAST_SHIFTS_MS  # noqa: E402
+from flexast.pipeline.fbank import fbank  # noqa: E402
+from flexast.pipeline.fbank_options import AST_FBANK  # noqa: E402
+from flexast.pipeline.fbank_reference import reference_fbank  # noqa: E402
+from flexast.pipeline.pooling import pool_time  # noqa: E402
+from flexast.pipeline.units import ELASTICAST_SHIFTS_MS  # noqa: E402
 
 AST = {k: v for k, v in AST_FBANK.items() if k != "frame_shift"}
 KALDI80 = {"num_mel_bins": 80}  # povey window, Kaldi defaults: a setting kaldi-native-fbank accepts
@@ -46,7 +46,7 @@ KALDI80 = {"num_mel_bins": 80}  # povey window, Kaldi defaults: a setting kaldi-
 _PEER_CHECK = r"""
 import json, sys
 import numpy as np, torch
-from pipeline.fbank_reference import reference_fbank
+from flexast.pipeline.fbank_reference import reference_fbank
 z = np.load(sys.argv[1])
 worst = 0.0
 for name, cfg in json.loads(z["configs_json"].tobytes().decode()).items():

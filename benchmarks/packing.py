@@ -19,9 +19,9 @@ import argparse
 
 import numpy as np
 
-from pipeline.batch import token_count, trim_frames
-from pipeline.packing import PackStats, next_fit, pack_stage
-from pipeline.units import ELASTICAST_SHIFTS_MS, num_frames
+from flexast.pipeline.batch import token_count, trim_frames
+from flexast.pipeline.packing import PackStats, next_fit, pack_stage
+from flexast.pipeline.units import ELASTICAST_SHIFTS_MS, num_frames
 
 ROW = 2048
 N_MELS, PATCH = 128, (16, 16)

@@ -42,9 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import ASTModel, ModelConfig, batch_flops
-from model.attention import Segments
-from pipeline.batch import PackedBatch
+from flexast.model import ASTModel, ModelConfig, batch_flops
+from flexast.model.attention import Segments
+from flexast.pipeline.batch import PackedBatch
 
 VARIANTS = ("packed", "packed_pad", "padded", "dense_rows")
 ROW_LEN = 2048

@@ -36,12 +36,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.augment import normalise, spec_augment
-from pipeline.fbank import fbank_one
-from pipeline.fbank_reference import reference_fbank
-from pipeline.loader import make_stream
-from pipeline.stream_config import StreamConfig
-from pipeline.units import ELASTICAST_SHIFTS_MS
+from flexast.pipeline.augment import normalise, spec_augment
+from flexast.pipeline.fbank import fbank_one
+from flexast.pipeline.fbank_reference import reference_fbank
+from flexast.pipeline.loader import make_stream
+from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.units import ELASTICAST_SHIFTS_MS
 from tests.factories import broadband_clip, write_shard_folder
 
 AST_FBANK = {

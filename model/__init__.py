@@ -7,12 +7,12 @@ Public API (see docs/model.md):
     batch_flops, model_flops, FlopCount                analytic forward/backward FLOPs
 """
 
-from model.ast import ASTModel, ModelConfig
-from model.attention import BACKENDS, Segments, resolve_backend
-from model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
-from model.convert import config_from_hf, from_hf, from_official_ast, from_timm, to_official_ast
-from model.encoder import PRESETS
-from model.flops import FlopCount, batch_flops, model_flops, padded_flops, train_flops
+from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.attention import BACKENDS, Segments, resolve_backend
+from flexast.model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
+from flexast.model.convert import config_from_hf, from_hf, from_official_ast, from_timm, to_official_ast
+from flexast.model.encoder import PRESETS
+from flexast.model.flops import FlopCount, batch_flops, model_flops, padded_flops, train_flops
 
 __all__ = [
     "BACKENDS",

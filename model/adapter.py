@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.ast import ASTModel, ModelConfig
-from model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
-from model.config import Config
-from model.data import PaddedBatch
-from model.errors import CheckpointError
-from model.pos_embed import resize_grid, resize_table
-from pipeline.batch import PackedBatch
+from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
+from flexast.model.config import Config
+from flexast.model.data import PaddedBatch
+from flexast.model.errors import CheckpointError
+from flexast.model.pos_embed import resize_grid, resize_table
+from flexast.pipeline.batch import PackedBatch
 
 WEIGHTS = "model.safetensors"
 POOL_NAMES = {"cls": "cls", "cls_dist": "cls_dist", "attention": "attn", "mean": "mean"}
@@ -125,7 +125,7 @@ def load_init(path: str, fmt: str) -> ASTModel:
     """A model from our checkpoint folder/file, an official AST ``.pth`` or an HF state dict."""
     if fmt == "flexast":
         return load_model(path, "cpu")
-    from model import convert  # the model engineer's converters
+    from flexast.model import convert  # the model engineer's converters
 
     state = load_state_dict(path)
     if fmt == "official":
@@ -174,7 +174,7 @@ def teacher_logits(teacher: ASTModel, batch, cfg: Config) -> torch.Tensor:
 def train_flops(model: ASTModel, batch, cfg: Config) -> float:
     """Forward + backward FLOPs of one micro-step (3× the forward), from :mod:`model.flops` when available."""
     try:
-        from model import flops as fl
+        from flexast.model import flops as fl
     except ImportError:
         fl = None
     if fl is not None and hasattr(fl, "train_flops"):
@@ -208,7 +208,7 @@ def save_weights(model: ASTModel, folder: str | Path, cfg: Config | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(model, folder / WEIGHTS, extra)
     if cfg is not None:
-        from model.config import save_config
+        from flexast.model.config import save_config
 
         save_config(cfg, folder / "config.yaml")
     return path

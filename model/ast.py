@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model.attention import BACKENDS, Segments, resolve_backend
-from model.encoder import PRESETS, Encoder, TokenDropout
-from model.errors import ModelConfigError, ShapeError
-from model.heads import POOLS, ClassifierHead, build_pool, prefix_tokens
-from model.patch_embed import RESIZE_MODES, FlexiPatchEmbed
-from model.pos_embed import FactorizedPosEmbed, GridPosEmbed
-from pipeline.batch import PackedBatch, token_count
-from pipeline.errors import check_known_keys
+from flexast.model.attention import BACKENDS, Segments, resolve_backend
+from flexast.model.encoder import PRESETS, Encoder, TokenDropout
+from flexast.model.errors import ModelConfigError, ShapeError
+from flexast.model.heads import POOLS, ClassifierHead, build_pool, prefix_tokens
+from flexast.model.patch_embed import RESIZE_MODES, FlexiPatchEmbed
+from flexast.model.pos_embed import FactorizedPosEmbed, GridPosEmbed
+from flexast.pipeline.batch import PackedBatch, token_count
+from flexast.pipeline.errors import check_known_keys
 
 
 @dataclass

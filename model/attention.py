@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.errors import BackendError
+from flexast.model.errors import BackendError
 
 BACKENDS = ("varlen", "sdpa_loop", "padded", "flex")
 

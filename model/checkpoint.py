@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from model.ast import ASTModel, ModelConfig
-from model.errors import CheckpointError
+from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.errors import CheckpointError
 
 FORMAT = "flexast"
 FORMAT_VERSION = "1"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import Config, save_config
+from flexast.model.config import Config, save_config
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 

@@ -30,8 +30,8 @@ def _patch(text: str | None) -> tuple[int, int] | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.config import load_config
-    from model.train import train
+    from flexast.model.config import load_config
+    from flexast.model.train import train
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, resume=args.resume)
@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from model.evaluate import GridSpec, run_eval
+    from flexast.model.evaluate import GridSpec, run_eval
 
     spec = GridSpec(
         patch_sizes=_ints(args.patches),
@@ -60,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from model.predict import Predictor, format_table
+    from flexast.model.predict import Predictor, format_table
 
     predictor = Predictor(args.checkpoint, args.device)
     results = predictor.predict(
@@ -77,7 +77,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from model.demo import run_demo
+    from flexast.model.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0
@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point ``model COMMAND ...``; config and data errors print one message and exit 2."""
-    from model.errors import ModelError
-    from pipeline.errors import PipelineError
+    from flexast.model.errors import ModelError
+    from flexast.pipeline.errors import PipelineError
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import ConfigError
+from flexast.pipeline.errors import ConfigError
 
 
 @dataclass

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 
 import torch
 
-from model.ast import ASTModel, ModelConfig
-from model.errors import ConversionError
-from model.patch_embed import pi_resize_matrix
-from model.pos_embed import adapt_grid_ast, adapt_table_ast
+from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.errors import ConversionError
+from flexast.model.patch_embed import pi_resize_matrix
+from flexast.model.pos_embed import adapt_grid_ast, adapt_table_ast
 
 _HF_PREFIX = "audio_spectrogram_transformer."
 

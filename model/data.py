@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.augment import mixup, normalise, spec_augment
-from pipeline.batch import PackedBatch, token_count, trim_frames
-from pipeline.errors import ConfigError, ShardError
-from pipeline.packing import plan_packs
-from pipeline.pooling import pool_time, pooled_length
-from pipeline.resolution import TimeScale
-from pipeline.sampling import clip_weights
-from pipeline.shards import iter_tar, load_npy
-from pipeline.sources import expand_urls, is_remote
-from pipeline.units import parse_shift_name, shift_name
+from flexast.pipeline.augment import mixup, normalise, spec_augment
+from flexast.pipeline.batch import PackedBatch, token_count, trim_frames
+from flexast.pipeline.errors import ConfigError, ShardError
+from flexast.pipeline.packing import plan_packs
+from flexast.pipeline.pooling import pool_time, pooled_length
+from flexast.pipeline.resolution import TimeScale
+from flexast.pipeline.sampling import clip_weights
+from flexast.pipeline.shards import iter_tar, load_npy
+from flexast.pipeline.sources import expand_urls, is_remote
+from flexast.pipeline.units import parse_shift_name, shift_name
 
 
 @dataclass

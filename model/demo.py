@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model.config import load_config
-from model.evaluate import GridSpec, eval_grid, markdown_tables, plot_sweeps, write_csv
-from model.metrics import chance_metrics
-from model.report import human_flops
-from model.train import remove_run
+from flexast.model.config import load_config
+from flexast.model.evaluate import GridSpec, eval_grid, markdown_tables, plot_sweeps, write_csv
+from flexast.model.metrics import chance_metrics
+from flexast.model.report import human_flops
+from flexast.model.train import remove_run
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SHIFTS_MS = (10.0, 20.0, 40.0)
@@ -42,9 +42,9 @@ BASELINE = [
 
 
 def _data(out: Path, log, n_clips: int) -> tuple[str, str]:
-    from pipeline.build import build_shards
-    from pipeline.build_config import BuildConfig
-    from pipeline.demo import write_demo
+    from flexast.pipeline.build import build_shards
+    from flexast.pipeline.build_config import BuildConfig
+    from flexast.pipeline.demo import write_demo
 
     audio = out / "audio"
     manifest = audio / "all.csv"
@@ -84,8 +84,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, log=print) -> di
         common += ["optim.epochs=3", "optim.warmup_steps=2", "run.progress=false"]
     runs = _train_both(out, common, log)
 
-    from model import adapter
-    from model.data import read_clips
+    from flexast.model import adapter
+    from flexast.model.data import read_clips
 
     log("[4/5] evaluating both models over patch sizes, frame shifts and lengths")
     t = time.perf_counter()
@@ -125,7 +125,7 @@ def _train_both(out: Path, common: list[str], log) -> dict:
         load_config(CONFIG, sets)  # fail here, with the config error, before starting anything
         run_dir.mkdir(parents=True, exist_ok=True)
         logf = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed below when the process ends
-        cmd = [sys.executable, "-m", "model.cli", "train", "--config", str(CONFIG), "--set", *sets]
+        cmd = [sys.executable, "-m", "flexast.model.cli", "train", "--config", str(CONFIG), "--set", *sets]
         procs[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf, run_dir, time.perf_counter())
         log(f"[3/5] training {name} in the background → {run_dir} (log: {run_dir / 'train.log'})")
     runs = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import Attention, Segments
+from flexast.model.attention import Attention, Segments
 
 # name: (width D, depth, heads)
 PRESETS: dict[str, tuple[int, int, int]] = {

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import adapter
-from model.config import Config
-from model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
-from model.metrics import chance_metrics, classification_metrics
-from pipeline.batch import token_count
-from pipeline.resolution import TimeScale
+from flexast.model import adapter
+from flexast.model.config import Config
+from flexast.model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
+from flexast.model.metrics import chance_metrics, classification_metrics
+from flexast.pipeline.batch import token_count
+from flexast.pipeline.resolution import TimeScale
 
 DEFAULT_PATCHES = (8, 10, 12, 16, 20, 24, 30, 32, 40, 48)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.ast import ModelConfig
-from pipeline.batch import PackedBatch, token_count
+from flexast.model.ast import ModelConfig
+from flexast.pipeline.batch import PackedBatch, token_count
 
 
 @dataclass(frozen=True)

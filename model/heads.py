@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import Segments, attend
+from flexast.model.attention import Segments, attend
 
 POOLS = ("cls", "cls_dist", "attn", "mean")
 

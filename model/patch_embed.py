@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.errors import ShapeError
+from flexast.model.errors import ShapeError
 
 RESIZE_MODES = ("pi", "bilinear", "none")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import Segments
+from flexast.model.attention import Segments
 
 
 def resize_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

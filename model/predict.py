@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import adapter
-from pipeline.augment import normalise
-from pipeline.batch import PackedBatch, trim_frames
-from pipeline.errors import PipelineError
+from flexast.model import adapter
+from flexast.pipeline.augment import normalise
+from flexast.pipeline.batch import PackedBatch, trim_frames
+from flexast.pipeline.errors import PipelineError
 
 
 @dataclass
@@ -76,9 +76,9 @@ class Predictor:
 
     def features(self, path: str, shift_ms: float) -> tuple[np.ndarray, float]:
         """``(T, F)`` normalised fbank of one file and its duration in seconds."""
-        from pipeline.audio import load_audio, subtract_mean
-        from pipeline.build_config import AST_FBANK
-        from pipeline.fbank import fbank
+        from flexast.pipeline.audio import load_audio, subtract_mean
+        from flexast.pipeline.build_config import AST_FBANK
+        from flexast.pipeline.fbank import fbank
 
         sr = int(self.info.get("sample_rate", 16000))
         audio = load_audio(path, sample_rate=sr)

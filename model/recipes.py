@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.config import Config, PhaseConfig
-from model.data import resolutions_from
-from pipeline.errors import ConfigError
-from pipeline.resolution import TimeScale
+from flexast.model.config import Config, PhaseConfig
+from flexast.model.data import resolutions_from
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.resolution import TimeScale
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.config import Config
+from flexast.model.config import Config
 
 
 def human_flops(x: float) -> str:

@@ -14,15 +14,15 @@ import json
 import os
 from collections.abc import Iterator
 
-from model.config import Config
-from model.data import ClipSet, PaddedBatch, clipset_from_index
-from pipeline.batch import PackedBatch
+from flexast.model.config import Config
+from flexast.model.data import ClipSet, PaddedBatch, clipset_from_index
+from flexast.pipeline.batch import PackedBatch
 
 
 def index_only(source: str) -> ClipSet:
     """A :class:`ClipSet` with the vocabulary, statistics and shifts of ``index.json`` but no clips."""
     path = os.path.join(source, "index.json") if os.path.isdir(source) else source
-    from pipeline.sources import expand_urls
+    from flexast.pipeline.sources import expand_urls
 
     index, _ = expand_urls(path)
     return clipset_from_index(index or {}, [])
@@ -72,7 +72,7 @@ class StreamAdapter:
     """The trainer's loader interface over :class:`pipeline.loader.StreamLoader`."""
 
     def __init__(self, cfg: Config, stage, seed: int, rank: int, world: int):
-        from pipeline.loader import make_loader
+        from flexast.pipeline.loader import make_loader
 
         src = cfg.data.train
         if os.path.isdir(src):

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model import adapter
-from model.checkpointing import TrainState, latest_step_checkpoint, load_train_state, save_train_state
-from model.config import Config, save_config
-from model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
-from model.evaluate import evaluate_clipset
-from model.losses import kd_loss, supervised_loss
-from model.recipes import Stage, plan_stages
-from model.schedule import lr_at
-from model.weights import EMA, average_checkpoints
+from flexast.model import adapter
+from flexast.model.checkpointing import TrainState, latest_step_checkpoint, load_train_state, save_train_state
+from flexast.model.config import Config, save_config
+from flexast.model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
+from flexast.model.evaluate import evaluate_clipset
+from flexast.model.losses import kd_loss, supervised_loss
+from flexast.model.recipes import Stage, plan_stages
+from flexast.model.schedule import lr_at
+from flexast.model.weights import EMA, average_checkpoints
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -86,7 +86,7 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed + self.rank)
         if self.train_data is None and cfg.data.loader == "stream":
-            from model.streaming import index_only
+            from flexast.model.streaming import index_only
 
             self.train_data = index_only(cfg.data.train)
         elif self.train_data is None:
@@ -121,7 +121,7 @@ class Trainer:
     def _make_loader(self, stage: Stage):
         d, m = self.cfg.data, self.cfg.model
         if d.loader == "stream" and not self.train_data.clips:
-            from model.streaming import StreamAdapter
+            from flexast.model.streaming import StreamAdapter
 
             return StreamAdapter(self.cfg, stage, self.cfg.run.seed + 1000 * self.state.stage, self.rank, self.world)
         fs = m.fstride or stage.patches[0][0]
@@ -457,7 +457,7 @@ class Trainer:
                     average_checkpoints(self.model, paths)
                     self._save_weights(self.out / "averaged")
                     result["valid_averaged"] = self._evaluate(self.stages[-1])
-            from model.report import write_train_report
+            from flexast.model.report import write_train_report
 
             write_train_report(self.out / "report.md", self.cfg, result, self.history)
             (self.out / "result.json").write_text(json.dumps(result, indent=1, default=float))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import adapter
+from flexast.model import adapter
 
 
 class EMA:

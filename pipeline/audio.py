@@ -22,9 +22,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipeline.errors import AudioError
-from pipeline.manifest import is_url
-from pipeline.units import samples_to_seconds, seconds_to_samples
+from flexast.pipeline.errors import AudioError
+from flexast.pipeline.manifest import is_url
+from flexast.pipeline.units import samples_to_seconds, seconds_to_samples
 
 REASONS = {
     "missing": "the file does not exist",

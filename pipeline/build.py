@@ -21,14 +21,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipeline.build_config import BuildConfig, digest
-from pipeline.errors import ConfigError
-from pipeline.executor import default_decode_ahead, make_executor
-from pipeline.manifest import Manifest, ManifestRow, Vocabulary, is_url, read_manifest
-from pipeline.shard_task import DURATION_EDGES_S, ShardTask, part_url, write_shard
-from pipeline.shards import filesystem, join, read_bytes, write_bytes, write_zarr_root
-from pipeline.stats import RunningStats, merge_all
-from pipeline.units import num_frames, shift_name
+from flexast.pipeline.build_config import BuildConfig, digest
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.executor import default_decode_ahead, make_executor
+from flexast.pipeline.manifest import Manifest, ManifestRow, Vocabulary, is_url, read_manifest
+from flexast.pipeline.shard_task import DURATION_EDGES_S, ShardTask, part_url, write_shard
+from flexast.pipeline.shards import filesystem, join, read_bytes, write_bytes, write_zarr_root
+from flexast.pipeline.stats import RunningStats, merge_all
+from flexast.pipeline.units import num_frames, shift_name
 
 FORMAT_VERSION = 1
 PROBE_BATCH = 64  # sources per duration-probing task
@@ -80,7 +80,7 @@ def _versions() -> dict:
 
 
 def _probe_many(batch: tuple[list[str], dict | None]) -> list[float | None]:
-    from pipeline.audio import probe_seconds
+    from flexast.pipeline.audio import probe_seconds
 
     sources, storage_options = batch
     return [probe_seconds(s, storage_options) for s in sources]
@@ -274,7 +274,7 @@ def build_shards(
         )  # fmt: skip
     vocabulary = manifest.vocabulary
     if labels is not None:
-        from pipeline.manifest import read_vocabulary
+        from flexast.pipeline.manifest import read_vocabulary
 
         vocabulary = read_vocabulary(labels, storage_options)
     if vocabulary is None:

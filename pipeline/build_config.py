@@ -11,9 +11,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from pipeline import fbank_options
-from pipeline.errors import ConfigError
-from pipeline.units import ELASTICAST_SHIFTS_MS
+from flexast.pipeline import fbank_options
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.units import ELASTICAST_SHIFTS_MS
 
 AST_FBANK = {k: v for k, v in fbank_options.AST_FBANK.items() if k not in ("frame_shift", "sample_frequency")}
 """The AST fbank preset without shift and rate, which a build sets from ``shifts_ms`` and ``sample_rate``."""

@@ -91,9 +91,9 @@ def _fbank_value(text: str):
 def _run_build(args: argparse.Namespace) -> int:
     import os
 
-    from pipeline.build import build_shards
-    from pipeline.build_config import BuildConfig, parse_shifts, parse_size
-    from pipeline.errors import ConfigError
+    from flexast.pipeline.build import build_shards
+    from flexast.pipeline.build_config import BuildConfig, parse_shifts, parse_size
+    from flexast.pipeline.errors import ConfigError
 
     features = {"num_mel_bins": args.mel_bins}
     for item in args.fbank_option:
@@ -132,7 +132,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect import load_index, plot_durations, summary
+    from flexast.pipeline.inspect import load_index, plot_durations, summary
 
     index = load_index(args.dir, _storage_options(args.storage_options))
     print(json.dumps(index, indent=1) if args.json else summary(index))
@@ -147,7 +147,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from pipeline.inspect import verify
+    from flexast.pipeline.inspect import verify
 
     report = verify(args.dir, _storage_options(args.storage_options))
     for problem in report.problems:
@@ -164,7 +164,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import CLASSES, write_demo
+    from flexast.pipeline.demo import CLASSES, write_demo
 
     manifests = write_demo(args.out, args.clips, args.seed)
     print(f"wrote {args.clips} clips of {len(CLASSES)} classes ({', '.join(CLASSES)}) to {args.out}")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: ``pipeline COMMAND ...``; typed pipeline errors print one line and exit 2."""
-    from pipeline.errors import PipelineError
+    from flexast.pipeline.errors import PipelineError
 
     args = build_parser().parse_args(argv)
     try:

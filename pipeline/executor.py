@@ -13,8 +13,8 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from pipeline.errors import ConfigError
-from pipeline.shard_task import DECODE_AHEAD
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.shard_task import DECODE_AHEAD
 
 
 class InlineExecutor:
@@ -49,7 +49,7 @@ class ProcessExecutor:
         self.description = f"{workers} local processes"
         if "forkserver" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["pipeline.worker_preload"])
+            ctx.set_forkserver_preload(["flexast.pipeline.worker_preload"])
         else:
             ctx = multiprocessing.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
@@ -128,7 +128,7 @@ def _local_cluster(n_workers: int):
     from distributed.utils import get_mp_context
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        get_mp_context().set_forkserver_preload(["distributed", "pipeline.worker_preload"])
+        get_mp_context().set_forkserver_preload(["distributed", "flexast.pipeline.worker_preload"])
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
 

@@ -33,8 +33,8 @@ from functools import lru_cache
 
 import torch
 
-from pipeline.errors import FeatureError
-from pipeline.fbank_options import FLT_EPSILON, FbankOptions, mel_banks, window_function
+from flexast.pipeline.errors import FeatureError
+from flexast.pipeline.fbank_options import FLT_EPSILON, FbankOptions, mel_banks, window_function
 
 BACKENDS = ("flexast", "kaldi-native", "torchaudio", "nnaudio-mel")
 DEFAULT_CHUNK_ROWS = {"cpu": 512, "cuda": 65536}  # CPU: per torch thread; (512, 512) float32 fits its L2
@@ -318,7 +318,7 @@ def fbank(
     opts, shifts, wave, lens = _prepare(waveforms, lengths, shifts_ms, options)
     out_dtype = _out_dtype(out_dtype, wave)
     if backend != "flexast":
-        from pipeline.fbank_backends import run_backend
+        from flexast.pipeline.fbank_backends import run_backend
 
         feats = run_backend(backend, wave, lens, shifts, opts)
         return {s: [x.to(out_dtype) for x in clips] for s, clips in feats.items()}

@@ -25,8 +25,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pipeline.errors import FeatureError
-from pipeline.fbank_options import FLT_EPSILON, FbankOptions
+from flexast.pipeline.errors import FeatureError
+from flexast.pipeline.fbank_options import FLT_EPSILON, FbankOptions
 
 
 def run_backend(name: str, wave: torch.Tensor, lens: list[int], shifts: tuple[float, ...], opts: FbankOptions):

@@ -22,8 +22,8 @@ from functools import lru_cache
 
 import torch
 
-from pipeline.errors import ConfigError, check_known_keys
-from pipeline.units import ms_to_samples
+from flexast.pipeline.errors import ConfigError, check_known_keys
+from flexast.pipeline.units import ms_to_samples
 
 WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")
 FLT_EPSILON = torch.finfo(torch.float32).eps  # the log floor; float32's epsilon even for float64 runs

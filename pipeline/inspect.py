@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import ShardError
-from pipeline.shards import filesystem, iter_tar, join, load_npy, read_bytes, read_zarr_group
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.shards import filesystem, iter_tar, join, load_npy, read_bytes, read_zarr_group
 
 
 def load_index(out: str, storage_options: dict | None = None) -> dict:

@@ -28,13 +28,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from pipeline.batch import PackedBatch
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.packing import PackStats
-from pipeline.sources import expand_urls
-from pipeline.stream import ShardStream
-from pipeline.stream_config import StreamConfig
-from pipeline.units import shift_name
+from flexast.pipeline.batch import PackedBatch
+from flexast.pipeline.errors import ConfigError, PipelineError
+from flexast.pipeline.packing import PackStats
+from flexast.pipeline.sources import expand_urls
+from flexast.pipeline.stream import ShardStream
+from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.units import shift_name
 
 log = logging.getLogger(__name__)
 

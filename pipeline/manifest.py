@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from pipeline.errors import ManifestError
+from flexast.pipeline.errors import ManifestError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.batch import token_count, trim_frames
+from flexast.pipeline.batch import token_count, trim_frames
 
 log = logging.getLogger(__name__)
 

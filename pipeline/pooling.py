@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import torch
 
-from pipeline.errors import FeatureError
+from flexast.pipeline.errors import FeatureError
 
 MODES = ("avg", "max")
 TAILS = ("floor", "ceil")

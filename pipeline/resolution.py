@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import ConfigError, ShardError
-from pipeline.pooling import pool_time, pooled_length
-from pipeline.units import parse_shift_name, shift_name
+from flexast.pipeline.errors import ConfigError, ShardError
+from flexast.pipeline.pooling import pool_time, pooled_length
+from flexast.pipeline.units import parse_shift_name, shift_name
 
 POLICIES = ("fixed", "random", "pool")
 

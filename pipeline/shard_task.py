@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.audio import Audio, load_audio, subtract_mean
-from pipeline.build_config import BuildConfig
-from pipeline.errors import AudioError
-from pipeline.fbank import ClipRows, fbank, fbank_rows
-from pipeline.manifest import ManifestRow
-from pipeline.shards import TarShardWriter, flac_bytes, join, write_bytes, write_zarr_group
-from pipeline.stats import RunningStats, update_shared_rows
-from pipeline.units import num_frames, samples_to_seconds, seconds_to_samples, shift_name
+from flexast.pipeline.audio import Audio, load_audio, subtract_mean
+from flexast.pipeline.build_config import BuildConfig
+from flexast.pipeline.errors import AudioError
+from flexast.pipeline.fbank import ClipRows, fbank, fbank_rows
+from flexast.pipeline.manifest import ManifestRow
+from flexast.pipeline.shards import TarShardWriter, flac_bytes, join, write_bytes, write_zarr_group
+from flexast.pipeline.stats import RunningStats, update_shared_rows
+from flexast.pipeline.units import num_frames, samples_to_seconds, seconds_to_samples, shift_name
 
 DURATION_EDGES_S = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 60.0, 120.0, 600.0)
 """Fixed histogram edges in seconds; the last bin also counts everything longer."""

@@ -23,8 +23,8 @@ import fsspec
 import numpy as np
 import soundfile as sf
 
-from pipeline.errors import ShardError
-from pipeline.manifest import is_url
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.manifest import is_url
 
 ZARR_CHUNK_FRAMES = 256  # frames per Zarr chunk along time
 ZARR_SHARD_FRAMES = 256 * 64  # frames per Zarr shard object (sharding codec): 16384 × F × 2 bytes

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from pipeline.errors import ShardError
+from flexast.pipeline.errors import ShardError
 
 log = logging.getLogger(__name__)
 

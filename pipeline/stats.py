@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from pipeline.fbank import RowPlan
+    from flexast.pipeline.fbank import RowPlan
 
 
 class RunningStats:

@@ -33,15 +33,15 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import mixup, normalise, spec_augment
-from pipeline.batch import PackedBatch
-from pipeline.errors import ShardError
-from pipeline.packing import PackPlan, pack_stage
-from pipeline.resolution import ResolutionPolicy, apply_pool
-from pipeline.sampling import mean_clip_weight, reweight_stage
-from pipeline.sources import ShardInfo, read_shard
-from pipeline.stream_config import StreamConfig
-from pipeline.units import shift_name
+from flexast.pipeline.augment import mixup, normalise, spec_augment
+from flexast.pipeline.batch import PackedBatch
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.packing import PackPlan, pack_stage
+from flexast.pipeline.resolution import ResolutionPolicy, apply_pool
+from flexast.pipeline.sampling import mean_clip_weight, reweight_stage
+from flexast.pipeline.sources import ShardInfo, read_shard
+from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.units import shift_name
 
 log = logging.getLogger(__name__)
 

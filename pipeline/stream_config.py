@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.errors import ConfigError, check_known_keys
-from pipeline.resolution import PhaseSchedule, ResolutionPolicy
+from flexast.pipeline.errors import ConfigError, check_known_keys
+from flexast.pipeline.resolution import PhaseSchedule, ResolutionPolicy
 
 
 @dataclass

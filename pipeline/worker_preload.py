@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-import pipeline.shard_task  # noqa: F401  (the task module, with torch and the fbank)
-from pipeline.stats import row_moments
+import flexast.pipeline.shard_task  # noqa: F401  (the task module, with torch and the fbank)
+from flexast.pipeline.stats import row_moments
 
 row_moments(torch.zeros(1, 2, dtype=torch.float16))  # loads (or compiles) the numba kernel

@@ -17,11 +17,11 @@ import bisect
 import numpy as np
 import torch
 
-from pipeline.augment import normalise
-from pipeline.batch import PackedBatch
-from pipeline.errors import ConfigError, ShardError
-from pipeline.sources import read_index
-from pipeline.units import parse_shift_name, shift_name
+from flexast.pipeline.augment import normalise
+from flexast.pipeline.batch import PackedBatch
+from flexast.pipeline.errors import ConfigError, ShardError
+from flexast.pipeline.sources import read_index
+from flexast.pipeline.units import parse_shift_name, shift_name
 
 
 class ZarrClipDataset(torch.utils.data.Dataset):

@@ -67,7 +67,7 @@ def write_shard_folder(
 
     import numpy as np
 
-    from pipeline.units import num_frames, shift_name
+    from flexast.pipeline.units import num_frames, shift_name
 
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -174,7 +174,7 @@ def synthetic_clipset(
     """
     import numpy as np
 
-    from model.data import Clip, ClipSet
+    from flexast.model.data import Clip, ClipSet
 
     rng = np.random.default_rng(seed)
     bins = np.arange(n_mels)
@@ -315,8 +315,8 @@ def build_small_shards(root, n=8, shifts_ms=(10.0,), shard_samples=3, fmt="wds",
     """
     import os
 
-    from pipeline.build import build_shards
-    from pipeline.build_config import BuildConfig
+    from flexast.pipeline.build import build_shards
+    from flexast.pipeline.build_config import BuildConfig
 
     manifest, _ = write_collection(root, n)
     cfg = BuildConfig(name="small", shifts_ms=tuple(shifts_ms), shard_samples=shard_samples, format=fmt, **config)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelConfig
-from pipeline.batch import PackedBatch
+from flexast.model import ModelConfig
+from flexast.pipeline.batch import PackedBatch
 
 
 def tiny_config(**overrides) -> ModelConfig:

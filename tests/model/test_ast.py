@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ASTModel, ModelConfig
-from model.errors import ModelConfigError, ShapeError
-from model.patch_embed import pi_resize_matrix
+from flexast.model import ASTModel, ModelConfig
+from flexast.model.errors import ModelConfigError, ShapeError
+from flexast.model.patch_embed import pi_resize_matrix
 from tests.model.model_helpers import packed, tiny_config
 
 # 8..96 frames at 32 bins: 4 to 48 tokens; 96 frames exceed max_frames=64, exercising table interpolation.

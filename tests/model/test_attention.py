@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import Segments, attend, resolve_backend
-from model.errors import BackendError
+from flexast.model.attention import Segments, attend, resolve_backend
+from flexast.model.errors import BackendError
 
 LENGTHS = [1, 7, 64, 130, 333]
 H, DH = 2, 8

@@ -9,8 +9,8 @@ import struct
 import pytest
 import torch
 
-from model import ASTModel, load_checkpoint, load_state_dict, read_config, save_checkpoint
-from model.errors import CheckpointError
+from flexast.model import ASTModel, load_checkpoint, load_state_dict, read_config, save_checkpoint
+from flexast.model.errors import CheckpointError
 from tests.model.model_helpers import packed, tiny_config
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import Config, from_dict, load_config, save_config
-from pipeline.errors import ConfigError
+from flexast.model.config import Config, from_dict, load_config, save_config
+from flexast.pipeline.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -94,7 +94,7 @@ def test_the_expected_recipes_exist():
 
 
 def test_train_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
-    from model.cli import main
+    from flexast.model.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("# model train --config bad.yaml\nrun: {out_dir: x}\noptim: {lr: -1, warmup: 3}\n")

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from model import ModelConfig, from_hf, from_official_ast, from_timm, to_official_ast
-from model.ast import ASTModel
-from model.errors import ConversionError
+from flexast.model import ModelConfig, from_hf, from_official_ast, from_timm, to_official_ast
+from flexast.model.ast import ASTModel
+from flexast.model.errors import ConversionError
 
 _V5_TO_V4 = [
     (r"\.layers\.(\d+)\.", r".encoder.layer.\1."),

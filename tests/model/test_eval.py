@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import adapter
-from model.ast import ASTModel, ModelConfig
-from model.cli import main
-from model.data import ClipLoader, read_clips
-from model.evaluate import GridSpec, run_eval, score_clipset
-from model.metrics import classification_metrics
-from pipeline.resolution import TimeScale
+from flexast.model import adapter
+from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.cli import main
+from flexast.model.data import ClipLoader, read_clips
+from flexast.model.evaluate import GridSpec, run_eval, score_clipset
+from flexast.model.metrics import classification_metrics
+from flexast.pipeline.resolution import TimeScale
 from tests.factories import write_shard_folder
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ASTModel, batch_flops, model_flops, padded_flops
+from flexast.model import ASTModel, batch_flops, model_flops, padded_flops
 from tests.model.model_helpers import packed, tiny_config
 
 

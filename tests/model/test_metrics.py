@@ -7,8 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from model.metrics import average_precision, chance_metrics, classification_metrics, d_prime, roc_auc, top1_accuracy
-from model.schedule import lr_at
+from flexast.model.metrics import (
+    average_precision,
+    chance_metrics,
+    classification_metrics,
+    d_prime,
+    roc_auc,
+    top1_accuracy,
+)
+from flexast.model.schedule import lr_at
 
 
 def brute_auc(scores, pos):

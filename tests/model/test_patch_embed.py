@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.errors import ShapeError
-from model.patch_embed import FlexiPatchEmbed, pi_resize_matrix, resize_matrix
+from flexast.model.errors import ShapeError
+from flexast.model.patch_embed import FlexiPatchEmbed, pi_resize_matrix, resize_matrix
 
 
 def _embed(base=(8, 8), resize="pi", axes="both", dim=6, seed=0):

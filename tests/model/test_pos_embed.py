@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.attention import Segments
-from model.pos_embed import FactorizedPosEmbed, GridPosEmbed, adapt_grid_ast, resize_grid
+from flexast.model.attention import Segments
+from flexast.model.pos_embed import FactorizedPosEmbed, GridPosEmbed, adapt_grid_ast, resize_grid
 
 
 def test_adapt_grid_ast_cuts_centre_and_interpolates():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import adapter
-from model.ast import ASTModel
-from model.cli import main
-from model.predict import Predictor, format_table
+from flexast.model import adapter
+from flexast.model.ast import ASTModel
+from flexast.model.cli import main
+from flexast.model.predict import Predictor, format_table
 from tests.factories import write_audio
 from tests.model.model_helpers import tiny_config as tiny_model_config
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.data import ClipLoader
-from pipeline.resolution import TimeScale
+from flexast.model.data import ClipLoader
+from flexast.pipeline.resolution import TimeScale
 from tests.factories import synthetic_clipset
 
 

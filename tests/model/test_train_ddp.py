@@ -16,7 +16,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from model.train import Trainer
+    from flexast.model.train import Trainer
     from tests.factories import synthetic_clipset
     from tests.model.train_helpers import tiny_config
 

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from model.cli import main
+from flexast.model.cli import main
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from model import adapter
-from model.ast import ASTModel
-from model.losses import kd_loss, supervised_loss
-from model.train import Trainer
+from flexast.model import adapter
+from flexast.model.ast import ASTModel
+from flexast.model.losses import kd_loss, supervised_loss
+from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
 from tests.model.model_helpers import tiny_config as tiny_model_config
 from tests.model.train_helpers import mean_loss, tiny_config

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from model import adapter
-from model.checkpointing import latest_step_checkpoint
-from model.train import Trainer
-from model.weights import EMA, average_checkpoints
+from flexast.model import adapter
+from flexast.model.checkpointing import latest_step_checkpoint
+from flexast.model.train import Trainer
+from flexast.model.weights import EMA, average_checkpoints
 from tests.factories import synthetic_clipset
 from tests.model.model_helpers import tiny_config as tiny_model_config
 from tests.model.train_helpers import tiny_config
@@ -82,7 +82,7 @@ def test_checkpoint_files_load_without_pickle(tmp_path):
 
 
 def test_weight_averaging_and_ema_math(tmp_path):
-    from model.ast import ASTModel
+    from flexast.model.ast import ASTModel
 
     def make(seed):
         torch.manual_seed(seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.train import Trainer
+from flexast.model.train import Trainer
 from tests.factories import write_shard_folder
 from tests.model.train_helpers import tiny_config
 

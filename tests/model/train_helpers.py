@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.config import from_dict
-from model.data import ClipLoader
-from pipeline.resolution import TimeScale
+from flexast.model.config import from_dict
+from flexast.model.data import ClipLoader
+from flexast.pipeline.resolution import TimeScale
 
 TINY_MODEL = {"preset": "custom", "embed_dim": 32, "depth": 2, "heads": 2, "n_mels": 32, "base_patch": [8, 8]}
 

@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import soxr
 
-from pipeline.audio import decode, load_audio, probe_seconds, subtract_mean
-from pipeline.errors import AudioError
+from flexast.pipeline.audio import decode, load_audio, probe_seconds, subtract_mean
+from flexast.pipeline.errors import AudioError
 from tests.factories import tone_array, write_audio, write_bad_inputs
 
 

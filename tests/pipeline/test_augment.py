@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import mixup, normalise, spec_augment
-from pipeline.sampling import clip_weights, label_weights, mean_clip_weight, reweight_stage
+from flexast.pipeline.augment import mixup, normalise, spec_augment
+from flexast.pipeline.sampling import clip_weights, label_weights, mean_clip_weight, reweight_stage
 
 
 def test_normalise_is_the_ast_formula():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.batch import PackedBatch, token_count, trim_frames
+from flexast.pipeline.batch import PackedBatch, token_count, trim_frames
 
 
 def test_token_count_is_the_patch_grid():

@@ -15,14 +15,14 @@ import soundfile as sf
 import soxr
 import torch
 
-from pipeline.build import build_shards, plan_shards
-from pipeline.build_config import AST_FBANK, BuildConfig
-from pipeline.errors import ConfigError
-from pipeline.fbank_reference import reference_fbank
-from pipeline.manifest import ManifestRow
-from pipeline.shard_task import WriteBehind
-from pipeline.shards import read_zarr_group
-from pipeline.units import ELASTICAST_SHIFTS_MS, num_frames, shift_name
+from flexast.pipeline.build import build_shards, plan_shards
+from flexast.pipeline.build_config import AST_FBANK, BuildConfig
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.fbank_reference import reference_fbank
+from flexast.pipeline.manifest import ManifestRow
+from flexast.pipeline.shard_task import WriteBehind
+from flexast.pipeline.shards import read_zarr_group
+from flexast.pipeline.units import ELASTICAST_SHIFTS_MS, num_frames, shift_name
 from tests.factories import write_audio, write_bad_inputs, write_collection, write_manifest
 
 
@@ -256,7 +256,7 @@ def test_plan_shards_by_size_and_by_split():
 
 
 def test_zarr_only_build_verifies(tmp_path):
-    from pipeline.inspect import verify
+    from flexast.pipeline.inspect import verify
 
     manifest, _ = write_collection(tmp_path, n=3)
     report = build_shards(manifest, str(tmp_path / "z"), BuildConfig(format="zarr", shard_samples=2), workers=1,

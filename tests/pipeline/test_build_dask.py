@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
+from flexast.pipeline.build import build_shards
+from flexast.pipeline.build_config import BuildConfig
 from tests.factories import write_collection
 from tests.pipeline.test_build import tree_bytes
 

@@ -8,15 +8,15 @@ import subprocess
 import sys
 import time
 
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
-from pipeline.shard_task import STALL_ENV
+from flexast.pipeline.build import build_shards
+from flexast.pipeline.build_config import BuildConfig
+from flexast.pipeline.shard_task import STALL_ENV
 from tests.factories import write_collection
 from tests.pipeline.test_build import tree_bytes
 
 
 def run_cli(args, env=None, **kwargs):
-    cmd = [sys.executable, "-m", "pipeline.cli", "build-shards", *args]
+    cmd = [sys.executable, "-m", "flexast.pipeline.cli", "build-shards", *args]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True, **kwargs)  # fmt: skip
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import s3fs
 
-from pipeline.audio import load_audio
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
-from pipeline.inspect import load_index, verify
+from flexast.pipeline.audio import load_audio
+from flexast.pipeline.build import build_shards
+from flexast.pipeline.build_config import BuildConfig
+from flexast.pipeline.inspect import load_index, verify
 from tests.factories import write_collection
 from tests.pipeline.test_build import tree_bytes
 

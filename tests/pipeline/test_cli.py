@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline import cli
+from flexast.pipeline import cli
 from tests.factories import write_bad_inputs, write_collection, write_manifest
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
-from pipeline.demo import CLASSES, plan, write_demo
+from flexast.pipeline.build import build_shards
+from flexast.pipeline.build_config import BuildConfig
+from flexast.pipeline.demo import CLASSES, plan, write_demo
 from tests.pipeline.test_build import all_samples
 
 

@@ -15,11 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ConfigError, FeatureError
-from pipeline.fbank import fbank, fbank_one, fbank_rows, row_plan
-from pipeline.fbank_options import AST_FBANK, FLT_EPSILON, FbankOptions
-from pipeline.fbank_reference import reference_fbank
-from pipeline.units import ELASTICAST_SHIFTS_MS, num_frames
+from flexast.pipeline.errors import ConfigError, FeatureError
+from flexast.pipeline.fbank import fbank, fbank_one, fbank_rows, row_plan
+from flexast.pipeline.fbank_options import AST_FBANK, FLT_EPSILON, FbankOptions
+from flexast.pipeline.fbank_reference import reference_fbank
+from flexast.pipeline.units import ELASTICAST_SHIFTS_MS, num_frames
 from tests.factories import broadband_clip, random_clips
 from tests.tolerances import EPS16, assert_close_ulps
 
@@ -33,8 +33,8 @@ AST = {k: v for k, v in AST_FBANK.items() if k != "frame_shift"}
 _GOLDEN_SCRIPT = r"""
 import json, sys
 import numpy as np, torch
-from pipeline.fbank import fbank
-from pipeline.fbank_reference import reference_fbank
+from flexast.pipeline.fbank import fbank
+from flexast.pipeline.fbank_reference import reference_fbank
 z = np.load(sys.argv[1])
 configs = json.loads(z["configs_json"].tobytes().decode())
 clips = sorted(k.split("/")[1] for k in z.files if k.startswith("wave/"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import FeatureError
-from pipeline.fbank import fbank
-from pipeline.fbank_options import AST_FBANK
+from flexast.pipeline.errors import FeatureError
+from flexast.pipeline.fbank import fbank
+from flexast.pipeline.fbank_options import AST_FBANK
 from tests.factories import random_clips
 
 AST = {k: v for k, v in AST_FBANK.items() if k != "frame_shift"}

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.errors import ShardError
-from pipeline.inspect import load_index, plot_durations, summary, verify
+from flexast.pipeline.cli import main
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.inspect import load_index, plot_durations, summary, verify
 from tests.factories import build_small_shards
 
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline.errors import ManifestError
-from pipeline.manifest import key_from_path, read_manifest, resolve, sanitize_key
+from flexast.pipeline.errors import ManifestError
+from flexast.pipeline.manifest import key_from_path, read_manifest, resolve, sanitize_key
 from tests.factories import write_manifest
 
 ROWS = [

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.batch import token_count, trim_frames
-from pipeline.packing import PackStats, next_fit, pack_stage, plan_packs
+from flexast.pipeline.batch import token_count, trim_frames
+from flexast.pipeline.packing import PackStats, next_fit, pack_stage, plan_packs
 
 counts_strategy = st.lists(st.integers(1, 300), min_size=0, max_size=120)
 

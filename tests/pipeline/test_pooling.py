@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import pooling
-from pipeline.errors import FeatureError
-from pipeline.pooling import pool_time, pool_time_ragged, pooled_length
+from flexast.pipeline import pooling
+from flexast.pipeline.errors import FeatureError
+from flexast.pipeline.pooling import pool_time, pool_time_ragged, pooled_length
 
 
 def numpy_pool(x: np.ndarray, factor: int, mode: str, tail: str) -> np.ndarray:

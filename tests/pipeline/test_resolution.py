@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError, ShardError
-from pipeline.loader import make_stream
-from pipeline.resolution import PhaseSchedule, ResolutionPolicy, apply_pool
-from pipeline.stream_config import StreamConfig
+from flexast.pipeline.errors import ConfigError, ShardError
+from flexast.pipeline.loader import make_stream
+from flexast.pipeline.resolution import PhaseSchedule, ResolutionPolicy, apply_pool
+from flexast.pipeline.stream_config import StreamConfig
 from tests.factories import write_shard_folder
 
 FRAMES = {"s10": 998, "s12": 831, "s20": 498}

@@ -9,8 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.errors import ShardError
-from pipeline.shards import TarShardWriter, _tarinfo, iter_tar, npy_bytes, tar_header
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.shards import TarShardWriter, _tarinfo, iter_tar, npy_bytes, tar_header
 
 
 @pytest.mark.parametrize(("name", "size"), [("a.json", 0), ("k" * 95 + ".json", 123456789), ("x.s12p5.npy", 1 << 33),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.fbank import row_plan
-from pipeline.stats import RunningStats, merge_all, update_shared_rows
+from flexast.pipeline.fbank import row_plan
+from flexast.pipeline.stats import RunningStats, merge_all, update_shared_rows
 
 
 def test_merge_is_order_independent_and_matches_numpy():

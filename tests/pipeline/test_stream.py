@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import normalise
-from pipeline.errors import ConfigError, ShardError
-from pipeline.loader import StreamLoader, equalise, make_loader, make_stream, split_batch
-from pipeline.sources import ShardInfo, expand_braces, expand_urls
-from pipeline.stream import assign_shards, shuffle_stage
-from pipeline.stream_config import StreamConfig
+from flexast.pipeline.augment import normalise
+from flexast.pipeline.errors import ConfigError, ShardError
+from flexast.pipeline.loader import StreamLoader, equalise, make_loader, make_stream, split_batch
+from flexast.pipeline.sources import ShardInfo, expand_braces, expand_urls
+from flexast.pipeline.stream import assign_shards, shuffle_stage
+from flexast.pipeline.stream_config import StreamConfig
 from tests.factories import write_shard_folder
 
 BASE = {"budget_tokens": 256, "patches": [[4, 4]], "pack_buffer": 24, "shuffle_buffer": 16, "holdback_steps": 8}

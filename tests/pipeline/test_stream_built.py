@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.loader import make_stream
-from pipeline.stream_config import StreamConfig
-from pipeline.zarr_dataset import ZarrClipDataset
+from flexast.pipeline.loader import make_stream
+from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.zarr_dataset import ZarrClipDataset
 from tests.factories import build_small_shards
 
 

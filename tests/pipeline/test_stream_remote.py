@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import pytest
 
-from pipeline.errors import ShardError
-from pipeline.loader import make_loader, make_stream
-from pipeline.stream_config import StreamConfig
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.loader import make_loader, make_stream
+from flexast.pipeline.stream_config import StreamConfig
 from tests.factories import write_shard_folder
 
 BASE = {"budget_tokens": 256, "patches": [[4, 4]], "pack_buffer": 24, "shuffle_buffer": 16, "backoff_s": 0.01}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.units import (
+from flexast.pipeline.units import (
     ELASTICAST_SHIFTS_MS,
     ms_to_samples,
     num_frames,

@@ -7,10 +7,10 @@ import functools
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.loader import make_stream
-from pipeline.stream_config import StreamConfig
-from pipeline.zarr_dataset import ZarrClipDataset, collate_packed
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.loader import make_stream
+from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.zarr_dataset import ZarrClipDataset, collate_packed
 from tests.factories import write_shard_folder
 
 
