@@ -30,10 +30,11 @@ import fsspec
 import numpy as np
 
 from flexast.pipeline.errors import ShardError
+from flexast.pipeline.transport import REMOTE_PREFIXES, backoff_delay, fetch_ranges, is_remote, is_transient
+
+__all__ = ["REMOTE_PREFIXES", "ShardInfo", "expand_urls", "fetch_ranges", "is_remote", "is_transient", "read_shard"]
 
 log = logging.getLogger(__name__)
-
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://")
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for opt in options for out in expand_braces(head + opt + tail)]
 
 
-def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_PREFIXES)
-
-
 def open_url(url: str, storage_options: dict | None = None):
     """A binary file object for ``url``: local ``open``, or fsspec (HTTP streams, without range requests)."""
     if not is_remote(url):
@@ -73,23 +70,6 @@ def open_url(url: str, storage_options: dict | None = None):
     fs, path = fsspec.core.url_to_fs(url, **opts)
     kwargs = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
     return fs.open(path, "rb", **kwargs)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying can help: connection drops, timeouts, HTTP 5xx and 429; not missing files or bad data."""
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | ShardError):
-        return False
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(status, int):
-        return status >= 500 or status == 429
-    try:
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientError):
-            return True
-    except ImportError:  # pragma: no cover - aiohttp comes with s3fs
-        pass
-    return isinstance(exc, ConnectionError | TimeoutError | OSError | EOFError)
 
 
 def with_retries(fn, what: str, retries: int = 4, backoff_s: float = 0.2):
@@ -102,7 +82,7 @@ def with_retries(fn, what: str, retries: int = 4, backoff_s: float = 0.2):
                 raise
             if attempt == retries:
                 raise ShardError(f"{what}: failed after {retries} retries: {type(exc).__name__}: {exc}") from exc
-            time.sleep(backoff_s * 2**attempt)
+            time.sleep(backoff_delay(backoff_s, attempt))
     raise AssertionError("unreachable")
 
 
@@ -342,7 +322,7 @@ def read_shard(
             if not is_remote(shard.url) or attempt >= retries:
                 raise ShardError(f"{exc} (after {attempt} retries)") from exc
             log.warning("shard %s: %s; retry %d/%d", shard.url, exc, attempt + 1, retries)
-            time.sleep(backoff_s * 2**attempt)
+            time.sleep(backoff_delay(backoff_s, attempt))
             attempt += 1
         except ShardError:
             raise
@@ -357,5 +337,5 @@ def read_shard(
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             log.warning("shard %s: %s; retry %d/%d", shard.url, exc, attempt + 1, retries)
-            time.sleep(backoff_s * 2**attempt)
+            time.sleep(backoff_delay(backoff_s, attempt))
             attempt += 1

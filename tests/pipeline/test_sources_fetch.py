@@ -1,0 +1,211 @@
+"""``fetch_ranges`` against slicing the file itself: local, HTTP (range server) and S3 (moto), with and without
+a fault-injecting proxy in front."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from flexast.pipeline.errors import ShardError
+from flexast.pipeline.sources import fetch_ranges, is_transient
+from flexast.pipeline.transport import COALESCE_GAP, RangeError, coalesce
+from tests.conftest import free_port
+from tests.servers import FaultProxy, RangeServer
+
+SIZE = 300_000
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("blob")
+    data = np.random.default_rng(0).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    (folder / "blob.bin").write_bytes(data)
+    return folder, data
+
+
+def some_ranges(seed: int = 1, n: int = 40) -> list[tuple[int, int]]:
+    """Random ranges: overlapping, adjacent, empty, the whole object, out of order."""
+    rng = np.random.default_rng(seed)
+    out = [(0, SIZE), (5, 5), (SIZE - 1, SIZE), (1000, 2000), (2000, 3000), (1500, 2500)]
+    for _ in range(n):
+        a = int(rng.integers(0, SIZE))
+        out.append((a, min(SIZE, a + int(rng.integers(0, 70_000)))))
+    return out
+
+
+def spaced_ranges(n: int = 16) -> list[tuple[int, int]]:
+    """``n`` ranges of 5000 bytes far enough apart to be ``n`` requests, last first."""
+    step = SIZE // n
+    return [(i * step, i * step + 5000) for i in reversed(range(n))]
+
+
+@pytest.fixture(scope="module")
+def http_blob(blob):
+    folder, data = blob
+    with RangeServer(folder) as server:
+        yield f"{server.url}/blob.bin", data, server
+
+
+@pytest.fixture
+def s3_blob(s3_bucket, s3_server, blob):
+    import s3fs
+
+    _, data = blob
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.pipe(f"{s3_bucket}/blob.bin", data)
+    return f"{s3_bucket}/blob.bin", data
+
+
+def test_coalesce_joins_small_gaps_only():
+    groups = coalesce([(0, 10), (10 + COALESCE_GAP, 20 + COALESCE_GAP), (10**6, 10**6 + 5), (3, 4), (7, 7)])
+    assert [(s, e) for s, e, _ in groups] == [(0, 20 + COALESCE_GAP), (10**6, 10**6 + 5)]
+    assert [sorted(i) for _, _, i in groups] == [[0, 1, 3], [2]]  # the empty range needs no request
+
+
+def test_local_equals_slicing(blob):
+    folder, data = blob
+    ranges = some_ranges()
+    counters: dict = {}
+    got = fetch_ranges(str(folder / "blob.bin"), ranges, counters=counters)
+    assert got == [data[a:b] for a, b in ranges]
+    assert counters["requests"] == len(coalesce(ranges))
+
+
+def test_local_past_end_and_bad_ranges_name_the_file(blob):
+    folder, _ = blob
+    path = str(folder / "blob.bin")
+    with pytest.raises(ShardError, match=rf"blob\.bin: bytes \[{SIZE - 10}, {SIZE + 10}\) run past the end"):
+        fetch_ranges(path, [(SIZE - 10, SIZE + 10)])
+    with pytest.raises(ShardError, match=r"blob\.bin.*\(10, 5\)"):
+        fetch_ranges(path, [(10, 5)])
+    with pytest.raises(ShardError, match=r"missing\.bin"):
+        fetch_ranges(str(folder / "missing.bin"), [(0, 1)])
+
+
+@pytest.mark.parametrize("in_flight", [1, 8])
+def test_http_equals_slicing(http_blob, in_flight):
+    url, data, _ = http_blob
+    ranges = some_ranges(seed=in_flight)
+    counters: dict = {}
+    assert fetch_ranges(url, ranges, max_in_flight=in_flight, counters=counters) == [data[a:b] for a, b in ranges]
+    groups = coalesce(ranges)
+    assert counters == {"requests": len(groups), "bytes": sum(e - s for s, e, _ in groups)}
+
+
+def test_http_past_end_and_missing_are_not_retried(http_blob):
+    url, _, _ = http_blob
+    counters: dict = {}
+    with pytest.raises(RangeError, match=rf"blob\.bin: bytes \[{SIZE}, {SIZE + 1}\) run past the end.*{SIZE} bytes"):
+        fetch_ranges(url, [(SIZE, SIZE + 1)], counters=counters)
+    with pytest.raises(RangeError, match=rf"blob\.bin: bytes \[0, {SIZE + 1}\) run past the end"):
+        fetch_ranges(url, [(0, SIZE + 1)], counters=counters)
+    with pytest.raises(RangeError, match=r"nothere\.bin: bytes \[0, 1\) unreadable: FileNotFoundError"):
+        fetch_ranges(url.replace("blob.bin", "nothere.bin"), [(0, 1)], counters=counters)
+    assert counters.get("retries", 0) == 0 and counters["requests"] == 3
+
+
+@pytest.mark.parametrize("kind", ["reset", "503", "truncate"])
+def test_http_faults_are_retried_and_cut_responses_resumed(http_blob, kind):
+    _url, data, server = http_blob
+    ranges = spaced_ranges()
+    with FaultProxy(server.url, rate=0.5, kinds=[kind], seed=3) as proxy:
+        counters: dict = {}
+        got = fetch_ranges(proxy.url + "/blob.bin", ranges, backoff_s=0.001, retries=12, counters=counters)
+    assert got == [data[a:b] for a, b in ranges]
+    assert proxy.counts[kind] >= 3
+    # aiohttp itself retries a GET once when a kept-alive connection resets before answering, so not every
+    # injected fault reaches us; each one that does costs one retry.
+    assert 1 <= counters["retries"] <= proxy.counts[kind]
+    assert counters["requests"] == len(coalesce(ranges)) + counters["retries"]
+    assert counters["bytes"] == sum(e - s for s, e, _ in coalesce(ranges))  # nothing was fetched twice
+    if kind == "truncate":  # a cut response keeps what arrived; the retry asks only for the rest
+        assert counters["resumed"] >= 1
+    else:
+        assert counters.get("resumed", 0) == 0
+
+
+def test_http_exhausted_retries_name_url_and_range(http_blob):
+    _url, _, server = http_blob
+    with FaultProxy(server.url, rate=1.0, kinds=["503"]) as proxy:
+        counters: dict = {}
+        with pytest.raises(ShardError, match=r"blob\.bin: bytes \[100, 200\) failed after 2 retries.*503") as err:
+            fetch_ranges(proxy.url + "/blob.bin", [(100, 200)], backoff_s=0.001, retries=2, counters=counters)
+    assert counters == {"requests": 3, "retries": 2, "resumed": 0, "bytes": 0}
+    assert not is_transient(err.value)
+
+
+def test_s3_equals_slicing(s3_blob, s3_server):
+    url, data = s3_blob
+    ranges = some_ranges(seed=3)
+    counters: dict = {}
+    got = fetch_ranges(url, ranges, s3_server["storage_options"], counters=counters)
+    assert got == [data[a:b] for a, b in ranges]
+    assert counters["requests"] == len(coalesce(ranges))
+
+
+def test_s3_past_end_and_missing_key(s3_blob, s3_server):
+    url, _ = s3_blob
+    so = s3_server["storage_options"]
+    with pytest.raises(RangeError, match=rf"blob\.bin: bytes \[0, {SIZE + 1}\) run past the end.*{SIZE} bytes"):
+        fetch_ranges(url, [(0, SIZE + 1)], so)
+    with pytest.raises(RangeError, match=r"nothere\.bin: bytes \[0, 1\) unreadable: FileNotFoundError"):
+        fetch_ranges(url.replace("blob.bin", "nothere.bin"), [(0, 1)], so)
+
+
+def s3_options_via(proxy_url: str, s3_server) -> dict:
+    """s3fs options that reach moto through a proxy, with botocore's own retries off (ours are tested)."""
+    so = dict(s3_server["storage_options"])
+    so["client_kwargs"] = {**so["client_kwargs"], "endpoint_url": proxy_url}
+    so["config_kwargs"] = {"retries": {"total_max_attempts": 1, "mode": "standard"}}
+    so["skip_instance_cache"] = True
+    return so
+
+
+@pytest.mark.parametrize("kind", ["reset", "503", "truncate"])
+def test_s3_faults_through_proxy(s3_blob, s3_server, kind):
+    url, data = s3_blob
+    ranges = spaced_ranges()
+    with FaultProxy(s3_server["endpoint_url"], rate=0.4, kinds=[kind], seed=1) as proxy:
+        counters: dict = {}
+        so = s3_options_via(proxy.url, s3_server)
+        got = fetch_ranges(url, ranges, so, backoff_s=0.001, retries=12, counters=counters)
+    assert got == [data[a:b] for a, b in ranges]
+    assert proxy.faults() >= 5 and 1 <= counters["retries"] <= proxy.faults()
+    assert counters["requests"] == len(ranges) + counters["retries"]
+    assert (counters["resumed"] >= 1) == (kind == "truncate")
+
+
+def test_s3_endpoint_connection_error_is_retried(s3_blob, s3_server):
+    """Nothing listens on the endpoint at first (botocore's EndpointConnectionError); it comes up after a retry."""
+    import botocore.exceptions
+
+    url, data = s3_blob
+    port = free_port()
+    so = s3_options_via(f"http://127.0.0.1:{port}", s3_server)
+    assert is_transient(botocore.exceptions.EndpointConnectionError(endpoint_url=so["client_kwargs"]["endpoint_url"]))
+
+    counters: dict = {}
+    with pytest.raises(ShardError, match=r"blob\.bin: bytes \[0, 10\) failed after 1 retries.*EndpointConnectionError"):
+        fetch_ranges(url, [(0, 10)], so, backoff_s=0.001, retries=1, counters=counters)
+    assert counters["retries"] == 1
+
+    proxies = []
+
+    def start_when_retried():  # the endpoint comes up once the first attempt has failed
+        while not counters.get("retries"):
+            threading.Event().wait(0.002)
+        proxies.append(FaultProxy(s3_server["endpoint_url"], port=port))
+
+    counters = {}
+    starter = threading.Thread(target=start_when_retried, daemon=True)
+    starter.start()
+    try:
+        got = fetch_ranges(url, [(0, 10), (SIZE - 5, SIZE)], so, backoff_s=0.05, retries=8, counters=counters)
+    finally:
+        starter.join(5)
+        for p in proxies:
+            p.close()
+    assert got == [data[:10], data[-5:]]
+    assert counters["retries"] >= 1
