@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from flexast.model.config import Config, save_config
+from flexast.model.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -93,5 +94,39 @@ def latest_step_checkpoint(root: Path) -> Path | None:
 
 
 def load_train_state(path: Path) -> TrainState:
-    data = json.loads((path / "state.json").read_text())
-    return TrainState(**data)
+    """The counters of the step checkpoint folder ``path`` (its ``state.json``).
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, not JSON, or holds other keys.
+    """
+    file = path / "state.json"
+    try:
+        return TrainState(**json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{file}: not a flexast training state ({type(exc).__name__}: {exc})") from exc
+
+
+def load_train_extra(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Optimizer, EMA and RNG states of the step checkpoint folder ``path`` (its ``train_state.pt``).
+
+    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, unreadable, or holds anything else (a pickled
+            object: the file was not written by flexast, or was tampered with; do not load it another way).
+    """
+    file = path / "train_state.pt"
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{file}: missing (an incomplete step checkpoint?)") from exc
+    except Exception as exc:  # torch's UnpicklingError text advises weights_only=False: never the fix here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{file}: refused, not a plain-tensor training state written by flexast ({type(exc).__name__}"
+            + (f": {first[:200]}" if first else "")
+            + ")"
+        ) from exc
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise CheckpointError(f"{file}: not a flexast training state (no 'optimizer' entry)")
+    return state

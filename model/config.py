@@ -14,6 +14,7 @@ Units: lengths in frames, frame shifts in milliseconds, learning rates per optim
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -195,6 +196,10 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool) 
     if origin is list:
         if from_text and isinstance(value, str):
             value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        elif from_text and value is None:  # `--set data.shifts_ms=`: the empty list
+            value = []
+        elif from_text and not isinstance(value, (list, tuple, dict)):  # `--set data.shifts_ms=10`: one element
+            value = [value]
         if not isinstance(value, (list, tuple)):
             errors.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
             return []
@@ -225,10 +230,14 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool) 
             errors.append(f"{path}: expected a number, got {value!r}")
             return 0.0
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             errors.append(f"{path}: expected a number, got {value!r}")
             return 0.0
+        if not math.isfinite(number):  # nan passes every range check below; inf trains to a NaN loss
+            errors.append(f"{path}: expected a finite number, got {value!r}")
+            return 0.0
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             errors.append(f"{path}: expected a string, got {type(value).__name__} {value!r}")
@@ -351,7 +360,12 @@ def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str 
     cfg = _build(Config, raw, "", errors)
     for path, text in parse_overrides(overrides or []):
         _apply_override(cfg, path, text, errors)
-    _validate(cfg, errors)
+    checks: list[str] = []
+    _validate(cfg, checks)
+    bad_keys = {e.split(":", 1)[0].removeprefix("--set ") for e in errors}  # a value already refused: say it once
+    errors += [e for e in checks if e.split(":", 1)[0] not in bad_keys]
+    if len(errors) == 1:  # one problem, one line
+        raise ConfigError(f"{source}: config error: {errors[0]}")
     if errors:
         lines = "\n  - ".join(errors)
         raise ConfigError(f"{source}: {len(errors)} config error(s):\n  - {lines}")

@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 
 from flexast.model import adapter
-from flexast.model.checkpointing import TrainState, latest_step_checkpoint, load_train_state, save_train_state
+from flexast.model.checkpointing import (
+    TrainState,
+    latest_step_checkpoint,
+    load_train_extra,
+    load_train_state,
+    save_train_state,
+)
 from flexast.model.config import Config, save_config
 from flexast.model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
 from flexast.model.evaluate import evaluate_clipset
@@ -189,7 +195,7 @@ class Trainer:
         )
         self.ema = EMA(self.model, o.ema) if o.ema > 0 else None
         if ckpt is not None:
-            ts = torch.load(ckpt / "train_state.pt", map_location=self.device, weights_only=True)
+            ts = load_train_extra(ckpt, self.device)
             self.optimizer.load_state_dict(ts["optimizer"])
             if self.ema is not None and "ema" in ts:
                 self.ema.load_state_dict(ts["ema"])

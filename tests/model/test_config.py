@@ -101,3 +101,64 @@ def test_train_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
     assert main(["train", "--config", str(bad), "--set", "model.depth=two"]) == 2
     err = capsys.readouterr().err
     assert "optim.warmup: unknown key" in err and "optim.lr: must be > 0" in err and "model.depth" in err
+
+
+# --- issue 12 item 9: values that must fail, each with one line naming the key or the file -------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, capsys, value):
+    from flexast.model.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run: {{out_dir: {tmp_path / 'run'}}}\n")
+    assert main(["train", "--config", str(path), "--set", f"optim.lr={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.lr: expected a finite number" in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match=r"optim.grad_clip: expected a finite number, got inf"):
+        from_dict({"optim": {"grad_clip": float("inf")}})
+
+
+def test_scalar_set_for_a_list_is_a_one_element_list():
+    cfg = from_dict({}, ["data.shifts_ms=10", "recipe.patch_sizes=16", "eval.patch_sizes="])
+    assert cfg.data.shifts_ms == [10.0] and cfg.recipe.patch_sizes == [16] and cfg.eval.patch_sizes == []
+    with pytest.raises(ConfigError, match=r"data.shifts_ms: expected a list"):  # a YAML file says what it means
+        from_dict({"data": {"shifts_ms": 10}})
+
+
+class Payload:  # not a tensor: torch.load(weights_only=True) refuses to build it
+    pass
+
+
+def test_poisoned_train_state_names_the_file(tmp_path, capsys):
+    import torch
+    import yaml
+
+    from flexast.model.checkpointing import latest_step_checkpoint
+    from flexast.model.cli import main
+    from tests.factories import build_small_shards
+    from tests.model.train_helpers import TINY_MODEL
+
+    shards = build_small_shards(tmp_path / "data", n=6, shard_samples=3, features={"num_mel_bins": 32}).out
+    out = tmp_path / "run"
+    raw = {
+        "run": {"out_dir": str(out), "progress": False, "tensorboard": False, "threads": 1, "ckpt_every": 1},
+        "data": {"train": shards, "labels": "single", "max_frames": 64, "token_budget": 256},
+        "model": dict(TINY_MODEL, pool="mean"),
+        "recipe": {"name": "ast", "patch": [8, 8]},
+        "optim": {"lr": 1e-3, "steps": 2, "warmup_steps": 1, "schedule": "constant", "epochs": 0},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path)]) == 0
+    ckpt = latest_step_checkpoint(out / "checkpoints")
+    poisoned = ckpt / "train_state.pt"
+    torch.save({"optimizer": Payload()}, poisoned)
+    before = poisoned.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--resume", "--set", "optim.steps=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(poisoned) in err and "CheckpointError" in err and "weights_only=False" not in err, err
+    assert poisoned.read_bytes() == before  # left as it was, for the user to look at
