@@ -45,8 +45,9 @@ def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="CSV/TSV/JSONL manifest, AST data-file .json, or a folder root/<label>/*.wav")
     p.add_argument("--out", help="output folder or URL (s3://…); default shards/<name>")
     p.add_argument("--name", help="collection name (default: the manifest's file name without extension)")
-    p.add_argument("--labels", help="label vocabulary: class_labels_indices.csv or one label per line; "
-                   "rows with other labels are rejected (default: the labels found in the manifest)")  # fmt: skip
+    p.add_argument("--labels", help="label vocabulary: class_labels_indices.csv, one label per line, or an "
+                   "earlier build's folder (e.g. shards/train: a held-out build then numbers labels as the "
+                   "training build does); other labels are rejected (default: the manifest's labels)")  # fmt: skip
     p.add_argument("--split", help="split name for rows without a 'split' column (default train)")
     p.add_argument("--only-split", help="build only the manifest rows of this split")
     p.add_argument("--shifts", default="10", help="frame shifts in ms: '10', '10,20,40', '10:40:2' or 'elastic' "

@@ -123,9 +123,21 @@ def split_labels(value) -> tuple[str, ...]:
 
 
 def read_vocabulary(path: str, storage_options: dict | None = None) -> Vocabulary:
-    """Read ``class_labels_indices.csv`` (``index,mid,display_name``) or a text file of one label per line."""
-    with fsspec.open(path, "r", encoding="utf-8", **(storage_options or {})) as f:
-        text = f.read()
+    """Read ``class_labels_indices.csv`` (``index,mid,display_name``), a text file of one label per line, or
+    the vocabulary of an earlier build: its folder or its ``index.json`` (so a held-out build numbers labels
+    as the training build does).
+
+    Raises:
+        ManifestError: the file is missing, a CSV lacks its columns, or a build folder has no labelled index.
+    """
+    fs, _, (local,) = fsspec.get_fs_token_paths(path, storage_options=storage_options or {})
+    if path.rstrip("/").endswith("index.json") or fs.isdir(local):
+        return _build_vocabulary(path, storage_options)
+    try:
+        with fsspec.open(path, "r", encoding="utf-8", **(storage_options or {})) as f:
+            text = f.read()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"label file not found: {path}") from exc
     if path.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         fields = set(reader.fieldnames or ())
@@ -137,6 +149,22 @@ def read_vocabulary(path: str, storage_options: dict | None = None) -> Vocabular
         return Vocabulary([r["mid"] for r in rows], [r["display_name"] for r in rows])
     names = [line.strip() for line in text.splitlines() if line.strip()]
     return Vocabulary(names, list(names))
+
+
+def _build_vocabulary(path: str, storage_options: dict | None) -> Vocabulary:
+    """The ``labels`` of a finished build's ``index.json`` (``path`` is the folder or the file)."""
+    index_path = path if path.rstrip("/").endswith("index.json") else path.rstrip("/") + "/index.json"
+    try:
+        with fsspec.open(index_path, "r", encoding="utf-8", **(storage_options or {})) as f:
+            labels = json.load(f)["labels"]
+        names, display = list(labels["names"]), list(labels["display_names"])
+    except FileNotFoundError as exc:
+        raise ManifestError(f"--labels {path}: no {index_path} (not a finished build-shards folder)") from exc
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ManifestError(f"--labels {path}: {index_path} is not a build-shards index ({exc!r})") from exc
+    if not names:
+        raise ManifestError(f"--labels {path}: that build is unlabelled (no label names in {index_path})")
+    return Vocabulary(names, display)
 
 
 def _number(value, name: str) -> float | None:

@@ -1,0 +1,86 @@
+"""Issue 12, build side: bad inputs and faults that used to pass silently. Each test builds the bad input, runs
+the real ``pipeline`` command, and checks the exit status, that the message names the offender, and that
+nothing good was lost (``written + rejected == read``, the user's files untouched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+from flexast.pipeline import cli
+from tests.factories import write_audio, write_manifest
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """``pipeline ARGS`` in this process: ``(exit status, stdout, stderr)``."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def build(capsys, manifest, out, *extra) -> tuple[int, str, str]:
+    return run(capsys, "build-shards", manifest, "--out", out, "--workers", "1", "--quiet", *extra)
+
+
+def index_of(out) -> dict:
+    with open(os.path.join(out, "index.json")) as f:
+        return json.load(f)
+
+
+def rejected_of(out) -> list[dict]:
+    with open(os.path.join(out, "rejected.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sample_meta(out) -> dict[str, dict]:
+    """``{key: json member}`` of every tar sample, read with plain tarfile."""
+    metas = {}
+    for shard in index_of(out)["shards"]:
+        with tarfile.open(os.path.join(out, shard["name"])) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    metas[meta["key"]] = meta
+    return metas
+
+
+def accounted(out) -> dict:
+    index = index_of(out)
+    assert index["written"] + index["rejected"] == index["read"], index
+    assert len(rejected_of(out)) == index["rejected"]
+    return index
+
+
+def clips(root, names_labels: list[tuple[str, str]], seconds=0.3) -> list[dict]:
+    rows = []
+    for i, (rel, label) in enumerate(names_labels):
+        write_audio(os.path.join(str(root), rel), seconds, freq=300.0 + 40 * i, seed=i)
+        rows.append({"path": rel, "label": label})
+    return rows
+
+
+# --- item 1 (build side): a held-out build numbers labels as the training build does --------------------------
+
+
+def test_labels_from_an_earlier_build(tmp_path, capsys):
+    train = clips(tmp_path, [(f"tr/{c}{i}.wav", c) for c in "abc" for i in range(2)])
+    code, _, err = build(capsys, write_manifest(tmp_path / "train.csv", train), tmp_path / "train")
+    assert code == 0, err
+    # the held-out set lacks class "a" (its own sorted labels would renumber b and c) and has one unseen label
+    held = clips(tmp_path, [("ev/b.wav", "b"), ("ev/c.wav", "c"), ("ev/z.wav", "zzz")])
+    code, _, err = build(capsys, write_manifest(tmp_path / "eval.csv", held), tmp_path / "eval", "--labels",
+                         tmp_path / "train")  # fmt: skip
+    assert code == 0, err
+    index = accounted(tmp_path / "eval")
+    assert index["labels"]["names"] == index_of(tmp_path / "train")["labels"]["names"] == ["a", "b", "c"]
+    metas = sample_meta(tmp_path / "eval")
+    assert {m["labels"][0]: m["label_ids"] for m in metas.values()} == {"b": [1], "c": [2]}
+    (bad,) = rejected_of(tmp_path / "eval")
+    assert bad["reason"] == "unknown_label" and "zzz" in bad["detail"] and bad["key"] == "ev_z"
+    # a folder that is not a finished build is refused, naming it
+    os.makedirs(tmp_path / "not_a_build")
+    code, _, err = build(capsys, tmp_path / "eval.csv", tmp_path / "eval2", "--labels", tmp_path / "not_a_build")
+    assert code == 2 and str(tmp_path / "not_a_build") in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "eval2")
