@@ -16,6 +16,7 @@ does not stop the build: it is kept in ``Manifest.invalid`` and ends up in ``rej
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import posixpath
@@ -103,15 +104,51 @@ def resolve(path: str, base: str) -> str:
     return posixpath.normpath(posixpath.join(base, path))
 
 
-def key_from_path(path: str) -> str:
-    """A sample key from a relative path: extension dropped, unsafe characters (dots, slashes) become ``_``."""
-    stem = path.rsplit(".", 1)[0] if "." in posixpath.basename(path) else path
-    return sanitize_key(stem)
+def key_from_path(path: str, level: int = 0) -> str:
+    """A sample key from a path as the manifest writes it, at one of three levels of detail.
+
+    0: the path without its extension, readable (``a/b c.wav`` → ``a_b_c``); 1: the same with the extension
+    (``clip.ogg`` → ``clip_ogg``); 2: every character outside ``[A-Za-z0-9-]`` escaped as ``_<hex>_``
+    (``sub_x.wav`` → ``sub_5f_x_2e_wav``, ``sub/x.wav`` → ``sub_2f_x_2e_wav``), which never maps two paths to
+    one key. Non-ASCII characters are escaped (``é`` → ``u00e9``), never dropped. A manifest uses level 0 and
+    goes up only for rows whose keys would collide (:func:`distinct_keys`).
+    """
+    if level >= 2:
+        return "".join(c if c.isascii() and (c.isalnum() or c == "-") else f"_{ord(c):x}_" for c in path)
+    if level == 0 and "." in posixpath.basename(path):
+        path = path.rsplit(".", 1)[0]
+    return sanitize_key(path)
 
 
 def sanitize_key(key: str) -> str:
-    """Key with every run of characters outside ``[A-Za-z0-9_-]`` replaced by ``_``."""
-    return _KEY_UNSAFE.sub("_", key).strip("_") or "_"
+    """Key with non-ASCII characters escaped (``é`` → ``u00e9``) and every other run of characters outside
+    ``[A-Za-z0-9_-]`` (dots, slashes, spaces) replaced by ``_``."""
+    escaped = "".join(c if c.isascii() else f"u{ord(c):04x}" for c in key)
+    return _KEY_UNSAFE.sub("_", escaped).strip("_") or "_"
+
+
+def distinct_keys(rows: list[ManifestRow], derived: dict[int, tuple[str, str]]) -> list[ManifestRow]:
+    """``rows`` with derived keys made distinct wherever distinct inputs shared one.
+
+    ``derived`` maps a row's position in ``rows`` to ``(path as written, key suffix)`` for rows whose key comes
+    from their path (not from a ``key`` column). Rows that share a key but read different audio (another
+    source, start or end) go up one level of :func:`key_from_path` until nothing collides; the same audio
+    twice keeps its key and is rejected later as ``duplicate_key``, as is a clash between two ``key`` columns.
+    """
+    level = dict.fromkeys(derived, 0)
+    keys = [r.key for r in rows]
+    while True:
+        inputs: dict[str, set] = {}
+        for r, key in zip(rows, keys, strict=True):
+            inputs.setdefault(key, set()).add((r.source, r.start_s, r.end_s))
+        bump = [i for i in derived if len(inputs[keys[i]]) > 1 and level[i] < 2]
+        if not bump:
+            break
+        for i in bump:
+            level[i] += 1
+            path, suffix = derived[i]
+            keys[i] = key_from_path(path, level[i]) + suffix
+    return [r if r.key == k else dataclasses.replace(r, key=k) for r, k in zip(rows, keys, strict=True)]
 
 
 def split_labels(value) -> tuple[str, ...]:
@@ -191,7 +228,7 @@ def _row_from_record(i: int, rec: dict, base: str, path_field: str = "path") -> 
     if (start_s is not None and start_s < 0) or (end_s is not None and end_s <= (start_s or 0.0)):
         return InvalidRow(i, source, key, f"bad segment start={start_s} end={end_s}")
     if not key_raw and start_s is not None:
-        key = sanitize_key(f"{key}_{round(start_s * 1000):09d}ms")
+        key = f"{key}_{round(start_s * 1000):09d}ms"
     labels = split_labels(rec.get("labels", rec.get("label")))
     split = str(rec["split"]).strip() if rec.get("split") not in (None, "") else None
     return ManifestRow(i, source, key, labels, split, start_s, end_s)
@@ -199,11 +236,17 @@ def _row_from_record(i: int, rec: dict, base: str, path_field: str = "path") -> 
 
 def _collect(path: str, records: list[dict], path_field: str = "path") -> Manifest:
     base = posixpath.dirname(path) if is_url(path) else posixpath.dirname(posixpath.abspath(path))
-    rows, invalid = [], []
+    rows, invalid, derived = [], [], {}
     for i, rec in enumerate(records):
         item = _row_from_record(i, rec, base, path_field)
-        (invalid if isinstance(item, InvalidRow) else rows).append(item)
-    return Manifest(path, rows, invalid)
+        if isinstance(item, InvalidRow):
+            invalid.append(item)
+            continue
+        if not str(rec.get("key") or "").strip():
+            suffix = "" if item.start_s is None else f"_{round(item.start_s * 1000):09d}ms"
+            derived[len(rows)] = (str(rec.get(path_field)).strip(), suffix)
+        rows.append(item)
+    return Manifest(path, distinct_keys(rows, derived), invalid)
 
 
 def _read_text(path: str, storage_options: dict | None) -> str:

@@ -84,3 +84,28 @@ def test_labels_from_an_earlier_build(tmp_path, capsys):
     code, _, err = build(capsys, tmp_path / "eval.csv", tmp_path / "eval2", "--labels", tmp_path / "not_a_build")
     assert code == 2 and str(tmp_path / "not_a_build") in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "eval2")
+
+
+# --- item 7: distinct paths get distinct keys --------------------------------------------------------------------
+
+
+def test_keys_keep_distinct_paths_distinct(tmp_path, capsys):
+    names = ["clip.ogg", "clip.flac", "clip.mp3", "sub_x.wav", "sub/x.wav", "a/with space é ü 日本.wav", "plain.wav"]
+    rows = clips(tmp_path, [(n, "a") for n in names])
+    rows.append(dict(rows[-1]))  # the same file twice is a real duplicate
+    code, _, err = build(capsys, write_manifest(tmp_path / "m.csv", rows), tmp_path / "out")
+    assert code == 0, err
+    index = accounted(tmp_path / "out")
+    assert (index["read"], index["written"], index["rejected"]) == (8, 7, 1)
+    by_source = {os.path.relpath(m["source"], tmp_path): key for key, m in sample_meta(tmp_path / "out").items()}
+    assert by_source == {
+        "clip.ogg": "clip_ogg",  # the extension is kept where the stems collide
+        "clip.flac": "clip_flac",
+        "clip.mp3": "clip_mp3",
+        "sub_x.wav": "sub_5f_x_2e_wav",  # the extension does not separate these: every character is escaped
+        "sub/x.wav": "sub_2f_x_2e_wav",
+        "a/with space é ü 日本.wav": "a_with_space_u00e9_u00fc_u65e5u672c",  # escaped, not dropped
+        "plain.wav": "plain",  # no collision: the readable key
+    }
+    (dup,) = rejected_of(tmp_path / "out")
+    assert dup["reason"] == "duplicate_key" and dup["key"] == "plain" and dup["row"] == 7 and "row 6" in dup["detail"]
