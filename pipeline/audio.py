@@ -34,6 +34,7 @@ REASONS = {
     "nonfinite": "it contains NaN or Inf samples",
     "bad_segment": "start/end lie outside the file",
     "unknown_label": "a label is not in the vocabulary",
+    "no_label": "the row has no label, in a labelled collection",
     "duplicate_key": "an earlier row has the same key",
     "bad_row": "the manifest row itself is unusable (bad number, no path)",
     "error": "an unexpected error while processing it (see detail)",

@@ -91,7 +91,12 @@ def _reject(row, source, key, reason, detail) -> dict:
 
 
 def screen_rows(manifest: Manifest, vocabulary: Vocabulary) -> tuple[list[tuple[ManifestRow, tuple[int, ...]]], list]:
-    """Rows the driver accepts (with label ids) and the rejections it can decide without audio."""
+    """Rows the driver accepts (with label ids) and the rejections it can decide without audio.
+
+    A collection with a vocabulary is labelled: there a row without any label is rejected as ``no_label``
+    (a training clip must say what it is). Without a vocabulary (no ``--labels``, no row labelled) every row is
+    kept and ``index.json`` says the collection is unlabelled.
+    """
     index = vocabulary.index()
     seen: dict[str, int] = {}
     accepted, rejected = [], []
@@ -99,7 +104,10 @@ def screen_rows(manifest: Manifest, vocabulary: Vocabulary) -> tuple[list[tuple[
         rejected.append(_reject(bad.row, bad.source, bad.key, "bad_row", bad.detail))
     for row in manifest.rows:
         unknown = [name for name in row.labels if name not in index]
-        if unknown:
+        if index and not row.labels:
+            detail = f"row {row.row} has no label, in a collection labelled with {len(index)} names"
+            rejected.append(_reject(row.row, row.source, row.key, "no_label", detail))
+        elif unknown:
             rejected.append(_reject(row.row, row.source, row.key, "unknown_label", f"not in vocabulary: {unknown}"))
         elif row.key in seen:
             rejected.append(_reject(row.row, row.source, row.key, "duplicate_key", f"same key as row {seen[row.key]}"))
@@ -195,7 +203,12 @@ def merge_index(
         "total_samples": sum(r["samples"] for r in records),
         "frames_per_shift": {n: sum(r["frames"][n] for r in records) for n in names},
         "hours": sum(r["seconds"] for r in records) / 3600.0,
-        "labels": {"names": vocabulary.names, "display_names": vocabulary.display_names, "counts": label_counts},
+        "labels": {
+            "names": vocabulary.names,
+            "display_names": vocabulary.display_names,
+            "counts": label_counts,
+            "kind": _label_kind(vocabulary, records),
+        },
         "duration_hist": {"edges_s": list(DURATION_EDGES_S), "counts": hist},
         "stats": {n: stats[n].to_dict() for n in names},
         "read": read,
@@ -208,6 +221,13 @@ def merge_index(
         "config_hash": config_hash,
         "versions": _versions(),
     }
+
+
+def _label_kind(vocabulary: Vocabulary, records) -> str:
+    """``unlabelled`` (no vocabulary), ``single`` (every written clip has one label) or ``multi``."""
+    if not vocabulary.names:
+        return "unlabelled"
+    return "multi" if any(r.get("max_labels", 1) > 1 for r in records) else "single"
 
 
 def _reason_counts(rejected: list[dict]) -> dict[str, int]:

@@ -352,6 +352,7 @@ def write_shard(task: ShardTask) -> dict:
         "seconds": float(sum(durations)),
         "duration_counts": histogram(durations),
         "label_counts": {str(k): v for k, v in sorted(contents.label_counts.items())},
+        "max_labels": max((len(ids) for ids in contents.label_ids), default=0),
         "stats": {contents.names[s]: contents.stats[s].to_dict() for s in cfg.shifts_ms},
         "config_hash": task.config_hash,
     }

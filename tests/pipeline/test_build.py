@@ -90,7 +90,7 @@ def test_end_to_end_every_format_against_independent_fbank(tmp_path):
         assert st["count"] == allv.size and index["frames_per_shift"][name] == allv.shape[0]
         assert st["mean"] == pytest.approx(allv.mean(), rel=1e-12)
         assert st["std"] == pytest.approx(allv.std(), rel=1e-9)
-    assert index["labels"] == {"names": ["a", "b"], "display_names": ["a", "b"], "counts": [4, 4]}
+    assert index["labels"] == {"names": ["a", "b"], "display_names": ["a", "b"], "counts": [4, 4], "kind": "single"}
     assert index["hours"] == pytest.approx(sum(s["json"]["duration_s"] for s in samples.values()) / 3600)
     assert sum(index["duration_hist"]["counts"]) == 8
 

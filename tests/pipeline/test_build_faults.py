@@ -109,3 +109,34 @@ def test_keys_keep_distinct_paths_distinct(tmp_path, capsys):
     }
     (dup,) = rejected_of(tmp_path / "out")
     assert dup["reason"] == "duplicate_key" and dup["key"] == "plain" and dup["row"] == 7 and "row 6" in dup["detail"]
+
+
+# --- item 6: rows without a label -------------------------------------------------------------------------------
+
+
+def test_rows_without_a_label(tmp_path, capsys):
+    rows = clips(tmp_path, [("a0.wav", "a"), ("b0.wav", "b"), ("blank.wav", ""), ("a1.wav", "a")])
+    code, _, err = build(capsys, write_manifest(tmp_path / "m.csv", rows), tmp_path / "out")
+    assert code == 0, err
+    index = accounted(tmp_path / "out")
+    assert (index["written"], index["rejected"], index["labels"]["kind"]) == (3, 1, "single")
+    (bad,) = rejected_of(tmp_path / "out")
+    assert bad["reason"] == "no_label" and bad["key"] == "blank" and bad["source"] == str(tmp_path / "blank.wav")
+    assert all(m["label_ids"] for m in sample_meta(tmp_path / "out").values())
+
+    # no label column at all, with a vocabulary: every row is refused, by name, and the exit status says so
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    unlabelled = write_manifest(tmp_path / "u.csv", [{"path": r["path"]} for r in rows])
+    code, _, err = build(capsys, unlabelled, tmp_path / "v", "--labels", tmp_path / "vocab.txt")
+    assert code == 1 and "nothing was written" in err
+    assert accounted(tmp_path / "v")["rejected"] == 4
+    assert [(r["reason"], r["key"]) for r in rejected_of(tmp_path / "v")] == [
+        ("no_label", "a0"), ("no_label", "b0"), ("no_label", "blank"), ("no_label", "a1"),
+    ]  # fmt: skip
+
+    # no label column and no vocabulary: an unlabelled collection, written whole, and the index says so
+    code, _, err = build(capsys, unlabelled, tmp_path / "u")
+    assert code == 0, err
+    index = accounted(tmp_path / "u")
+    assert (index["written"], index["labels"]["kind"], index["labels"]["names"]) == (4, "unlabelled", [])
+    assert all(m["labels"] == [] for m in sample_meta(tmp_path / "u").values())
