@@ -39,6 +39,7 @@ class Prediction:
     error: str | None = None
 
     def to_json(self) -> dict:
+        """Plain JSON data; scores are always finite (:meth:`Predictor.predict` turns others into an error)."""
         out = {
             "path": self.path,
             "seconds_audio": round(self.seconds_audio, 3),
@@ -112,6 +113,13 @@ class Predictor:
             if x.shape[0] == 0:
                 results.append(Prediction(str(path), error=f"shorter than one 25 ms window ({dur:.3f} s)"))
                 continue
+            if not np.isfinite(x).all():  # audio far outside [-1, 1], or non-finite normalisation statistics
+                n_bad, norm = int((~np.isfinite(x)).sum()), self._norm(shift_ms)
+                error = (
+                    f"{n_bad} of {x.size} normalised features are NaN/Inf (samples far outside [-1, 1]? norm {norm})"
+                )
+                results.append(Prediction(str(path), error=error))
+                continue
             keep = max(trim_frames(x.shape[0], patch[1]), patch[1])
             if x.shape[0] < keep:
                 x = np.concatenate([x, np.zeros((keep - x.shape[0], x.shape[1]), np.float32)])
@@ -124,6 +132,10 @@ class Predictor:
             ).to(self.device)
             logits, emb = self.model(batch, return_embeddings=True)
             prob = (torch.softmax(logits, 1) if self.single else torch.sigmoid(logits))[0].float().cpu()
+            if not torch.isfinite(prob).all():  # never a bare NaN in --json output: an error entry instead
+                error = f"the model gave {int((~torch.isfinite(prob)).sum())} NaN/Inf scores (non-finite weights?)"
+                results.append(Prediction(str(path), error=error))
+                continue
             k = min(top_k, prob.shape[0])
             top = torch.topk(prob, k)
             labels = [

@@ -32,6 +32,7 @@ REASONS = {
     "empty": "it decodes to zero samples",
     "too_short": "shorter than --min-seconds or than one analysis window",
     "nonfinite": "it contains NaN or Inf samples",
+    "nonfinite_features": "its fbank has NaN or Inf values (float samples far outside [-1, 1], e.g. 1e30)",
     "bad_segment": "start/end lie outside the file",
     "unknown_label": "a label is not in the vocabulary",
     "no_label": "the row has no label, in a labelled collection",

@@ -14,6 +14,7 @@ Times are in seconds; sizes in bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from flexast.pipeline.build_config import BuildConfig, digest
-from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.executor import default_decode_ahead, make_executor
 from flexast.pipeline.manifest import Manifest, ManifestRow, Vocabulary, is_url, read_manifest
 from flexast.pipeline.shard_task import DURATION_EDGES_S, ShardTask, part_url, write_shard
@@ -190,6 +191,12 @@ def merge_index(
         for k, v in r["label_counts"].items():
             label_counts[int(k)] += v
     stats = {n: merge_all([RunningStats.from_dict(r["stats"][n]) for r in records]) for n in names}
+    for n in names:  # tasks reject clips with non-finite features; a part record that says otherwise is corrupt
+        st = stats[n]
+        if not all(math.isfinite(v) for v in (st.sum, st.sumsq, st.mean, st.std)):
+            shards = [r["stem"] for r in records if not math.isfinite(float(r["stats"][n]["sumsq"]))]
+            raise ShardError(f"statistics at {n} are not finite (shards {shards}); delete their _parts records "
+                             "and rerun to rebuild them")  # fmt: skip
     hist = [sum(c) for c in zip(*[r["duration_counts"] for r in records], strict=True)] if records else []
     splits = sorted({r["split"] for r in records}) or [config.split]
     return {
@@ -372,7 +379,8 @@ def build_shards(
     index = merge_index(config, config_dict, config_hash, vocabulary, ordered, read, all_rejected)
     lines = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in all_rejected)
     write_bytes(join(out, "rejected.jsonl"), lines.encode(), storage_options)
-    write_bytes(join(out, "index.json"), json.dumps(index, indent=1, ensure_ascii=False).encode(), storage_options)
+    index_text = json.dumps(index, indent=1, ensure_ascii=False, allow_nan=False)  # never a bare NaN
+    write_bytes(join(out, "index.json"), index_text.encode(), storage_options)
 
     report = BuildReport(
         out=out, read=read, written=index["written"], rejected=len(all_rejected), samples=index["total_samples"],

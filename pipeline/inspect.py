@@ -2,7 +2,8 @@
 
 Notation: ``T`` frames of one sample at one shift, ``F`` mel bins; durations in seconds, sizes in bytes.
 :func:`verify` trusts nothing but the files: it reads every sample of every shard listed in
-``index.json`` and compares shapes and counts with the index, naming the shard of each problem.
+``index.json`` and compares shapes and counts with the index, checks that every feature value is finite,
+and names the shard of each problem. A missing or unreadable shard is one problem; the check goes on.
 """
 
 from __future__ import annotations
@@ -136,10 +137,15 @@ def _check_tar(out, shard, index, storage_options, problems) -> list[str]:
                     problems.append(
                         f"{where}: {name} has {arr.shape[0]} frames, its json says {meta['frames'].get(name)}"
                     )
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    problems.append(f"{where}: {name} holds {int((~np.isfinite(arr)).sum())} NaN/Inf values")
                 frames[name] += arr.shape[0]
             keys.append(key)
-    except ShardError as exc:
-        problems.append(str(exc))
+    except FileNotFoundError:
+        problems.append(f"{shard['name']}: shard missing ({url})")
+        return keys
+    except (ShardError, OSError, ValueError, KeyError) as exc:  # unreadable: say so, go on with the next shard
+        problems.append(str(exc) if isinstance(exc, ShardError) else f"{shard['name']}: unreadable ({exc!r})")
         return keys
     if len(keys) != shard["samples"]:
         problems.append(f"{shard['name']}: {len(keys)} samples, index.json says {shard['samples']}")
@@ -177,6 +183,13 @@ def _check_zarr(out, shard, index, storage_options, problems, tar_keys) -> None:
             problems.append(f"{where}: {name}/offsets {offsets.shape} do not span {values.shape[0]} frames")
         elif np.any(np.diff(offsets) < 0):
             problems.append(f"{where}: {name}/offsets decrease")
+        elif values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad_rows = np.flatnonzero(~np.isfinite(values).all(axis=1))  # frames holding NaN/Inf
+            samples = sorted({keys[i] for i in np.searchsorted(offsets, bad_rows, side="right") - 1 if i < len(keys)})
+            problems.append(
+                f"{where}: {name}/values holds {int((~np.isfinite(values)).sum())} NaN/Inf values "
+                f"(samples {samples[:5]}{' …' if len(samples) > 5 else ''})"
+            )
 
 
 def verify(out: str, storage_options: dict | None = None) -> VerifyReport:
@@ -184,15 +197,21 @@ def verify(out: str, storage_options: dict | None = None) -> VerifyReport:
     index = load_index(out, storage_options)
     report = VerifyReport(shards=len(index["shards"]))
     fmt = index.get("config", {}).get("format", "wds")
+    for name, st in index.get("stats", {}).items():
+        if not all(np.isfinite(float(st[k])) for k in ("sum", "sumsq", "mean", "std")):
+            report.problems.append(f"{join(out, 'index.json')}: stats at {name} are not finite: {st}")
     for shard in index["shards"]:
         tar_keys = None
-        if fmt in ("wds", "both"):
-            tar_keys = _check_tar(out, shard, index, storage_options, report.problems)
-        if fmt in ("zarr", "both"):
-            if not shard.get("zarr_group"):
-                report.problems.append(f"{shard['name']}: no zarr_group in index.json")
-            else:
-                _check_zarr(out, shard, index, storage_options, report.problems, tar_keys)
+        try:
+            if fmt in ("wds", "both"):
+                tar_keys = _check_tar(out, shard, index, storage_options, report.problems)
+            if fmt in ("zarr", "both"):
+                if not shard.get("zarr_group"):
+                    report.problems.append(f"{shard['name']}: no zarr_group in index.json")
+                else:
+                    _check_zarr(out, shard, index, storage_options, report.problems, tar_keys)
+        except Exception as exc:  # one bad shard never stops the check of the others
+            report.problems.append(f"{shard.get('name')}: cannot be checked ({type(exc).__name__}: {exc})")
         report.samples += shard["samples"] if tar_keys is None else len(tar_keys)
     if report.samples != index["total_samples"] and not report.problems:
         report.problems.append(f"{out}: {report.samples} samples in shards, index.json says {index['total_samples']}")

@@ -102,6 +102,22 @@ def featurize(centred: np.ndarray, config: BuildConfig) -> ClipRows | dict[float
     return fbank_rows([x], **options, **config.features)[0]
 
 
+def nonfinite_detail(features: ClipRows | dict[float, torch.Tensor], wave: np.ndarray) -> str | None:
+    """None when every feature value of :func:`featurize`'s result is finite, else why not (for ``rejected.jsonl``).
+
+    Finite samples can still give non-finite features: float audio far outside [-1, 1] (one sample of 1e30)
+    overflows the float32 power spectrum. Such a clip is rejected, not repaired: clipping or rescaling would
+    change its sound without a word, and one NaN or Inf in a shard poisons the statistics and training.
+    """
+    values = [features.values] if isinstance(features, ClipRows) else list(features.values())  # (R, F) / (T, F)
+    bad = sum(int((~torch.isfinite(v)).sum()) for v in values)
+    if not bad:
+        return None
+    total = sum(v.numel() for v in values)
+    peak = float(np.abs(wave).max()) if wave.size else 0.0
+    return f"{bad} of {total} fbank values are NaN/Inf (peak |sample| {peak:.3g}; audio is expected within [-1, 1])"
+
+
 def frame_count(features: ClipRows | dict[float, torch.Tensor], shift_ms: float) -> int:
     """Frames of :func:`featurize`'s result at ``shift_ms``, without gathering them."""
     if isinstance(features, ClipRows):
@@ -305,10 +321,16 @@ def write_shard(task: ShardTask) -> dict:
                     rejected.append(rejection)
                     continue
                 pieces, n_cut, n_dropped = decoded
+                featurized = [featurize(centred, cfg) for _, _, centred in pieces]
+                why = next((w for (_, wave, _), f in zip(pieces, featurized, strict=True)
+                            if (w := nonfinite_detail(f, wave))), None)  # fmt: skip
+                if why is not None:  # the whole row, as for any other rejection: nothing of it is written
+                    rejected.append(dict(row=row.row, source=row.source, key=row.key, reason="nonfinite_features",
+                                         detail=why))  # fmt: skip
+                    continue
                 cut, dropped, rows_written = cut + n_cut, dropped + n_dropped, rows_written + 1
                 base_start = row.start_s or 0.0
-                for j, (offset_s, wave, centred) in enumerate(pieces):
-                    features = featurize(centred, cfg)
+                for j, ((offset_s, wave, _), features) in enumerate(zip(pieces, featurized, strict=True)):
                     duration = samples_to_seconds(int(wave.shape[0]), cfg.sample_rate)
                     frames = {s: frame_count(features, s) for s in cfg.shifts_ms}
                     for s in cfg.shifts_ms:

@@ -140,3 +140,56 @@ def test_rows_without_a_label(tmp_path, capsys):
     index = accounted(tmp_path / "u")
     assert (index["written"], index["labels"]["kind"], index["labels"]["names"]) == (4, "unlabelled", [])
     assert all(m["labels"] == [] for m in sample_meta(tmp_path / "u").values())
+
+
+# --- item 3: one loud sample, and NaN written into a shard ---------------------------------------------------------
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses the bare ``NaN``/``Infinity`` Python's json writes by default."""
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_features_are_rejected_and_verified(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+    import zarr
+
+    from tests.factories import tone_array
+
+    rows = clips(tmp_path, [(f"ok{i}.wav", "a") for i in range(3)])
+    loud = tone_array(0.4)
+    loud[100] = 1e30  # finite, so it passes the nonfinite sample check, but its power spectrum overflows
+    sf.write(tmp_path / "loud.wav", loud, 16000, subtype="FLOAT")
+    rows.insert(1, {"path": "loud.wav", "label": "a"})
+    out = tmp_path / "out"
+    code, _, err = build(capsys, write_manifest(tmp_path / "m.csv", rows), out, "--format", "both",
+                         "--shifts", "10,20")  # fmt: skip
+    assert code == 0, err
+    index = strict_json((out / "index.json").read_text())  # no bare NaN anywhere
+    assert (index["read"], index["written"], index["rejected"]) == (4, 3, 1)
+    (bad,) = rejected_of(out)
+    assert bad["reason"] == "nonfinite_features" and bad["key"] == "loud" and "1e+30" in bad["detail"]
+    assert all(np.isfinite(st["mean"]) and st["std"] > 0 for st in index["stats"].values())
+    code, stdout, err = run(capsys, "verify", out)
+    assert code == 0 and "OK" in stdout, err
+
+    # NaN written into a shard behind the build's back: verify names the sample, in the tar and in Zarr
+    shard = out / index["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name == "ok0.s20.npy")
+    with open(shard, "r+b") as f:  # the last value of the array, in place (same size)
+        f.seek(member.offset_data + member.size - 2)
+        f.write(np.array([np.nan], np.float16).tobytes())
+    values = zarr.open_array(str(out / index["shards"][0]["zarr_group"] / "s10" / "values"), mode="r+")
+    values[0, 0] = np.inf
+    code, stdout, err = run(capsys, "verify", out)
+    assert code == 1 and "FAILED (2 problems)" in stdout
+    problems = [line for line in err.splitlines() if line.startswith("PROBLEM")]
+    assert len(problems) == 2, err
+    assert f"{index['shards'][0]['name']}:ok0: s20 holds 1 NaN/Inf values" in problems[0]
+    assert "s10/values holds 1 NaN/Inf values (samples ['ok0'])" in problems[1]
