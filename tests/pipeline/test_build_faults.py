@@ -193,3 +193,24 @@ def test_non_finite_features_are_rejected_and_verified(tmp_path, capsys):
     assert len(problems) == 2, err
     assert f"{index['shards'][0]['name']}:ok0: s20 holds 1 NaN/Inf values" in problems[0]
     assert "s10/values holds 1 NaN/Inf values (samples ['ok0'])" in problems[1]
+
+
+# --- item 4: verify reports a missing or unreadable shard and goes on -----------------------------------------------
+
+
+def test_verify_goes_on_past_missing_and_unreadable_shards(tmp_path, capsys):
+    rows = clips(tmp_path, [(f"c{i}.wav", "ab"[i % 2]) for i in range(8)])
+    out = tmp_path / "out"
+    code, _, err = build(capsys, write_manifest(tmp_path / "m.csv", rows), out, "--shard-samples", "2")
+    assert code == 0, err
+    shards = [s["name"] for s in accounted(out)["shards"]]
+    assert len(shards) == 4
+    os.remove(out / shards[0])  # missing
+    (out / shards[2]).write_bytes(b"\0garbage, not a tar" * 10)  # unreadable
+    code, stdout, err = run(capsys, "verify", out)
+    assert code == 1 and "Traceback" not in err
+    problems = [line for line in err.splitlines() if line.startswith("PROBLEM")]
+    assert any(shards[0] in p and "missing" in p for p in problems), err
+    assert any(shards[2] in p for p in problems), err
+    assert not any(shards[1] in p or shards[3] in p for p in problems), err  # the good shards were read, clean
+    assert "4 shards read back: FAILED" in stdout
