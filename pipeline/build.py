@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass, field
 
 from flexast.pipeline.build_config import BuildConfig, digest
+from flexast.pipeline.build_outputs import check_fresh_output, earlier_build, remove_earlier_build
 from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.executor import default_decode_ahead, make_executor
 from flexast.pipeline.manifest import Manifest, ManifestRow, Vocabulary, is_url, read_manifest
 from flexast.pipeline.shard_task import DURATION_EDGES_S, ShardTask, part_url, write_shard
-from flexast.pipeline.shards import filesystem, join, read_bytes, write_bytes, write_zarr_root
+from flexast.pipeline.shards import join, read_bytes, write_bytes, write_zarr_root
 from flexast.pipeline.stats import RunningStats, merge_all
 from flexast.pipeline.units import num_frames, shift_name
 
@@ -158,18 +159,6 @@ def plan_shards(accepted, config: BuildConfig, seconds: list[float | None] | Non
     return plan
 
 
-def _remove_outputs(out: str, storage_options: dict | None) -> None:
-    """Delete what a build writes in ``out`` (and nothing else)."""
-    fs, path = filesystem(out, storage_options)
-    if not fs.exists(path):
-        return
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        ours = name in ("index.json", "rejected.jsonl", "_build.json", "_parts", "store.zarr") or name.endswith(".tar")
-        if ours or (name.startswith(".") and ".tmp-" in name):
-            fs.rm(entry, recursive=True)
-
-
 def _remove_stale_temps(out: str) -> None:
     """Remove temporary files a killed build left behind (local outputs only)."""
     for folder in (out, os.path.join(out, "store.zarr"), os.path.join(out, "_parts")):
@@ -273,7 +262,8 @@ def build_shards(
         dask: Dask scheduler address ``tcp://host:port``, or ``local:N`` to start a LocalCluster of N processes.
         executor: an executor from :func:`pipeline.executor.make_executor` to reuse (not closed here); overrides
             ``workers`` and ``dask``.
-        overwrite: replace an existing output built with another config instead of refusing.
+        overwrite: replace an existing output built with another config instead of refusing; deletes only the
+            earlier build's files, and refuses if anything else is in ``out`` (:mod:`pipeline.build_outputs`).
         progress: show a tqdm bar (clips/s, audio hours/s) and print the summary.
         storage_options: fsspec options for the output and for audio/manifest URLs.
         decode_ahead: clips each task decodes ahead of the featurizer, and reduces and writes behind it, on
@@ -282,7 +272,8 @@ def build_shards(
         log: where summary lines go.
 
     Raises:
-        ConfigError: the output holds a build with a different config and ``overwrite`` is False.
+        ConfigError: the output holds a build with a different config and ``overwrite`` is False, or files that
+            are not the earlier build's are in the way (named in the message).
         ManifestError: the manifest cannot be parsed at all.
     """
     config = config or BuildConfig()
@@ -326,19 +317,20 @@ def build_shards(
         config_dict["vocabulary_sha256"] = digest([vocabulary.names, vocabulary.display_names])
         config_hash = digest(config_dict)
 
-        previous = read_bytes(join(out, "_build.json"), storage_options)
-        if previous is not None and json.loads(previous)["config_hash"] != config_hash:
+        stems = [stem for stem, _, _ in plan]
+        previous = earlier_build(out, storage_options)
+        if previous is None:
+            check_fresh_output(out, stems if config.format != "zarr" else [], overwrite, storage_options)
+        elif previous.config_hash != config_hash:
             if not overwrite:
                 raise ConfigError(
-                    f"{out} holds a build with another config (hash {json.loads(previous)['config_hash'][:12]}, "
+                    f"{out} holds a build with another config (hash {previous.config_hash[:12]}, "
                     f"this one {config_hash[:12]}); use --overwrite to replace it or choose another --out"
                 )
-            _remove_outputs(out, storage_options)
-        elif overwrite and previous is None:
-            _remove_outputs(out, storage_options)
+            remove_earlier_build(out, previous, storage_options)
         if not is_url(out):
             _remove_stale_temps(out)
-        build_meta = {"config_hash": config_hash, "config": config_dict}
+        build_meta = {"config_hash": config_hash, "config": config_dict, "shards": stems}  # what --overwrite may delete
         write_bytes(
             join(out, "_build.json"), json.dumps(build_meta, indent=1, sort_keys=True).encode(), storage_options
         )

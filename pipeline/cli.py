@@ -74,7 +74,8 @@ def _add_build(p: argparse.ArgumentParser) -> None:
                         "threads (0: all inline; default 2, or 0 when local workers fill every core). "
                         "Speed only; the output is the same")  # fmt: skip
     p.add_argument("--dask", metavar="ADDRESS", help="run on Dask: tcp://scheduler:8786, or local:N for a LocalCluster")
-    p.add_argument("--overwrite", action="store_true", help="replace an output built with a different config")
+    p.add_argument("--overwrite", action="store_true", help="replace an output built with a different config "
+                   "(deletes only the earlier build's files; refuses if the folder holds anything else)")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="exit non-zero if any row was rejected")
     p.add_argument("--storage-options", help="fsspec options as JSON, e.g. '{\"anon\": true}'")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

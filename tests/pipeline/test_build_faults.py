@@ -214,3 +214,60 @@ def test_verify_goes_on_past_missing_and_unreadable_shards(tmp_path, capsys):
     assert any(shards[2] in p for p in problems), err
     assert not any(shards[1] in p or shards[3] in p for p in problems), err  # the good shards were read, clean
     assert "4 shards read back: FAILED" in stdout
+
+
+# --- item 5: --overwrite deletes only what the earlier build wrote --------------------------------------------------
+
+
+def folder_state(folder) -> dict[str, bytes]:
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                state[os.path.relpath(path, folder)] = f.read()
+    return state
+
+
+def test_overwrite_removes_only_the_earlier_builds_files(tmp_path, capsys):
+    rows = clips(tmp_path, [(f"c{i}.wav", "ab"[i % 2]) for i in range(6)])
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "my_photos_backup.tar").write_bytes(b"precious")
+    (out / "index.json").write_text('{"my": "own index"}')
+    user_files = folder_state(out)
+
+    # a new build never writes over a user's file of a name it uses; --overwrite never deletes one
+    for extra in ([], ["--overwrite"]):
+        code, _, err = build(capsys, manifest, out, "--shard-samples", "2", *extra)
+        assert code == 2 and "index.json" in err and len(err.strip().splitlines()) == 1, err
+        assert folder_state(out) == user_files
+    os.remove(out / "index.json")
+    user_files = folder_state(out)
+    code, _, err = build(capsys, manifest, out, "--shard-samples", "2", "--overwrite")
+    assert code == 2 and "my_photos_backup.tar" in err and folder_state(out) == user_files
+
+    # beside the user's tar (no --overwrite): the build is written and leaves it alone
+    code, _, err = build(capsys, manifest, out, "--shard-samples", "2")
+    assert code == 0, err
+    assert (out / "my_photos_backup.tar").read_bytes() == b"precious"
+    first = accounted(out)
+    # a changed config with --overwrite: refused while the user's file is there, nothing deleted
+    before = folder_state(out)
+    code, _, err = build(capsys, manifest, out, "--shard-samples", "3", "--overwrite")
+    assert code == 2 and "my_photos_backup.tar" in err and "nothing was deleted" in err, err
+    assert folder_state(out) == before
+    # once it is moved away, --overwrite removes exactly the earlier build's files and writes the new build
+    os.rename(out / "my_photos_backup.tar", tmp_path / "my_photos_backup.tar")
+    code, _, err = build(capsys, manifest, out, "--shard-samples", "3", "--overwrite")
+    assert code == 0, err
+    second = accounted(out)
+    assert (second["read"], second["written"]) == (6, 6) and len(second["shards"]) == 2 != len(first["shards"])
+    assert sorted(os.listdir(out)) == sorted(["_build.json", "_parts", "rejected.jsonl", "index.json",
+                                              "train-000000.tar", "train-000001.tar"])  # fmt: skip
+    # a file placed inside the build's own folders is in the way too
+    (out / "_parts" / "notes.txt").write_text("mine")
+    code, _, err = build(capsys, manifest, out, "--shard-samples", "2", "--overwrite")
+    assert code == 2 and "_parts/notes.txt" in err
+    assert (out / "_parts" / "notes.txt").read_text() == "mine" and accounted(out) == second
