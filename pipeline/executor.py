@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -33,13 +36,57 @@ class InlineExecutor:
         pass
 
 
+WATCH_INTERVAL_S = 0.5  # how often a pool worker checks that the build driver is still alive
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def driver_alive(pid: int) -> bool:
+    """False once process ``pid`` has exited (a zombie awaiting its parent's wait counts as exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (macOS): kill(0) is all there is
+        return True
+
+
+def _watch(pid: int) -> None:
+    while driver_alive(pid):
+        time.sleep(WATCH_INTERVAL_S)
+    os._exit(1)  # the driver is gone: nobody will collect this shard; its temp file is cleaned by a rerun
+
+
+def die_with_driver(driver_pid: int) -> None:
+    """Pool initializer: end this worker when the build driver dies, even by SIGKILL (as the OOM killer sends).
+
+    Without it, workers whose driver was killed go on writing shards nobody collects, then wait forever: they
+    hold both ends of their task queue, and the fork server waits for them. On Linux the parent-death signal
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) ends a worker with its parent, the fork server; everywhere a daemon
+    thread watches the driver's pid and exits within :data:`WATCH_INTERVAL_S`. Once the workers are gone, the
+    fork server (at EOF on its pipe from the driver) and multiprocessing's resource tracker exit too.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog alone
+            pass
+    threading.Thread(target=_watch, args=(driver_pid,), name="flexast-driver-watch", daemon=True).start()
+
+
 class ProcessExecutor:
     """A local pool of ``workers`` processes.
 
     Workers are forked from a fresh fork server that has imported :mod:`pipeline.worker_preload` once (torch,
     the task module, the compiled numba kernel), so they start fast and never inherit this process's threads
     (forking a process with live torch thread pools can deadlock). Where fork servers do not exist (Windows,
-    macOS defaults), workers are spawned.
+    macOS defaults), workers are spawned. Workers exit when the driver dies (:func:`die_with_driver`).
     """
 
     def __init__(self, workers: int):
@@ -52,7 +99,9 @@ class ProcessExecutor:
             ctx.set_forkserver_preload(["flexast.pipeline.worker_preload"])
         else:
             ctx = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=die_with_driver, initargs=(os.getpid(),)
+        )
 
     def map(self, fn: Callable, items: list) -> list:
         return list(self.pool.map(fn, items))
