@@ -5,6 +5,8 @@ and :mod:`model.demo`.
     model eval    --checkpoint RUN/final [--checkpoint RUN2/final ...] --data SHARDS [--patches 8,16,32] ...
     model predict --checkpoint RUN/final FILE [FILE ...] [--patch 16] [--shift 10] [--json] [--embeddings e.npy]
     model demo    [--out DIR]
+    model ls                                    list the built-in recipes (``--config NAME`` finds them)
+    model cp NAME DEST [--force]                copy a built-in recipe out for editing
 """
 
 from __future__ import annotations
@@ -83,6 +85,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    from flexast.model.recipes_registry import describe_recipes
+
+    rows = describe_recipes()
+    width = max(len(n) for n, _ in rows)
+    for name, header in rows:
+        print(f"{name:<{width}}  {header}")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from flexast.model.recipes_registry import copy_recipe
+
+    dest = copy_recipe(args.name, args.dest, force=args.force)
+    print(f"copied {args.name} to {dest}; train it with: model train --config {dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model",
@@ -97,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train from a YAML recipe "
         "(see configs/). The resolved config, metrics.jsonl, checkpoints and report.md go to run.out_dir.",
     )
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a YAML file, or the name of a built-in recipe (e.g. demo; `model ls` lists them)",
+    )
     p.add_argument(
         "--set",
         nargs="*",
@@ -155,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; does not learn much)")
     p.set_defaults(_run=cmd_demo)
+
+    p = sub.add_parser(
+        "ls",
+        help="list the built-in recipes",
+        description="Lists the recipes shipped with flexast (the repository's configs/) with the run command "
+        "of each header. `model train --config NAME` trains one as it is.",
+    )
+    p.set_defaults(_run=cmd_ls)
+
+    p = sub.add_parser(
+        "cp",
+        help="copy a built-in recipe out for editing",
+        description="Copies built-in recipe NAME to DEST (a file, or a folder that gets NAME.yaml); then edit it "
+        "and train with `model train --config DEST`.",
+    )
+    p.add_argument("name", help="built-in recipe name, e.g. demo (see `model ls`)")
+    p.add_argument("dest", help="file or folder to copy it to")
+    p.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    p.set_defaults(_run=cmd_cp)
     return parser
 
 

@@ -373,8 +373,13 @@ def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str 
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (safe loader only) and validate it; see :func:`from_dict`."""
-    path = Path(path)
+    """Read a YAML recipe (safe loader only) and validate it; see :func:`from_dict`.
+
+    ``path`` is a file, or the name of a built-in recipe (``demo``): see :mod:`model.recipes_registry`.
+    """
+    from flexast.model.recipes_registry import resolve_config
+
+    path = resolve_config(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:

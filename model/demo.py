@@ -26,10 +26,11 @@ import numpy as np
 from flexast.model.config import load_config
 from flexast.model.evaluate import GridSpec, eval_grid, markdown_tables, plot_sweeps, write_csv
 from flexast.model.metrics import chance_metrics
+from flexast.model.recipes_registry import builtin_recipe
 from flexast.model.report import human_flops
 from flexast.model.train import remove_run
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = builtin_recipe("demo")
 SHIFTS_MS = (10.0, 20.0, 40.0)
 BASELINE = [
     "recipe.name=ast",
