@@ -5,6 +5,7 @@ and :mod:`model.demo`.
     model eval    --checkpoint RUN/final [--checkpoint RUN2/final ...] --data SHARDS [--patches 8,16,32] ...
     model predict --checkpoint RUN/final FILE [FILE ...] [--patch 16] [--shift 10] [--json] [--embeddings e.npy]
     model demo    [--out DIR]
+    model export  --checkpoint RUN/final --to hf|onnx --out DIR [--patch P]
     model ls                                    list the built-in recipes (``--config NAME`` finds them)
     model cp NAME DEST [--force]                copy a built-in recipe out for editing
 """
@@ -82,6 +83,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flexast.model.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.to == "hf":
+        from flexast.model.export_hf import export_hf
+
+        patch = _patch(args.patch)
+        if patch is not None and patch[0] != patch[1]:
+            print(f"error: HF AST needs a square patch, got --patch {args.patch}", file=sys.stderr)
+            return 2
+        files = export_hf(args.checkpoint, args.out, None if patch is None else patch[0])
+    else:
+        from flexast.model.export_onnx import export_onnx
+
+        files = export_onnx(args.checkpoint, args.out, _patch(args.patch), opset=args.opset)
+    for f in files:
+        print(f"wrote {f}")
     return 0
 
 
@@ -179,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; does not learn much)")
     p.set_defaults(_run=cmd_demo)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to Hugging Face transformers or ONNX",
+        description="--to hf writes config.json, model.safetensors and preprocessor_config.json for "
+        "ASTForAudioClassification.from_pretrained(DIR) and pipeline('audio-classification', model=DIR); "
+        "--to onnx writes model.onnx (fbank features (B, T, F) to logits, dynamic T) and a JSON of the "
+        "fbank and normalisation it expects. See docs/interop.md.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a run's final/ folder (weights and labels.json)")
+    p.add_argument("--to", required=True, choices=["hf", "onnx"], help="target format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--patch", help="patch size to export at, e.g. 16 (hf: square only; default: the model's own)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx only)")
+    p.set_defaults(_run=cmd_export)
 
     p = sub.add_parser(
         "ls",

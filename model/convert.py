@@ -277,6 +277,47 @@ def to_official_ast(model: ASTModel) -> dict[str, torch.Tensor]:
     return out
 
 
+_HF4_LAYER = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense"}
+_HF4_LAYER.update({"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"})
+_HF4_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+_HF_TOP_INV = {ours: theirs for theirs, ours in _HF_TOP.items()}
+_BLOCK_RE = re.compile(r"^encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def to_hf(model: ASTModel) -> dict[str, torch.Tensor]:
+    """The HF ``ASTForAudioClassification`` state dict (transformers 4.x names) of a grid/``cls_dist`` model.
+
+    The 4.x names load in transformers 4.x and 5.x alike (5.x renames them on load); :func:`from_hf` reads
+    both back. The fused ``qkv`` is split into query/key/value. The model's own patch and strides become the
+    HF ``patch_size``/``frequency_stride``/``time_stride``: a square base patch is required.
+    """
+    c = model.config
+    if c.pos_embed != "grid" or c.pool != "cls_dist" or c.base_patch[0] != c.base_patch[1]:
+        raise ConversionError(
+            "HF AST layout needs pos_embed='grid', pool='cls_dist' and a square patch; "
+            f"got {c.pos_embed!r}, {c.pool!r}, {c.base_patch}"
+        )
+    out = {}
+    for k, v in model.state_dict().items():
+        if k in _HF_TOP_INV:
+            name = _HF_TOP_INV[k]
+            out[name if name.startswith("classifier.") else _HF_PREFIX + name] = v
+            continue
+        m = _BLOCK_RE.match(k)
+        if m is None:
+            raise ConversionError(f"no HF AST name for parameter {k!r}")
+        i, name, kind = m.groups()
+        layer = f"{_HF_PREFIX}encoder.layer.{i}."
+        if name == "attn.qkv":
+            for part, hf_name in zip(v.chunk(3, 0), _HF4_QKV, strict=True):  # 3 × (D,) or (D, D)
+                out[f"{layer}{hf_name}.{kind}"] = part.contiguous()
+        elif name in _HF4_LAYER:
+            out[f"{layer}{_HF4_LAYER[name]}.{kind}"] = v
+        else:
+            raise ConversionError(f"no HF AST name for parameter {k!r}")
+    return out
+
+
 def from_timm(state_dict: Mapping[str, torch.Tensor], config: ModelConfig, rgb: str = "mean") -> ASTModel:
     """AST's ImageNet initialisation from a timm DeiT/ViT state dict (encoder, tokens, positions, kernel).
 
