@@ -98,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from flexast.model.export_onnx import export_onnx
 
-        files = export_onnx(args.checkpoint, args.out, _patch(args.patch), opset=args.opset)
+        files = export_onnx(args.checkpoint, args.out, _patch(args.patch), shift_ms=args.shift, opset=args.opset)
     for f in files:
         print(f"wrote {f}")
     return 0
@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run's final/ folder (weights and labels.json)")
     p.add_argument("--to", required=True, choices=["hf", "onnx"], help="target format")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--patch", help="patch size to export at, e.g. 16 (hf: square only; default: the model's own)")
+    p.add_argument(
+        "--patch", help="patch size to export at, e.g. 16 or 16x32 (hf: square only; default: the model's own)"
+    )
+    p.add_argument("--shift", type=float, default=10.0, help="frame shift in ms of the features (onnx only)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx only)")
     p.set_defaults(_run=cmd_export)
 

@@ -23,20 +23,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from flexast.model.attention import Segments
 
 
 def resize_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize (``align_corners=False``) of a ``(D, H, W)`` grid to ``(D, h, w)``; identity if equal."""
-    if tuple(grid.shape[1:]) == tuple(size):
-        return grid
+    if statically_known_true(grid.shape[1] == size[0]) and statically_known_true(grid.shape[2] == size[1]):
+        return grid  # a size only known when traced (ONNX export, dynamic time) takes the exact identity resize
     return F.interpolate(grid[None], size=tuple(size), mode="bilinear", align_corners=False)[0]  # (D, h, w)
 
 
 def resize_table(table: torch.Tensor, n: int) -> torch.Tensor:
     """Linear resize (``align_corners=False``) of an ``(M, D)`` table to ``(n, D)``; identity if equal."""
-    if table.shape[0] == n:
+    if statically_known_true(table.shape[0] == n):
         return table
     out = F.interpolate(table.T[None], size=n, mode="linear", align_corners=False)  # (1, D, n)
     return out[0].T  # (n, D)
