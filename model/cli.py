@@ -6,6 +6,7 @@ and :mod:`model.demo`.
     model predict --checkpoint RUN/final FILE [FILE ...] [--patch 16] [--shift 10] [--json] [--embeddings e.npy]
     model demo    [--out DIR]
     model export  --checkpoint RUN/final --to hf|onnx --out DIR [--patch P]
+    model import  --from hf|official|timm SRC --out RUN/init [--labels FILE]
     model ls                                    list the built-in recipes (``--config NAME`` finds them)
     model cp NAME DEST [--force]                copy a built-in recipe out for editing
 """
@@ -101,6 +102,30 @@ def cmd_export(args: argparse.Namespace) -> int:
         files = export_onnx(args.checkpoint, args.out, _patch(args.patch), shift_ms=args.shift, opset=args.opset)
     for f in files:
         print(f"wrote {f}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from flexast.model.import_weights import import_checkpoint
+
+    options = {}
+    if args.fmt == "official":
+        options = dict(fstride=args.fstride, tstride=args.tstride, input_tdim=args.max_frames, n_mels=args.n_mels)
+    elif args.fmt == "timm":
+        if not args.num_classes:
+            print("error: --from timm needs --num-classes (the head is new)", file=sys.stderr)
+            return 2
+        options = dict(
+            num_classes=args.num_classes,
+            n_mels=args.n_mels,
+            max_frames=args.max_frames,
+            patch=args.patch,
+            pos_embed=args.pos,
+            pool=args.pool,
+        )
+    path = import_checkpoint(args.fmt, args.src, args.out, args.labels, **options)
+    print(f"wrote {path} and {path.parent / 'labels.json'}")
+    print(f"use it as: --set model.init={path.parent}   or   model predict --checkpoint {path.parent} FILE")
     return 0
 
 
@@ -216,6 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=10.0, help="frame shift in ms of the features (onnx only)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx only)")
     p.set_defaults(_run=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="convert an HF / official AST / timm checkpoint into a flexast run folder",
+        description="Writes OUT/model.safetensors and OUT/labels.json, which model.init, model predict and "
+        "model eval take directly. hf: a save_pretrained folder or its weights file (transformers 4.x or 5.x "
+        "names; labels and normalisation from config.json and preprocessor_config.json). official: a "
+        "YuanGongND/ast .pth. timm: a DeiT/ViT state dict (ImageNet init; new head). See docs/model.md.",
+    )
+    p.add_argument("--from", dest="fmt", required=True, choices=["hf", "official", "timm"], help="source format")
+    p.add_argument("src", help="file (or HF folder) to convert")
+    p.add_argument("--out", required=True, help="output folder, e.g. runs/mine/init")
+    p.add_argument("--labels", help="class names: AudioSet's class_labels_indices.csv, or one name per line")
+    p.add_argument("--n-mels", type=int, default=128, help="mel bins (official, timm)")
+    p.add_argument("--max-frames", type=int, default=1024, help="input frames (official: input_tdim; timm)")
+    p.add_argument("--fstride", type=int, default=10, help="frequency stride (official)")
+    p.add_argument("--tstride", type=int, default=10, help="time stride (official)")
+    p.add_argument("--num-classes", type=int, default=0, help="classes of the new head (timm)")
+    p.add_argument("--patch", type=int, default=16, help="square base kernel (timm; resized by PI)")
+    p.add_argument("--pos", default="grid", choices=["grid", "factorized"], help="positions (timm)")
+    p.add_argument("--pool", default="cls_dist", choices=["cls", "cls_dist", "attn", "mean"], help="pooling (timm)")
+    p.set_defaults(_run=cmd_import)
 
     p = sub.add_parser(
         "ls",

@@ -102,8 +102,16 @@ def _load_checked(model: ASTModel, state: dict[str, torch.Tensor], source: str, 
         if k in own and state[k].shape != own[k].shape
     ]
     if missing or unexpected or bad:
+        first = (
+            f"first missing key {missing[0]!r}"
+            if missing
+            else f"first unexpected key {unexpected[0]!r}"
+            if unexpected
+            else f"first shape mismatch {bad[0]}"
+        )
         raise ConversionError(
-            f"{source} state dict does not fit the model: missing={missing}, unexpected={unexpected}, shapes={bad}"
+            f"{source} state dict does not fit the model: {first}; "
+            f"missing={missing}, unexpected={unexpected}, shapes={bad}"
         )
     model.load_state_dict(state, strict=False)
     return model
@@ -171,7 +179,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config=None) -> ASTModel:
         else:
             leftover.append(key)
     if leftover:
-        raise ConversionError(f"HF AST keys not understood: {leftover}")
+        raise ConversionError(f"HF AST keys not understood (first unexpected key {leftover[0]!r}): {leftover}")
     for (i, kind), parts in qkv.items():
         if any(p is None for p in parts):
             raise ConversionError(f"HF AST layer {i}: incomplete q/k/v {kind} (have {[p is not None for p in parts]})")
