@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from flexast.model.ast import ASTModel
+from flexast.model.errors import CheckpointError, ModelConfigError, ShapeError
 from flexast.pipeline.batch import PackedBatch, trim_frames
 
 HOP_MS = 25.0
@@ -115,9 +116,9 @@ def load_model(
     from flexast.model.predict import Predictor
 
     if not model_file_path:
-        raise ValueError("flexast has no built-in weights: pass the checkpoint folder as model_file_path")
+        raise CheckpointError("flexast has no built-in weights: pass the checkpoint folder as model_file_path")
     if not 0 < hop_ms <= 50:
-        raise ValueError(f"hop_ms must be in (0, 50] for HEAR, got {hop_ms}")
+        raise ModelConfigError(f"hop_ms must be in (0, 50] for HEAR, got {hop_ms}")
     predictor = Predictor(model_file_path, "cpu")
     patch = tuple(patch) if patch else tuple(predictor.model.config.base_patch)
     return HearModel(predictor.model, predictor.info, predictor._norm(shift_ms), patch, shift_ms, hop_ms)
@@ -126,7 +127,7 @@ def load_model(
 def _check_audio(audio: torch.Tensor) -> None:
     if not torch.is_tensor(audio) or audio.dim() != 2:
         shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
-        raise ValueError(f"audio must be a (n_sounds, n_samples) tensor, got {shape}")
+        raise ShapeError(f"audio must be a (n_sounds, n_samples) tensor, got {shape}")
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:

@@ -53,6 +53,7 @@ def venv(tmp_path_factory) -> tuple[Path, dict]:
     return root / "venv" / "bin", env
 
 
+@pytest.mark.slow  # about 13 s on 2 idle cores (build, install, a 2-step training run), over 20 s when they are busy
 def test_wheel_lists_copies_and_trains_a_builtin_recipe(venv, tmp_path):
     bin_dir, env = venv
     empty = tmp_path / "work"

@@ -17,6 +17,7 @@ import torch
 
 from flexast.model import adapter, hear
 from flexast.model.ast import ASTModel
+from flexast.model.errors import ModelConfigError, ShapeError
 from flexast.model.predict import Predictor
 from flexast.pipeline.audio import load_audio
 from tests.factories import write_audio
@@ -108,7 +109,7 @@ def test_timestamp_embeddings_interpolate_the_time_columns(checkpoint):
 
 
 def test_bad_arguments_are_named(checkpoint):
-    with pytest.raises(ValueError, match="hop_ms"):
+    with pytest.raises(ModelConfigError, match="hop_ms"):
         hear.load_model(str(checkpoint), hop_ms=80)
-    with pytest.raises(ValueError, match=r"\(n_sounds, n_samples\).*\(16000,\)"):
+    with pytest.raises(ShapeError, match=r"\(n_sounds, n_samples\).*\(16000,\)"):
         hear.get_scene_embeddings(torch.zeros(16000), hear.load_model(str(checkpoint)))
