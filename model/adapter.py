@@ -22,7 +22,7 @@ from torch import nn
 from flexast.model.ast import ASTModel, ModelConfig
 from flexast.model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
 from flexast.model.config import Config
-from flexast.model.data import PaddedBatch
+from flexast.model.data import padded_view
 from flexast.model.errors import CheckpointError
 from flexast.model.pos_embed import resize_grid, resize_table
 from flexast.pipeline.batch import PackedBatch
@@ -144,24 +144,25 @@ def move_to_stage(model: ASTModel, stage, cfg: Config) -> ASTModel:
     return dst
 
 
-def logits(model: nn.Module, batch, cfg: Config) -> torch.Tensor:
-    """``(N, C)`` logits of a packed or padded batch."""
-    if isinstance(batch, PaddedBatch):
-        return model(batch.x)
-    return model(batch)
+def model_input(batch: PackedBatch, padded: bool):
+    """The model's input: the packed batch, or its ``(B, T, F)`` view for the classic padded AST (``data.pad_to``)."""
+    return padded_view(batch) if padded else batch
 
 
-def embeddings(model: ASTModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def logits(model: nn.Module, batch: PackedBatch, cfg: Config) -> torch.Tensor:
+    """``(N, C)`` logits of a batch (packed, or padded when ``data.pad_to``)."""
+    return model(model_input(batch, bool(cfg.data.pad_to)))
+
+
+def embeddings(model: ASTModel, batch: PackedBatch, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits (N, C), pooled embeddings (N, D))``."""
-    if isinstance(batch, PaddedBatch):
-        return model(batch.x, return_embeddings=True)
-    return model(batch, return_embeddings=True)
+    return model(model_input(batch, padded), return_embeddings=True)
 
 
-def teacher_logits(teacher: ASTModel, batch, cfg: Config) -> torch.Tensor:
+def teacher_logits(teacher: ASTModel, batch: PackedBatch, cfg: Config) -> torch.Tensor:
     """The frozen teacher on the same clips, at ``recipe.kd.teacher_patch`` or the teacher's own kernel."""
-    if isinstance(batch, PaddedBatch):
-        return teacher(batch.x)
+    if cfg.data.pad_to:
+        return teacher(padded_view(batch))
     patch = tuple(cfg.recipe.kd.teacher_patch) or teacher.config.base_patch
     if tuple(patch) == batch.patch:
         return teacher(batch)
@@ -188,12 +189,8 @@ def train_flops(model: ASTModel, batch, cfg: Config) -> float:
 def forward_flops_estimate(c: ModelConfig, batch) -> float:
     """Fallback analytic forward FLOPs (2·MACs): patch embedding, attention per clip, MLP, head."""
     d = c.embed_dim
-    if isinstance(batch, PaddedBatch):
-        lengths = [getattr(batch, "_tokens", 0) // max(1, batch.n_clips)] * batch.n_clips
-        p_f, p_t = c.base_patch
-    else:
-        lengths = batch.tokens.tolist()
-        p_f, p_t = batch.patch
+    lengths = batch.tokens.tolist()
+    p_f, p_t = batch.patch
     total = 0.0
     for n in lengths:
         n_all = n + c.n_prefix
@@ -235,6 +232,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def stored_model_config(path: str | Path) -> ModelConfig:
     return read_config(weights_path(path))
+
+
+def label_info(path: str | Path) -> dict:
+    """The ``labels.json`` saved beside a checkpoint's weights (vocabulary, label mode, training statistics),
+    or ``{}`` when there is none."""
+    folder = weights_path(path).parent
+    for candidate in (folder / "labels.json", folder.parent / "labels.json"):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    return {}
 
 
 def label_names(path: str | Path) -> tuple[list[str], list[str]]:

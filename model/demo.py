@@ -86,11 +86,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, log=print) -> di
     runs = _train_both(out, common, log)
 
     from flexast.model import adapter
-    from flexast.model.data import read_clips
+    from flexast.model.data import open_data
+    from flexast.model.evaluate import label_targets
 
     log("[4/5] evaluating both models over patch sizes, frame shifts and lengths")
     t = time.perf_counter()
-    data = read_clips(eval_dir)
+    data = open_data(eval_dir, "eval shards", "memory")
     models = {
         "FlexiAST+ElasticAST": adapter.load_model(runs["flexi_elastic"]["dir"] / "final"),
         "AST (fixed patch 32)": adapter.load_model(runs["baseline_p32"]["dir"] / "final"),
@@ -101,10 +102,13 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, log=print) -> di
         max_lengths=(100, 400) if quick else (50, 100, 200, 400, 800),
         base_max_frames=200,
     )
-    rows = eval_grid(models, data, spec, progress=False)
+    infos = {
+        "FlexiAST+ElasticAST": adapter.label_info(runs["flexi_elastic"]["dir"] / "final"),
+        "AST (fixed patch 32)": adapter.label_info(runs["baseline_p32"]["dir"] / "final"),
+    }
+    rows = eval_grid(models, data, spec, progress=False, infos=infos)
     t_eval = time.perf_counter() - t
-    targets = np.array([c.label_ids[0] for c in data.clips])
-    chance = chance_metrics(targets, data.n_classes)["top1"]
+    chance = chance_metrics(*label_targets(data, True))["top1"]
     write_csv(rows, out / "results.csv")
     tables = markdown_tables(rows, "top1", chance)
     plots = plot_sweeps(rows, "top1", out, chance)
@@ -158,13 +162,14 @@ def _write_report(out, runs, rows, tables, plots, chance, data, t_data, t_eval, 
         "# flexast demo report",
         "",
         "This folder was written by `model demo`. It trained two tiny Audio Spectrogram Transformers on the",
-        f"built-in demo sounds ({data.n_classes} classes: {', '.join(data.display_names)}) and measured how well",
+        f"built-in demo sounds ({len(data.label_names)} classes: "
+        f"{', '.join(data.index['labels'].get('display_names', data.label_names))}) and measured how well",
         "each one copes when you change the patch size, the time resolution or the clip length at test time.",
         "",
         "## What happened",
         "- Data: procedural audio was generated and turned into log-mel shards at "
         f"{', '.join(f'{s:g}' for s in SHIFTS_MS)} ms frame shifts ({t_data:.0f} s). "
-        f"Held-out set: {len(data.clips)} clips.",
+        f"Held-out set: {data.n_clips} clips.",
     ]
     for name, r in runs.items():
         v = r.get("valid", {})

@@ -29,57 +29,59 @@ import torch
 
 from flexast.model import adapter
 from flexast.model.config import Config
-from flexast.model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
+from flexast.model.data import eval_config, norm_table, open_data, shifts_of
 from flexast.model.metrics import chance_metrics, classification_metrics
-from flexast.pipeline.batch import token_count
+from flexast.pipeline.datasource import Source
+from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
 
 DEFAULT_PATCHES = (8, 10, 12, 16, 20, 24, 30, 32, 40, 48)
 
 
-def is_single_label(data: ClipSet) -> bool:
-    return all(len(c.label_ids) == 1 for c in data.clips)
+def is_single_label(source: Source) -> bool:
+    """Whether every clip of the source has exactly one label (then top-1 and softmax, else mAP and sigmoid)."""
+    return all(len(r["meta"].get("label_ids", [])) == 1 for sh in source.shards for r in source.records(sh))
 
 
 @torch.no_grad()
-def score_clipset(
+def score_source(
     model,
-    data: ClipSet,
+    source: Source,
     *,
     patch: tuple[int, int],
     resolution: TimeScale | None = None,
     max_frames: int = 1024,
-    norm: tuple[float, float] | None = None,
+    norm=None,
+    vocab: Sequence[str] | None = None,
+    single: bool | None = None,
     pool_mode: str = "avg",
     budget: int = 16384,
     device: torch.device | str = "cpu",
     pad_to: int = 0,
 ) -> dict:
-    """Scores ``(N, C)`` (sigmoid or softmax follows the labels), targets and timing for every clip."""
+    """Scores ``(N, C)`` (sigmoid or softmax follows the labels), targets and timing for every clip.
+
+    Args:
+        norm: ``(mean, std)`` or ``{shift_name: (mean, std)}``: the *training* statistics (default: the
+            source's own, for a model trained on it).
+        vocab: the model's label names; the source's labels are matched to them by name.
+    """
     resolution = resolution or TimeScale()
-    single = is_single_label(data)
-    n_mels = model.config.n_mels
-    budget = max(budget, token_count(max_frames + patch[1], n_mels, patch))  # room for the longest clip
-    loader = ClipLoader(
-        data,
-        labels="single" if single else "multi",
-        patches=[patch],
-        budget=budget,
-        resolutions=[resolution],
-        pool_mode=pool_mode,
-        max_frames=max_frames,
-        norm=norm,
-        pad_to=pad_to,
-        pad_patch=(*patch, model.config.fstride, model.config.tstride),
-        train=False,
-    )
+    single = is_single_label(source) if single is None else single
+    c = model.config
+    stride = (c.fstride, c.tstride)
+    opts = eval_config(
+        tuple(patch), resolution, max_frames, c.n_mels, single=single, pool_mode=pool_mode, budget=budget,
+        pad_to=pad_to, stride=stride,
+    )  # fmt: skip
+    loader = make_stream(opts, source, vocab=list(vocab) if vocab is not None else None, norm=norm)
     was_training = model.training
     model.eval()
     scores, targets, keys, tokens = [], [], [], 0
     t0 = time.perf_counter()
     for batch in loader:
         batch = batch.to(device)
-        logits = (model(batch.x) if isinstance(batch, PaddedBatch) else model(batch)).float()
+        logits = model(adapter.model_input(batch, bool(pad_to))).float()
         prob = torch.softmax(logits, 1) if single else torch.sigmoid(logits)
         scores.append(prob.cpu().numpy())
         targets.append(batch.labels.cpu().numpy())
@@ -87,7 +89,7 @@ def score_clipset(
         tokens += batch.total_tokens
     model.train(was_training)
     return {
-        "scores": np.concatenate(scores) if scores else np.zeros((0, model.config.num_classes)),
+        "scores": np.concatenate(scores) if scores else np.zeros((0, c.num_classes)),
         "targets": np.concatenate(targets) if targets else np.zeros((0,)),
         "keys": keys,
         "tokens": tokens,
@@ -96,15 +98,17 @@ def score_clipset(
     }
 
 
-def evaluate_clipset(model, data: ClipSet, cfg: Config, *, patch, resolution, max_frames, device) -> dict:
-    """Metrics dict (mAP, AUC, d_prime, top1, n_clips, tokens, seconds) of ``model`` on ``data``."""
-    out = score_clipset(
+def evaluate_source(model, source: Source, cfg: Config, *, patch, resolution, max_frames, device, vocab, norm) -> dict:
+    """Metrics dict (mAP, AUC, d_prime, top1, n_clips, tokens, seconds) of ``model`` on ``source``."""
+    out = score_source(
         model,
-        data,
+        source,
         patch=tuple(patch),
         resolution=resolution,
         max_frames=max_frames,
-        norm=tuple(cfg.data.norm) if cfg.data.norm else None,
+        norm=norm,
+        vocab=vocab,
+        single=cfg.data.labels == "single",
         pool_mode=cfg.data.pool_mode,
         device=device,
         pad_to=cfg.data.pad_to,
@@ -133,14 +137,24 @@ def _patch_for(model, p: int) -> tuple[int, int]:
 
 def eval_grid(
     models: dict[str, object],
-    data: ClipSet,
+    data: Source,
     spec: GridSpec,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    infos: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """One row per (model, sweep, value) with every metric; see the module docstring for the sweeps."""
+    """One row per (model, sweep, value) with every metric; see the module docstring for the sweeps.
+
+    ``infos[name]`` is the model's ``labels.json`` (vocabulary, label mode, training statistics):
+    labels are matched by name and features normalised with the training statistics, as ``model
+    predict`` does. Without it the held-out set's own vocabulary and statistics are used.
+    """
     rows = []
     for name, model in models.items():
+        info = (infos or {}).get(name) or {}
+        vocab = info.get("names")
+        single = {"single": True, "multi": False}.get(info.get("labels")) if info else None
+        norm = norm_table(info, shifts_of(data)) if info else None
         model = model.to(device)
         native = tuple(model.config.base_patch)
         points = []
@@ -157,9 +171,10 @@ def eval_grid(
         for sweep, value, patch, res, mf in points:
             if patch[0] > model.config.n_mels:
                 continue
-            out = score_clipset(
-                model, data, patch=patch, resolution=res, max_frames=mf, pool_mode=spec.pool_mode, device=device
-            )
+            out = score_source(
+                model, data, patch=patch, resolution=res, max_frames=mf, pool_mode=spec.pool_mode, device=device,
+                norm=norm, vocab=vocab, single=single,
+            )  # fmt: skip
             m = classification_metrics(out["scores"], out["targets"])
             row = {
                 "model": name,
@@ -265,7 +280,7 @@ def plot_sweeps(rows: list[dict], metric: str, out_dir: Path, chance: float | No
 
 def run_eval(
     checkpoints: Sequence[str],
-    data: str | ClipSet,
+    data: str | Source,
     out_dir: str | Path,
     spec: GridSpec,
     names: Sequence[str] | None = None,
@@ -276,18 +291,19 @@ def run_eval(
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
-    clips = read_clips(data, max_clips) if isinstance(data, str) else data
+    source = open_data(data, "--data", "memory", max_clips) if isinstance(data, str) else data
     names = list(names) if names else [_default_name(c) for c in checkpoints]
     if len(names) != len(checkpoints):
         raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
     models = {n: adapter.load_model(c, dev) for n, c in zip(names, checkpoints, strict=True)}
-    rows = eval_grid(models, clips, spec, dev)
+    infos = {n: adapter.label_info(c) for n, c in zip(names, checkpoints, strict=True)}
+    rows = eval_grid(models, source, spec, dev, infos=infos)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    single = is_single_label(clips)
+    first = infos[names[0]]
+    single = first["labels"] == "single" if first.get("labels") else is_single_label(source)
     metric = "top1" if single else "mAP"
-    targets = np.array([c.label_ids[0] for c in clips.clips]) if single else _multi_hot(clips)
-    chance = chance_metrics(targets, clips.n_classes)[metric]
+    chance = chance_metrics(*label_targets(source, single, first.get("names")))[metric]
     write_csv(rows, out / "results.csv")
     table = markdown_tables(rows, metric, chance)
     (out / "table.md").write_text(table + "\n")
@@ -295,11 +311,20 @@ def run_eval(
     return {"rows": rows, "table": table, "plots": plots, "metric": metric, "chance": chance}
 
 
-def _multi_hot(data: ClipSet) -> np.ndarray:
-    y = np.zeros((len(data.clips), data.n_classes))
-    for i, c in enumerate(data.clips):
-        y[i, c.label_ids] = 1
-    return y
+def label_targets(source: Source, single: bool, vocab: Sequence[str] | None = None) -> tuple[np.ndarray, int]:
+    """``(targets, n_classes)`` of every clip: class indices (single) or ``(N, C)`` multi-hot, in ``vocab``'s ids."""
+    from flexast.pipeline.datasource import label_map
+
+    names = source.label_names
+    vocab = list(vocab) if vocab else names
+    ids = label_map(names, vocab, source.spec, source.index.get("labels", {}).get("counts"))
+    recs = [r for sh in source.shards for r in source.records(sh)]
+    if single:
+        return np.array([ids[r["meta"]["label_ids"][0]] for r in recs]), len(vocab)
+    y = np.zeros((len(recs), len(vocab)))
+    for i, r in enumerate(recs):
+        y[i, [ids[j] for j in r["meta"].get("label_ids", [])]] = 1
+    return y, len(vocab)
 
 
 def _default_name(path: str) -> str:

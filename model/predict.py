@@ -12,7 +12,6 @@ the remaining files still run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from flexast.model import adapter
+from flexast.model.data import norm_from_info
 from flexast.pipeline.augment import normalise
 from flexast.pipeline.batch import PackedBatch, trim_frames
 from flexast.pipeline.errors import PipelineError
@@ -62,18 +62,12 @@ class Predictor:
         self.device = torch.device(device)
         self.model = adapter.load_model(checkpoint, self.device).eval()
         self.names, self.display = adapter.label_names(checkpoint)
-        info_path = adapter.weights_path(checkpoint).parent / "labels.json"
-        self.info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        self.info = adapter.label_info(checkpoint)
         self.single = self.info.get("labels", "multi") == "single"
 
     def _norm(self, shift_ms: float) -> tuple[float, float]:
-        if self.info.get("norm"):
-            return tuple(self.info["norm"])
-        stats = {float(k): v for k, v in self.info.get("stats", {}).items()}
-        if not stats:
-            return (-4.2677393, 4.5689974)  # AST's AudioSet values
-        nearest = min(stats, key=lambda s: abs(s - shift_ms))
-        return tuple(stats[nearest])
+        """The training statistics (``model eval`` normalises with the same: :func:`model.data.norm_from_info`)."""
+        return norm_from_info(self.info, shift_ms)
 
     def features(self, path: str, shift_ms: float) -> tuple[np.ndarray, float]:
         """``(T, F)`` normalised fbank of one file and its duration in seconds."""

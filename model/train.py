@@ -32,12 +32,15 @@ from flexast.model.checkpointing import (
     save_train_state,
 )
 from flexast.model.config import Config, save_config
-from flexast.model.data import ClipLoader, ClipSet, PaddedBatch, read_clips
-from flexast.model.evaluate import evaluate_clipset
+from flexast.model.data import open_data, shifts_of, stream_config, training_stats
+from flexast.model.evaluate import evaluate_source
 from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.recipes import Stage, plan_stages
 from flexast.model.schedule import lr_at
 from flexast.model.weights import EMA, average_checkpoints
+from flexast.pipeline.datasource import Source
+from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.loader import make_loader
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -51,16 +54,17 @@ def _device(name: str, local_rank: int) -> torch.device:
 class Trainer:
     """A training run of ``cfg``; ``resume=True`` continues from the newest step checkpoint in ``run.out_dir``.
 
-    ``train_data`` / ``valid_data`` may be given directly (tests, the demo); otherwise they are read from
-    ``data.train`` / ``data.valid``.
+    ``train_data`` / ``valid_data`` may be given directly as sources (tests); otherwise they are opened
+    from ``data.train`` / ``data.valid`` (:func:`model.data.open_data`), which fails, naming the path,
+    before any step when a path names nothing or no clips.
     """
 
     def __init__(
         self,
         cfg: Config,
         resume: bool = False,
-        train_data: ClipSet | None = None,
-        valid_data: ClipSet | None = None,
+        train_data: Source | None = None,
+        valid_data: Source | None = None,
     ):
         self.cfg, self.resume = cfg, resume
         self.train_data, self.valid_data = train_data, valid_data
@@ -91,17 +95,19 @@ class Trainer:
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed + self.rank)
-        if self.train_data is None and cfg.data.loader == "stream":
-            from flexast.model.streaming import index_only
-
-            self.train_data = index_only(cfg.data.train)
-        elif self.train_data is None:
-            self.train_data = read_clips(cfg.data.train)
+        if self.train_data is None:
+            self.train_data = open_data(cfg.data.train, "data.train", cfg.data.loader)
         if self.valid_data is None and cfg.data.valid:
-            self.valid_data = read_clips(cfg.data.valid, cfg.eval.max_clips)
-        self.n_classes = self.train_data.n_classes
-        self.stages = plan_stages(cfg, self.train_data.shifts_ms)
-        self.model = adapter.build_model(cfg, self.n_classes, self.train_data.n_mels).to(self.device)
+            self.valid_data = open_data(cfg.data.valid, "data.valid", "memory", cfg.eval.max_clips)
+        self.vocab = self.train_data.label_names
+        self.n_classes = len(self.vocab)
+        if not self.n_classes:
+            raise ConfigError(f"data.train={self.train_data.spec!r}: its index.json lists no label names")
+        if not cfg.data.norm and not self.train_data.index.get("stats"):
+            raise ConfigError(f"data.train={self.train_data.spec!r}: no statistics in its index.json; set data.norm")
+        self.stages = plan_stages(cfg, shifts_of(self.train_data))
+        n_mels = int(self.train_data.index.get("n_mels", cfg.model.n_mels))
+        self.model = adapter.build_model(cfg, self.n_classes, n_mels).to(self.device)
         self.teacher = None
         if cfg.recipe.kd.teacher:
             self.teacher = adapter.load_model(cfg.recipe.kd.teacher, self.device)
@@ -125,41 +131,33 @@ class Trainer:
                     self.tb = None
 
     def _make_loader(self, stage: Stage):
-        d, m = self.cfg.data, self.cfg.model
-        if d.loader == "stream" and not self.train_data.clips:
-            from flexast.model.streaming import StreamAdapter
+        """The stage's loader over the training source (one loader for every source and recipe)."""
+        m = self.cfg.model
+        stride = (m.fstride or stage.patches[0][0], m.tstride or stage.patches[0][1])
+        opts = stream_config(self.cfg, stage, self.cfg.run.seed + 1000 * self.state.stage, stride)
+        return make_loader(opts, self.train_data, rank=self.rank, world_size=self.world)
 
-            return StreamAdapter(self.cfg, stage, self.cfg.run.seed + 1000 * self.state.stage, self.rank, self.world)
-        fs = m.fstride or stage.patches[0][0]
-        ts = m.tstride or stage.patches[0][1]
-        return ClipLoader(
-            self.train_data,
-            labels=d.labels,
-            patches=stage.patches,
-            budget=d.token_budget,
-            row_len=d.row_len,
-            resolutions=stage.resolutions,
-            pool_mode=stage.pool_mode,
-            max_frames=stage.max_frames,
-            pad_to=d.pad_to,
-            pad_patch=(*stage.patches[0], fs, ts),
-            norm=tuple(d.norm) if d.norm else None,
-            freq_mask=d.specaug.freq_mask,
-            time_mask=d.specaug.time_mask,
-            pack_buffer=d.pack_buffer,
-            mixup=d.mixup,
-            mixup_alpha=d.mixup_alpha,
-            balanced=d.balanced,
-            train=True,
-            seed=self.cfg.run.seed + 1000 * self.state.stage,
-            rank=self.rank,
-            world=self.world,
-        )
-
-    def _stage_total_steps(self, stage: Stage, steps_per_epoch: int) -> int:
+    def _stage_total_steps(self, stage: Stage, first_epoch: int) -> int:
+        """Optimizer steps of the stage: ``optim.steps``, else ``epochs`` passes over the data, counted exactly
+        (the loader plans each epoch's steps before it starts); the same whenever the run was interrupted."""
         if stage.steps > 0:
             return stage.steps
-        return max(1, math.ceil(stage.epochs * steps_per_epoch))
+        if self.cfg.optim.steps_per_epoch:
+            return max(1, math.ceil(stage.epochs * self.cfg.optim.steps_per_epoch))
+        whole = int(stage.epochs)
+        total = sum(self._epoch_steps(first_epoch + e) for e in range(whole))
+        if stage.epochs > whole:
+            total += math.ceil((stage.epochs - whole) * self._epoch_steps(first_epoch + whole))
+        return max(1, total)
+
+    def _epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps of one epoch: its loader steps (equal on every rank), or with ``grad_accum_tokens``
+        an estimate from them (full budgets; the same on every rank)."""
+        n = self.loader.steps_in_epoch(epoch)
+        target = self.cfg.optim.grad_accum_tokens
+        if not target:
+            return n
+        return max(1, math.ceil(n * self.world * self.cfg.data.token_budget / target))
 
     def _enter_stage(self, index: int | None, ckpt: Path | None) -> None:
         """Start stage ``index`` fresh, or restore everything from ``ckpt`` (then the stage is the checkpoint's)."""
@@ -173,10 +171,14 @@ class Trainer:
         else:  # kernel and positions interpolated to this stage's grid
             self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
         self.loader = self._make_loader(stage)
+        first_epoch = self.state.epoch
         if ckpt is not None:
-            self.loader.load_state_dict(self.state.loader)
-        self.steps_per_epoch = self.cfg.optim.steps_per_epoch or len(self.loader)
-        self.total_steps = self._stage_total_steps(stage, self.steps_per_epoch)
+            first_epoch = int(self.state.loader.get("stage_first_epoch", self.state.epoch))
+            if self.state.loader:
+                self.loader.load_state_dict(self.state.loader)
+        self.stage_first_epoch = first_epoch
+        self.steps_per_epoch = self.cfg.optim.steps_per_epoch or self._epoch_steps(first_epoch)
+        self.total_steps = self._stage_total_steps(stage, first_epoch)
         self.ddp_model = self.model
         if self.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -255,7 +257,9 @@ class Trainer:
         for batch in batches:
             batch = batch.to(self.device)
             g_tokens, g_clips = self._global(batch.total_tokens, batch.n_clips)
-            last = acc_tokens + g_tokens >= target
+            # The epoch's last micro-step closes the step too (the loader knows where the epoch ends), so
+            # its gradients are synchronised instead of left under no_sync.
+            last = acc_tokens + g_tokens >= target or self.loader.at_epoch_end()
             sync = _null() if last or self.world == 1 else self.ddp_model.no_sync()
             with sync:
                 loss = self._loss(batch, stage)
@@ -266,7 +270,7 @@ class Trainer:
             local_clips += batch.n_clips
             n_micro += 1
             self.flops_spent += adapter.train_flops(self.model, batch, self.cfg) * self.world
-            if not isinstance(batch, PaddedBatch):
+            if not self.cfg.data.pad_to:
                 fill.append(batch.total_tokens / (self.cfg.data.token_budget or batch.total_tokens))
             if last:
                 break
@@ -336,7 +340,7 @@ class Trainer:
                     self.history.append(info)
                     if cfg.eval.every and self.state.step % cfg.eval.every == 0:
                         last_metrics = self._evaluate(stage) or last_metrics
-                    self.state.loader = self.loader.state_dict()
+                    self.state.loader = self._loader_state()
                     if cfg.run.ckpt_every and self.state.step % cfg.run.ckpt_every == 0:
                         self.save_checkpoint()
                     if stop_after is not None and done_now >= stop_after:
@@ -346,9 +350,9 @@ class Trainer:
                 else:
                     # The stage's steps are done: close the epoch if the loader is exactly at its end
                     # (epoch-driven stages), else remember where the loader is.
-                    if getattr(self.loader, "at_epoch_end", lambda: False)():
+                    if self.loader.at_epoch_end():
                         self._end_epoch(stage)
-                    self.state.loader = self.loader.state_dict()
+                    self.state.loader = self._loader_state()
             if bar is not None:
                 bar.close()
                 bar = None
@@ -364,9 +368,12 @@ class Trainer:
                 self.state.stage += 1
         return self._finish(last_metrics)
 
+    def _loader_state(self) -> dict:
+        return {**self.loader.state_dict(), "stage_first_epoch": self.stage_first_epoch}
+
     def _end_epoch(self, stage: Stage) -> None:
         self.state.epoch += 1
-        self.state.loader = self.loader.state_dict()
+        self.state.loader = self._loader_state()
         if self.is_main:
             self._save_weights(self.out / "checkpoints" / f"epoch_{self.state.epoch:04d}")
         if not self.cfg.eval.every:
@@ -378,14 +385,19 @@ class Trainer:
         if self._last_eval[0] == self.state.step:
             return self._last_eval[1]
         res = stage.resolutions[0]
-        metrics = evaluate_clipset(
+        d = self.cfg.data
+        stats = self.train_data.index.get("stats", {})
+        norm = tuple(d.norm) if d.norm else {k: (v["mean"], v["std"]) for k, v in stats.items()}
+        metrics = evaluate_source(
             self.model,
             self.valid_data,
             self.cfg,
             patch=stage.eval_patch,
             resolution=res,
-            max_frames=self.cfg.data.eval_max_frames or stage.max_frames,
+            max_frames=d.eval_max_frames or stage.max_frames,
             device=self.device,
+            vocab=self.vocab,
+            norm=norm,  # the training statistics, as model predict and model eval use
         )
         row = {"step": self.state.step, "stage": stage.name, "split": "valid", **metrics}
         self._log(row)
@@ -410,15 +422,17 @@ class Trainer:
             self._write_labels(path)
 
     def _write_labels(self, folder: Path) -> None:
-        d = self.train_data
+        index = self.train_data.index
+        labels = index.get("labels", {})
+        build = index.get("config", {})
         info = {
-            "names": d.label_names,
-            "display_names": d.display_names,
+            "names": self.vocab,
+            "display_names": list(labels.get("display_names", self.vocab)),
             "labels": self.cfg.data.labels,
-            "stats": {str(k): list(v) for k, v in d.stats.items()},
+            "stats": training_stats(self.train_data) if index.get("stats") else {},
             "norm": list(self.cfg.data.norm),
-            "features": d.features,
-            "sample_rate": d.sample_rate,
+            "features": dict(build.get("features", {})),
+            "sample_rate": int(index.get("sample_rate", build.get("sample_rate", 16000))),
         }
         (folder / "labels.json").write_text(json.dumps(info, indent=1))
 

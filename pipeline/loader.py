@@ -1,40 +1,44 @@
-"""The trainer's entry point: an iterable of :class:`~pipeline.batch.PackedBatch` per (rank, world_size, epoch).
+"""The one loader: an iterable of :class:`~pipeline.batch.PackedBatch` per (rank, world_size, epoch), over any source.
 
-Notation: ``R`` ranks, ``W`` workers per rank, ``k`` steps this rank's slots planned, ``K`` the most
-steps any rank planned.
+Notation: ``R`` ranks, ``W`` workers per rank, ``k`` steps this rank planned, ``K`` the most steps any
+rank planned.
 
-Guarantees, per epoch:
+Train, evaluation, in-training validation, the demo and the benchmarks all read through
+:class:`StreamLoader`; only the source differs (:mod:`pipeline.datasource`: tar, Zarr, memory).
 
-* **Order.** Worker outputs are put in a canonical round-robin order (worker 0, 1, …, skipping
-  workers that are done), whatever order the DataLoader delivers them in, so the sequence is a
-  function of (seed, epoch, R, W) only.
-* **Equal steps on every rank.** Each rank holds back its last ``holdback_steps`` steps. When its
-  slots are exhausted it learns ``K`` through ``reduce_max`` (``torch.distributed`` all-reduce by
-  default) and splits its held-back steps (each split keeps the budget, never drops or repeats a clip)
-  until it has ``K`` steps too. No clip is padded in or dropped; the split steps are less full.
-  If ``K − k`` exceeds what the held-back clips can give, a :class:`~pipeline.errors.PipelineError`
-  says to raise ``holdback_steps``.
-* **Resume.** :meth:`StreamLoader.state_dict` records the epoch, the steps consumed from each worker
-  and the position in the equalised tail; after :meth:`~StreamLoader.load_state_dict` each worker
-  re-plans its first steps without decoding them and the sequence continues where it stopped.
+An epoch is **planned before it is read**. At the first iteration of an epoch each rank plans the
+steps of its ``W`` slots from records (metadata) alone (:func:`pipeline.stream.plan_slot`), in a
+canonical round-robin order over the slots. Then:
+
+* **Equal steps on every rank.** The ranks agree on ``K`` with one ``reduce_max`` (an all-reduce
+  under ``torch.distributed``) at that fixed point: the epoch's first ``iter()``, or the trainer's
+  call of :meth:`StreamLoader.steps_in_epoch`, which every rank makes at the same place. It is
+  never called while a rank is stepping, so it cannot interleave with the trainer's own
+  collectives. A rank with ``k < K`` splits its fullest planned steps (each split keeps the budget,
+  never drops or repeats a clip) until it has ``K``. No clip is padded in or dropped.
+* **Exact epoch length.** :meth:`steps_in_epoch` is the number of steps the epoch will yield, known
+  before its first step; the trainer derives its run length and lr schedule from it.
+* **Workers.** Step ``i`` of the plan is materialised (features fetched, augmented, normalised) by the
+  worker of the slot that planned it, and the loader yields steps in plan order whatever order the
+  DataLoader delivers them in: the sequence is a function of (seed, epoch, R, W) only.
+* **Resume.** :meth:`state_dict` is ``(epoch, position)``; after :meth:`load_state_dict` the epoch
+  is re-planned and continues at ``position``, nothing replayed or skipped.
+* **No empty epoch.** An epoch with no step raises :class:`~pipeline.errors.PipelineError` naming the source.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
 
-from flexast.pipeline.batch import PackedBatch
+from flexast.pipeline.batch import token_count
+from flexast.pipeline.datasource import Source, label_map, open_source
 from flexast.pipeline.errors import ConfigError, PipelineError
-from flexast.pipeline.packing import PackStats
-from flexast.pipeline.sources import expand_urls
-from flexast.pipeline.stream import ShardStream
-from flexast.pipeline.stream_config import StreamConfig
-from flexast.pipeline.units import shift_name
+from flexast.pipeline.packing import PackPlan, PackStats
+from flexast.pipeline.stream import StepDataset, plan_slot
+from flexast.pipeline.stream_config import StreamConfig, _Const
 
 log = logging.getLogger(__name__)
 
@@ -64,50 +68,44 @@ def dist_reduce_max(world_size: int) -> Callable[[int], int]:
     return reduce_max
 
 
-def subset_batch(b: PackedBatch, idx: list[int]) -> PackedBatch:
-    """The clips ``idx`` of ``b`` as a new batch (rows renumbered from 0 in order of appearance)."""
-    clips = b.clip_frames()
-    rows = None
-    if b.rows is not None:
-        old = [int(b.rows[i]) for i in idx]
-        remap = {r: k for k, r in enumerate(dict.fromkeys(old))}
-        rows = [remap[r] for r in old]
-    return PackedBatch.from_clips(
-        [clips[i] for i in idx],
-        b.labels[idx],
-        [b.keys[i] for i in idx],
-        b.patch,
-        frame_shift_ms=b.frame_shift_ms[idx],
-        rows=rows,
-        row_len=b.row_len,
-    )
-
-
-def split_batch(b: PackedBatch) -> tuple[PackedBatch, PackedBatch]:
-    """Two batches from one: by whole rows in row mode (when there are two or more), else by clips."""
-    n = b.n_clips
+def split_plan(plan: PackPlan, n_mels: int, stride=None) -> tuple[PackPlan, PackPlan]:
+    """Two planned steps from one: by whole rows in row mode (when there are two or more), else by clips."""
+    n = len(plan.items)
     if n < 2:
         raise PipelineError(f"cannot split a step of {n} clip")
-    if b.rows is not None and b.n_rows >= 2:
-        half = b.n_rows // 2
-        first = [i for i in range(n) if int(b.rows[i]) < half]
+    if plan.rows is not None and len(set(plan.rows)) >= 2:
+        half = (max(plan.rows) + 1) // 2
+        parts = [[i for i in range(n) if plan.rows[i] < half], [i for i in range(n) if plan.rows[i] >= half]]
     else:
-        first = list(range(n // 2))
-    second = [i for i in range(n) if i not in set(first)]
-    return subset_batch(b, first), subset_batch(b, second)
+        parts = [list(range(n // 2)), list(range(n // 2, n))]
+    out = []
+    for k, idx in enumerate(parts):
+        rows = None
+        if plan.rows is not None:
+            old = [plan.rows[i] for i in idx]
+            remap = {r: j for j, r in enumerate(dict.fromkeys(old))}
+            rows = [remap[r] for r in old]
+        frames = [plan.n_frames[i] for i in idx]
+        stats = dict(plan.stats) if k == 0 else {}
+        stats.update(clips=len(idx), tokens=sum(int(token_count(t, n_mels, plan.patch, stride)) for t in frames))
+        out.append(PackPlan([plan.items[i] for i in idx], frames, plan.patch, rows, stats))
+    return out[0], out[1]
 
 
-def equalise(batches: list[PackedBatch], extra: int) -> list[PackedBatch]:
-    """``len(batches) + extra`` batches holding the same clips: repeatedly split the batch with the most clips."""
-    out = list(batches)
+def equalise(steps: list, extra: int, n_mels: int, stride=None) -> list:
+    """``len(steps) + extra`` steps ``(worker, plan)`` holding the same clips: split the step with most clips."""
+    out = list(steps)
     for _ in range(extra):
-        i = max(range(len(out)), key=lambda j: (out[j].n_clips, -j), default=None)
-        if i is None or out[i].n_clips < 2:
+        i = max(range(len(out)), key=lambda j: (len(out[j][1].items), j), default=None)
+        if i is None or len(out[i][1].items) < 2:
             raise PipelineError(
-                f"cannot add {extra} steps to equalise ranks from {len(batches)} held-back steps "
-                f"({sum(b.n_clips for b in batches)} clips): raise holdback_steps"
+                f"cannot make {len(steps) + extra} steps from {len(steps)} planned steps of "
+                f"{sum(len(p.items) for _, p in steps)} clips on this rank: another rank has more steps "
+                "(too few clips per rank; write more, smaller shards or use fewer ranks)"
             )
-        out[i : i + 1] = split_batch(out[i])
+        w, plan = out[i]
+        a, b = split_plan(plan, n_mels, stride)
+        out[i : i + 1] = [(w, a), (w, b)]
     return out
 
 
@@ -116,14 +114,17 @@ class StreamLoader:
 
     Args:
         cfg: the stream's configuration.
-        source: a source spec (see :func:`pipeline.sources.expand_urls`), e.g. a shard folder's ``index.json``.
+        source: a :class:`~pipeline.datasource.Source`, or a source spec for :func:`~pipeline.datasource.open_source`.
         rank, world_size: this process's DDP rank and the number of ranks.
         epoch: the first epoch.
         reduce_max: ``k ↦ max_r k_r`` across ranks; default ``torch.distributed`` (identity for one rank).
-        in_process: run the ``cfg.num_workers`` slots as generators in this process (tests, debugging)
+        in_process: run the ``cfg.num_workers`` workers' steps in this process (tests, debugging)
             instead of DataLoader worker processes; the sequence is identical.
         pin_memory, prefetch_factor: passed to the DataLoader.
         log_every: log the running packing statistics every this many steps (0: only at the epoch's end).
+        vocab: label names of the model (labels are matched by name); default the source's own.
+        norm: ``{shift_name: (mean, std)}`` or one ``(mean, std)`` pair; default ``cfg``'s pair, else the
+            source's ``index.json`` statistics. Evaluation passes the training statistics.
 
     Attributes:
         stats: running :class:`~pipeline.packing.PackStats` of the epoch so far (fill ratio, padding,
@@ -142,41 +143,101 @@ class StreamLoader:
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         log_every: int = 0,
+        vocab: list[str] | None = None,
+        norm=None,
     ):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} is not in [0, world_size={world_size})")
         self.cfg = cfg
-        index, shards = source if isinstance(source, tuple) else expand_urls(source, cfg.storage_options)
-        self.index, self.shards = index, shards
-        n_classes = cfg.n_classes or len((index or {}).get("labels", {}).get("names", []))
-        if not n_classes and (cfg.label_mode == "multi_hot" or (cfg.train and cfg.mixup_prob > 0)):
-            raise ConfigError(f"number of classes unknown for source {source!r}: set n_classes or use an index.json")
-        cfg.norm_stats(index)  # fails here, in the main process, when no statistics are known
+        if not isinstance(source, Source):
+            source = open_source(source, cfg.storage_options, retries=cfg.retries, backoff_s=cfg.backoff_s)
+        self.source = source
+        self.index = self.source.index
+        names = self.source.label_names
+        self.vocab = list(vocab) if vocab is not None else names
+        labels = self.index.get("labels", {})
+        self.labels = label_map(names, self.vocab, self.source.spec, labels.get("counts")) if names else None
+        self.n_classes = cfg.n_classes or len(self.vocab)
+        if not self.n_classes and (cfg.label_mode == "multi_hot" or (cfg.train and cfg.mixup_prob > 0)):
+            raise ConfigError(f"number of classes unknown for source {self.source.spec!r}: set n_classes or vocab")
+        if norm is None:
+            norm = cfg.norm_stats(self.index)  # fails here, in the main process, when no statistics are known
+        self.norm = _Const(tuple(float(v) for v in norm)) if isinstance(norm, tuple | list) else norm
+        self.n_mels = cfg.n_mels or int(self.index.get("n_mels", 128))
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, cfg.num_workers)
         self.use_processes = cfg.num_workers > 0 and not in_process
         self.reduce_max = reduce_max or dist_reduce_max(world_size)
         self.pin_memory, self.prefetch_factor, self.log_every = pin_memory, prefetch_factor, log_every
         self.last_stats, self.last_read = PackStats(), {}
-        self.dataset = ShardStream(cfg, shards, index, rank, world_size, self.num_workers)
-        self.set_epoch(epoch)
+        self._plan: tuple[int, list, dict] | None = None
+        self._lengths: dict[int, int] = {}
+        self.epoch, self.position = int(epoch), 0
+        self.stats, self.read = PackStats(), {}
+
+    # ---- planning ---------------------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> list[tuple[int, PackPlan]]:
+        """The rank's steps of ``epoch`` as ``(worker, plan)``, equalised across ranks (one ``reduce_max``)."""
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
+        counters: dict = {}
+        per_worker = [
+            plan_slot(
+                self.cfg,
+                self.source,
+                epoch=epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                worker=w,
+                num_workers=self.num_workers,
+                labels=self.labels,
+                counters=counters,
+            )
+            for w in range(self.num_workers)
+        ]
+        steps = []
+        for i in range(max((len(p) for p in per_worker), default=0)):  # canonical round-robin over workers
+            steps += [(w, p[i]) for w, p in enumerate(per_worker) if i < len(p)]
+        k = len(steps)
+        big_k = int(self.reduce_max(k))
+        if big_k == 0:
+            raise PipelineError(
+                f"epoch {epoch} of {self.source.spec!r} yields no step ({counters.get('samples', 0)} clips read; "
+                f"{counters.get('shard_errors', 0)} shards failed): check the data and the length and patch settings"
+            )
+        steps = equalise(steps, big_k - k, self.n_mels, self.cfg.stride)
+        self._plan = (epoch, steps, counters)
+        self._lengths[epoch] = len(steps)
+        return steps
+
+    def steps_in_epoch(self, epoch: int | None = None) -> int:
+        """Exactly how many steps ``epoch`` (default the current one) yields on every rank."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._lengths:
+            self.plan(epoch)
+        return self._lengths[epoch]
+
+    def __len__(self) -> int:
+        return self.steps_in_epoch()
+
+    # ---- position ---------------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning on the next iteration."""
-        self.epoch = int(epoch)
-        self.consumed = [0] * self.num_workers
-        self.next_worker = 0
-        self.tail_yielded = 0
-        self.stats = PackStats()
-        self.read: dict[int, dict] = {}
+        """Go to ``epoch`` (from its beginning, unless it is already the current epoch)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+            self.stats, self.read = PackStats(), {}
+
+    def at_epoch_end(self) -> bool:
+        """True when every step of the current epoch has been handed out."""
+        return self.position >= self.steps_in_epoch()
 
     def state_dict(self) -> dict:
         """Position in the epoch, enough to resume without replaying or skipping a clip."""
         return {
             "epoch": self.epoch,
-            "consumed": list(self.consumed),
-            "next_worker": self.next_worker,
-            "tail_yielded": self.tail_yielded,
+            "position": self.position,
             "num_workers": self.num_workers,
             "world_size": self.world_size,
             "seed": self.cfg.seed,
@@ -184,6 +245,8 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``; the layout (workers, ranks, seed) must be the one it was saved with."""
+        if "position" not in state:
+            raise ConfigError(f"cannot resume: loader state {sorted(state)} is from an older loader (no 'position')")
         mismatch = {
             k: (state.get(k), v)
             for k, v in (("num_workers", self.num_workers), ("world_size", self.world_size), ("seed", self.cfg.seed))
@@ -191,17 +254,28 @@ class StreamLoader:
         }
         if mismatch:
             raise ConfigError(f"cannot resume: saved vs current {mismatch}")
-        self.set_epoch(state["epoch"])
-        self.consumed = list(state["consumed"])
-        self.next_worker = int(state["next_worker"])
-        self.tail_yielded = int(state["tail_yielded"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.stats, self.read = PackStats(), {}
 
-    def _arrivals(self) -> Iterator[tuple[PackedBatch | None, dict]]:
-        self.dataset.epoch = self.epoch
-        self.dataset.skip = list(self.consumed)
+    # ---- iteration --------------------------------------------------------------------------------
+
+    def _dataset(self, steps, start: int) -> StepDataset:
+        ds = StepDataset(
+            self.cfg,
+            self.source,
+            self.norm,
+            self.n_classes,
+            self.cfg.policy(self.epoch),
+            (self.cfg.seed, self.epoch, self.rank),
+        )
+        ds.steps = [(pos, w, plan) for pos, (w, plan) in enumerate(steps)]
+        ds.start = start
+        return ds
+
+    def _arrivals(self, ds: StepDataset) -> Iterator[tuple[int, object, dict]]:
         if self.use_processes:
             yield from torch.utils.data.DataLoader(
-                self.dataset,
+                ds,
                 batch_size=None,
                 num_workers=self.num_workers,
                 collate_fn=_identity,
@@ -209,7 +283,7 @@ class StreamLoader:
                 prefetch_factor=self.prefetch_factor,
             )
             return
-        gens = [self.dataset.slot(w) for w in range(self.num_workers)]
+        gens = [ds.run(w, self.num_workers) for w in range(self.num_workers)]
         live = list(range(self.num_workers))
         while live:  # round-robin like the DataLoader
             for w in list(live):
@@ -218,93 +292,44 @@ class StreamLoader:
                 except StopIteration:
                     live.remove(w)
 
-    def _ordered(self) -> Iterator[tuple[PackedBatch, dict]]:
-        """Canonical round-robin order over workers, starting at ``next_worker``."""
-        queues = [deque() for _ in range(self.num_workers)]
-        done = [False] * self.num_workers
-        arrivals = self._arrivals()
-        p = self.next_worker
-        while not all(done):
-            if done[p]:
-                p = (p + 1) % self.num_workers
-                continue
-            while not queues[p]:
-                batch, info = next(arrivals)
-                queues[info["worker"]].append((batch, info))
-            batch, info = queues[p].popleft()
-            if info.get("done"):
-                done[p] = True
-                self.read[p] = info.get("read", {})
-            else:
-                self.read[p] = info.get("read", {})
-                yield batch, info
-            p = (p + 1) % self.num_workers
-
-    def _account(self, batch: PackedBatch, info: dict | None) -> None:
-        step = {"steps": 1, "clips": batch.n_clips, "tokens": batch.total_tokens, "capacity": self.cfg.budget_tokens}
-        if info is not None:
-            s = info["stats"]
-            step.update({k: s.get(k, 0) for k in ("cropped_clips", "cropped_tokens", "dropped_short")})
-            step["dropped_keys"] = s.get("dropped_keys", [])
-        self.stats.add(step)
+    def _account(self, batch, plan: PackPlan) -> None:
+        s = plan.stats
+        self.stats.add(
+            {
+                "steps": 1,
+                "clips": batch.n_clips,
+                "tokens": batch.total_tokens,
+                "capacity": self.cfg.budget_tokens,
+                "cropped_clips": s.get("cropped_clips", 0),
+                "cropped_tokens": s.get("cropped_tokens", 0),
+                "dropped_short": s.get("dropped_short", 0),
+                "dropped_keys": s.get("dropped_keys", []),
+            }
+        )
         if self.log_every and self.stats.steps % self.log_every == 0:
             log.info("epoch %d rank %d: %s", self.epoch, self.rank, self.stats.summary())
 
-    def __iter__(self) -> Iterator[PackedBatch]:
-        held: deque = deque()
-        for batch, info in self._ordered():
-            held.append((batch, info))
-            if len(held) > self.cfg.holdback_steps:
-                b, inf = held.popleft()
-                self.consumed[inf["worker"]] += 1
-                self.next_worker = (inf["worker"] + 1) % self.num_workers
-                self._account(b, inf)
-                yield b
-        k = sum(self.consumed) + len(held)
-        big_k = int(self.reduce_max(k))
-        tail = equalise([b for b, _ in held], big_k - k)
-        for inf in [inf for _, inf in held][: 0 if self.tail_yielded else None]:  # their crop/drop counters, once
-            self.stats.add({k2: inf["stats"].get(k2, 0) for k2 in ("cropped_clips", "cropped_tokens", "dropped_short")})
-        for i, b in enumerate(tail):
-            if i < self.tail_yielded:
-                continue
-            self.tail_yielded += 1
-            self._account(b, None)
-            yield b
-        log.info("epoch %d rank %d: %s; read %s", self.epoch, self.rank, self.stats.summary(), self.read_counters())
-        self.last_stats, self.last_read = self.stats, self.read_counters()
+    def __iter__(self) -> Iterator:
+        steps = self.plan(self.epoch)
+        plan_read = dict(self._plan[2])
+        pending: dict[int, tuple] = {}
+        arrivals = self._arrivals(self._dataset(steps, self.position))
+        while self.position < len(steps):
+            want = self.position
+            while want not in pending:
+                pos, batch, counters = next(arrivals)
+                pending[pos] = (batch, counters)
+                self.read[steps[pos][0]] = counters
+            batch, _ = pending.pop(want)
+            self.position += 1
+            self._account(batch, steps[want][1])
+            yield batch
+        self.last_stats, self.last_read = self.stats, {**plan_read, **self.read_counters()}
+        log.info("epoch %d rank %d: %s; read %s", self.epoch, self.rank, self.stats.summary(), self.last_read)
         self.set_epoch(self.epoch + 1)
 
-    def estimated_steps(self) -> int | None:
-        """Steps per epoch on this rank, estimated from ``index.json``'s frame totals (for lr schedules).
-
-        None without an index. It ignores trimming to ``p_t`` and padding, so it is a few percent high
-        or low; the exact count is known only when the epoch ends (every rank then has the same).
-        """
-        if not self.index or not self.index.get("shards"):
-            return None
-        policy = self.cfg.policy(self.epoch)
-        totals: dict[str, float] = {}
-        for shard in self.index["shards"]:
-            for name, t in shard.get("frames", {}).items():
-                totals[name] = totals.get(name, 0) + t
-        if policy.kind == "random":
-            names = [shift_name(x) for x in policy.shifts_ms] or sorted(totals)
-            frames = sum(totals.get(n, 0) for n in names) / max(len(names), 1)
-        else:
-            frames = totals.get(shift_name(policy.shift_ms), 0)
-            if policy.kind == "pool":
-                frames /= sum(policy.pool_factors) / len(policy.pool_factors)
-        n_clips = sum(int(sh["samples"]) for sh in self.index["shards"])
-        cap = self.cfg.target_frames or self.cfg.max_frames
-        if cap:
-            frames = n_clips * cap if self.cfg.target_frames else min(frames, n_clips * cap)
-        n_mels = self.cfg.n_mels or int(self.index.get("n_mels", 128))
-        per_frame = sum((n_mels // p_f) / p_t for p_f, p_t in self.cfg.patches) / len(self.cfg.patches)
-        return max(1, math.ceil(frames * per_frame / self.cfg.budget_tokens / self.world_size))
-
     def read_counters(self) -> dict:
-        """Samples, shards and skipped shard errors of this rank's workers so far in the epoch."""
+        """Bytes and requests of this rank's workers so far in the epoch."""
         total: dict = {}
         for counters in self.read.values():
             for k, v in counters.items():

@@ -199,13 +199,17 @@ def pack_stage(
     patches: Sequence[tuple[int, int]] = ((16, 16),),
     buffer_size: int = 128,
     rng: np.random.Generator | None = None,
+    pad_short: bool = False,
+    stride: tuple[int, int] | None = None,
 ) -> Iterator[PackPlan]:
     """Streaming packer over clip records ``{"key", "n_frames", ...}`` (frames available after the length cap).
 
     Each step draws its patch from ``patches`` with ``rng`` (one draw per step, so a resumed stream
     that replays the plan draws the same sizes), counts each buffered clip's tokens at that patch,
     crops clips above the cap (``budget`` flat, ``row_len`` rows) to the cap, and emits the fullest
-    BFD step. A clip shorter than one patch has no tokens: it is dropped and counted (``dropped_short``).
+    BFD step. A clip shorter than one patch has no tokens: it is dropped and counted (``dropped_short``),
+    or, with ``pad_short`` (evaluation: every clip is scored), padded to one patch. ``stride`` counts
+    the overlapping patches of the classic padded AST input (:func:`pipeline.batch.token_count`).
     """
     rng = rng or np.random.default_rng(0)
     cap = budget if mode == "flat" else int(row_len or 0)
@@ -230,6 +234,8 @@ def pack_stage(
         alive = []
         for item in buffer:
             t = trim_frames(int(item["n_frames"]), p_t)
+            if t == 0 and pad_short:
+                t = p_t
             if t == 0:
                 step_stats["dropped_short"] += 1
                 step_stats["dropped_keys"].append(item["key"])
@@ -239,7 +245,7 @@ def pack_stage(
                 continue
             alive.append(item)
             kept.append(min(t, max_frames))
-            counts.append(int(token_count(kept[-1], n_mels, patch)))
+            counts.append(int(token_count(kept[-1], n_mels, patch, stride)))
         buffer = alive
         if not buffer:
             continue
@@ -253,7 +259,7 @@ def pack_stage(
             capacity=budget,
             cropped_clips=len(cropped),
             cropped_tokens=sum(
-                int(token_count(trim_frames(int(buffer[i]["n_frames"]), p_t), n_mels, patch)) - counts[i]
+                int(token_count(trim_frames(int(buffer[i]["n_frames"]), p_t), n_mels, patch, stride)) - counts[i]
                 for i in cropped
             ),
         )

@@ -22,6 +22,7 @@ Every stage is a plain generator ``stage(src, **params)`` over dicts, testable o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import heapq
 import io
@@ -39,9 +40,8 @@ from flexast.pipeline.errors import ShardError
 from flexast.pipeline.packing import PackPlan, pack_stage
 from flexast.pipeline.resolution import ResolutionPolicy, apply_pool
 from flexast.pipeline.sampling import mean_clip_weight, reweight_stage
-from flexast.pipeline.sources import ShardInfo, read_shard
+from flexast.pipeline.sources import ShardInfo
 from flexast.pipeline.stream_config import StreamConfig
-from flexast.pipeline.units import shift_name
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +96,24 @@ def assign_shards(
     return [(order[j], every, slot // n)]
 
 
-def read_stage(
-    assignments: list[tuple[ShardInfo, int, int]], cfg: StreamConfig, counters: dict, want=None
+def record_stage(
+    assignments: list[tuple[ShardInfo, int, int]], source, counters: dict, on_error: str = "raise"
 ) -> Iterator[dict]:
-    """Samples of the assigned shards (with retries); ``on_error='skip'`` skips a failing shard and counts it.
-
-    ``want(key, meta)`` limits the features kept to the shifts it names (see :func:`pipeline.sources.read_shard`).
-    """
+    """Records (metadata) of the assigned shards; ``on_error='skip'`` skips an unreadable shard and counts it."""
     for shard, every, offset in assignments:
         try:
-            for i, sample in enumerate(read_shard(shard, cfg.storage_options, cfg.retries, cfg.backoff_s, want)):
-                if i % every == offset:
-                    counters["samples"] = counters.get("samples", 0) + 1
-                    yield sample
+            recs = source.records(shard)
         except ShardError as exc:
-            if cfg.on_error == "raise":
+            if on_error == "raise":
                 raise
             counters["shard_errors"] = counters.get("shard_errors", 0) + 1
             counters.setdefault("failed_shards", []).append(shard.url)
-            log.warning("skipping the rest of a shard (on_error=skip): %s", exc)
+            log.warning("skipping a shard (on_error=skip): %s", exc)
+            continue
+        for i, rec in enumerate(recs):
+            if i % every == offset:
+                counters["samples"] = counters.get("samples", 0) + 1
+                yield rec
         counters["shards"] = counters.get("shards", 0) + 1
 
 
@@ -135,34 +134,34 @@ def shuffle_stage(src: Iterable, size: int, rng: np.random.Generator) -> Iterato
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-def resolve_stage(src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int) -> Iterator[dict]:
-    """Choose each clip's resolution and frame count (length cap or fixed target); keep only that shift's bytes."""
-    for sample in src:
-        key, meta = sample["key"], sample["meta"]
-        if meta is None:
-            raise ShardError(f"shard {sample['url']}: sample {key!r} has no .json member")
-        occ = int(sample.get("occurrence", 0))
-        frames = meta.get("frames") or {}
-        if occ == 0 and sample.get("note") is not None:
-            res, rng = sample["note"]  # drawn by the reader's filter, identically
-        else:
-            rng = clip_rng(cfg, epoch, key, occ, _CLIP)
-            res = policy.choose(frames, rng)
-        if res.shift not in sample["npy"]:
-            raise ShardError(f"shard {sample['url']}: sample {key!r} has no {res.shift}.npy member")
+def resolve_stage(
+    src: Iterable[dict], cfg: StreamConfig, policy: ResolutionPolicy, epoch: int, labels: list[int] | None = None
+) -> Iterator[dict]:
+    """Choose each clip's resolution and frame count (length cap or fixed target), and the location of that shift.
+
+    ``labels`` maps the source's label ids to the loader's vocabulary (:func:`pipeline.datasource.label_map`).
+    """
+    for rec in src:
+        key, meta = rec["key"], rec["meta"]
+        occ = int(rec.get("occurrence", 0))
+        rng = clip_rng(cfg, epoch, key, occ, _CLIP)
+        res = policy.choose(meta.get("frames") or {}, rng)
+        if res.shift not in rec["loc"]:
+            raise ShardError(f"shard {rec['url']}: sample {key!r} has no {res.shift} features")
         n = res.n_frames
         if cfg.target_frames:
             n = cfg.target_frames
         elif cfg.max_frames:
             n = min(n, cfg.max_frames)
+        ids = [int(i) for i in meta.get("label_ids", [])]
         yield {
             "key": key,
-            "url": sample["url"],
-            "meta": meta,
+            "url": rec["url"],
+            "label_ids": ids if labels is None else [labels[i] for i in ids],
             "occurrence": occ,
             "res": res,
             "n_frames": n,
-            "npy": sample["npy"][res.shift],
+            "loc": rec["loc"][res.shift],
             "rng": rng,  # the clip's generator, next used for its crop and masks
         }
 
@@ -188,7 +187,7 @@ def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tenso
     if cfg.label_mode == "index":
         ids = []
         for it in items:
-            lab = it["meta"].get("label_ids", [])
+            lab = it["label_ids"]
             if len(lab) != 1:
                 raise ShardError(f"label_mode='index' needs one label per clip; {it['key']!r} has {lab}")
             ids.append(int(lab[0]))
@@ -198,12 +197,12 @@ def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tenso
         return out
     out = torch.zeros(len(items), n_classes, dtype=torch.float32)
     for i, it in enumerate(items):
-        out[i, list(it["meta"].get("label_ids", []))] = 1.0
+        out[i, list(it["label_ids"])] = 1.0
     return out
 
 
-def _crop(x: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """``(T, F)`` → ``(n, F)``: a random, centred or first window when ``T > n``; zeros appended when ``T < n``."""
+def _crop(x: np.ndarray, n: int, mode: str, rng: np.random.Generator, fill: float = 0.0) -> np.ndarray:
+    """``(T, F)`` → ``(n, F)``: a random, centred or first window when ``T > n``; ``fill`` appended when ``T < n``."""
     t = x.shape[0]
     if t > n:
         start = {"random": lambda: int(rng.integers(0, t - n + 1)), "center": lambda: (t - n) // 2}.get(
@@ -211,7 +210,7 @@ def _crop(x: np.ndarray, n: int, mode: str, rng: np.random.Generator) -> np.ndar
         )()
         return x[start : start + n]
     if t < n:
-        return np.concatenate([x, np.zeros((n - t, x.shape[1]), x.dtype)], 0)  # (n, F)
+        return np.concatenate([x, np.full((n - t, x.shape[1]), fill, x.dtype)], 0)  # (n, F)
     return x
 
 
@@ -220,21 +219,27 @@ def materialise(
     cfg: StreamConfig,
     norm: dict[str, tuple[float, float]],
     n_classes: int,
-    epoch: int,
     mix_rng,
     policy: ResolutionPolicy,
+    source,
+    counters: dict | None = None,
 ) -> PackedBatch:
-    """Decode, pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`.
+    """Fetch, pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`.
 
-    Each clip is widened from float16 straight into its slice of the step's ``(ΣT, F)`` buffer, and
-    masks and normalisation then work in place on that slice: one copy per clip.
+    Only the features the step uses are fetched (one shift per clip). Each clip is widened from
+    float16 straight into its slice of the step's ``(ΣT, F)`` buffer, and masks and normalisation then
+    work in place on that slice. Padding: ``target_frames`` (classic AST) appends zeros before
+    normalising, as AST does; an evaluation clip shorter than one patch is padded with its shift's
+    mean, which normalises to 0 (what ``model predict`` pads with).
     """
+    raw = source.fetch([(it["url"], it["loc"]) for it in plan.items], counters)  # (T, F) float16 each
     arrays, rngs = [], []
-    for it, n in zip(plan.items, plan.n_frames, strict=True):
-        x = load_npy(it["npy"], f"shard {it['url']}: sample {it['key']!r}")  # (T, F) float16 at the stored shift
-        x = apply_pool(x, it["res"], policy.pool_mode, policy.pool_tail)  # (T', F)
-        rng = it["rng"]
-        arrays.append(_crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng))  # (n, F)
+    for it, n, x in zip(plan.items, plan.n_frames, raw, strict=True):
+        if it["res"].pool > 1:  # pooled in float32: a float16 mean would round the result
+            x = apply_pool(x.astype(np.float32), it["res"], policy.pool_mode, policy.pool_tail)  # (T', F)
+        fill = 0.0 if cfg.target_frames else norm[it["res"].shift][0]
+        rng = copy.deepcopy(it["rng"])  # the plan stays replayable: its generators are never advanced
+        arrays.append(_crop(x, n, cfg.crop if cfg.train else cfg.eval_crop, rng, fill))  # (n, F)
         rngs.append(rng)
     n_mels = arrays[0].shape[1]
     frames = torch.empty(sum(plan.n_frames), n_mels)  # (ΣT, F)
@@ -268,115 +273,78 @@ def materialise(
     )
 
 
-def _wanted_shifts(cfg: StreamConfig, policy: ResolutionPolicy, epoch: int):
-    """The reader's filter: only the shift :func:`resolve_stage` will pick is read.
-
-    For ``random`` the draw is made here, with the clip's own generator (occurrence 0), and handed on
-    as the sample's note ``(resolution, generator)``, so :func:`resolve_stage` need not draw again.
-    """
-    if policy.kind != "random":
-        names = {shift_name(policy.shift_ms)}
-        return lambda key, meta: (names, None)
-    if cfg.balanced and cfg.train:
-        return None  # a repeated clip draws again per occurrence: keep every shift
-
-    def want(key, meta):
-        rng = clip_rng(cfg, epoch, key, 0, _CLIP)
-        res = policy.choose(meta.get("frames") or {}, rng)
-        return {res.shift}, (res, rng)
-
-    return want
-
-
-def slot_stream(
+def plan_slot(
     cfg: StreamConfig,
-    shards: list[ShardInfo],
-    index: dict | None,
+    source,
     *,
     epoch: int,
     rank: int,
     world_size: int,
     worker: int,
     num_workers: int,
-    skip_steps: int = 0,
-) -> Iterator[tuple[PackedBatch, dict]]:
-    """One slot's epoch: ``(batch, info)`` per step, ``info = {"worker", "step", "stats", "read"}``.
-
-    The first ``skip_steps`` steps are planned but not decoded (resume without replay or skip).
-    """
+    labels: list[int] | None,
+    counters: dict,
+) -> list[PackPlan]:
+    """Every step of one slot's epoch, planned from records alone (nothing fetched)."""
     slot, n_slots = rank * num_workers + worker, world_size * num_workers
     assignments = assign_shards(
-        shards, seed=cfg.seed, epoch=epoch, shuffle=cfg.train and cfg.shuffle_shards, slot=slot, n_slots=n_slots
+        source.shards, seed=cfg.seed, epoch=epoch, shuffle=cfg.train and cfg.shuffle_shards, slot=slot, n_slots=n_slots
     )
-    counters: dict = {}
     policy = cfg.policy(epoch)
-    src: Iterable[dict] = read_stage(assignments, cfg, counters, _wanted_shifts(cfg, policy, epoch))
-    labels = (index or {}).get("labels", {})
-    n_classes = cfg.n_classes or len(labels.get("names", [])) or 0
+    index = source.index
+    src: Iterable[dict] = record_stage(assignments, source, counters, cfg.on_error)
     if cfg.balanced and cfg.train:
-        counts = labels.get("counts")
+        counts = index.get("labels", {}).get("counts")
         if not counts:
-            raise ShardError("balanced sampling needs labels.counts in index.json")
-        mean_w = mean_clip_weight(counts, int(index.get("total_samples", sum(s.samples or 0 for s in shards))))
+            raise ShardError(f"{source.spec}: balanced sampling needs labels.counts in index.json")
+        mean_w = mean_clip_weight(counts, int(index.get("total_samples", source.n_clips)))
         src = reweight_stage(src, counts, mean_w, slot_rng(cfg, epoch, rank, worker, _WEIGHT))
-    src = resolve_stage(src, cfg, policy, epoch)
+    src = resolve_stage(src, cfg, policy, epoch, labels)
     if cfg.train:
         src = shuffle_stage(src, cfg.shuffle_buffer, slot_rng(cfg, epoch, rank, worker, _SHUF))
     patches = [tuple(p) for p in cfg.patches] if cfg.train else [tuple(cfg.patches[0])]
-    plans = pack_stage(
-        src,
-        n_mels=cfg.n_mels or int((index or {}).get("n_mels", 128)),
-        budget=cfg.budget_tokens,
-        mode=cfg.mode,
-        row_len=cfg.row_len,
-        patches=patches,
-        buffer_size=cfg.pack_buffer,
-        rng=slot_rng(cfg, epoch, rank, worker, _PATCH),
+    return list(
+        pack_stage(
+            src,
+            n_mels=cfg.n_mels or int(index.get("n_mels", 128)),
+            budget=cfg.budget_tokens,
+            mode=cfg.mode,
+            row_len=cfg.row_len,
+            patches=patches,
+            buffer_size=cfg.pack_buffer,
+            rng=slot_rng(cfg, epoch, rank, worker, _PATCH),
+            pad_short=not cfg.train,
+            stride=tuple(cfg.stride) if cfg.stride else None,
+        )
     )
-    norm = cfg.norm_stats(index)
-    for step, plan in enumerate(plans):
-        info = {"worker": worker, "step": step, "stats": plan.stats, "read": dict(counters)}
-        if step < skip_steps:
-            continue
-        mix_rng = keyed_rng(cfg.seed, epoch, rank, worker, _MIX, step)
-        yield materialise(plan, cfg, norm, n_classes, epoch, mix_rng, policy), info
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """The per-rank dataset handed to a DataLoader: each worker runs its own slot of the epoch.
+class StepDataset(torch.utils.data.IterableDataset):
+    """What DataLoader workers run: worker ``w`` materialises the planned steps ``steps`` assigns to it.
 
-    Yields ``(batch, info)`` and finally ``(None, {"worker": w, "done": True, ...})`` so that the
-    loader can restore a canonical worker order; :class:`pipeline.loader.StreamLoader` unwraps it.
+    ``steps`` is the rank's epoch in order, ``[(position, worker, plan)]``; each worker yields
+    ``(position, batch, counters)`` for its own steps from ``start`` on, and the loader puts them back
+    in position order.
     """
 
-    def __init__(self, cfg: StreamConfig, shards, index, rank: int, world_size: int, num_workers: int):
+    def __init__(self, cfg: StreamConfig, source, norm, n_classes: int, policy, seed_parts: tuple):
         super().__init__()
-        self.cfg, self.shards, self.index = cfg, shards, index
-        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
-        self.epoch = 0
-        self.skip: list[int] = [0] * self.num_workers
+        self.cfg, self.source, self.norm, self.n_classes, self.policy = cfg, source, norm, n_classes, policy
+        self.seed_parts = seed_parts
+        self.steps: list = []
+        self.start = 0
 
-    def slot(self, worker: int) -> Iterator[tuple[PackedBatch | None, dict]]:
-        last: dict = {"worker": worker, "read": {}}
-        for batch, info in slot_stream(
-            self.cfg,
-            self.shards,
-            self.index,
-            epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            worker=worker,
-            num_workers=self.num_workers,
-            skip_steps=self.skip[worker],
-        ):
-            last = info
-            yield batch, info
-        yield None, {"worker": worker, "done": True, "read": last.get("read", {})}
+    def run(self, worker: int, num_workers: int) -> Iterator[tuple[int, PackedBatch, dict]]:
+        counters: dict = {}
+        for pos, w, plan in self.steps:
+            if pos < self.start or w % num_workers != worker:
+                continue
+            mix_rng = keyed_rng(*self.seed_parts, _MIX, pos)
+            batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, self.source, counters)
+            yield pos, batch, dict(counters)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         if info is None:
-            raise RuntimeError("ShardStream is iterated by DataLoader workers; use StreamLoader in-process")
-        if info.num_workers != self.num_workers:
-            raise RuntimeError(f"ShardStream built for {self.num_workers} workers, DataLoader has {info.num_workers}")
-        return self.slot(info.id)
+            return self.run(0, 1)
+        return self.run(info.id, info.num_workers)

@@ -45,9 +45,8 @@ class StreamConfig:
         retries, backoff_s: reopen attempts for transient errors and the first backoff (doubles).
         storage_options: fsspec options for remote shards (s3 endpoint, credentials, ...).
         num_workers: DataLoader worker processes per rank (0: in the main process).
-        holdback_steps: steps each rank holds back (materialised, in memory) to equalise step counts
-            across ranks at the epoch's end; they can be split into up to (clips held − steps held)
-            extra steps.
+        stride: ``[s_f, s_t]`` overlapping patch strides of the classic padded AST input, used to count
+            a step's tokens (None: non-overlapping patches).
     """
 
     budget_tokens: int = 4096
@@ -82,7 +81,7 @@ class StreamConfig:
     backoff_s: float = 0.2
     storage_options: dict = field(default_factory=dict)
     num_workers: int = 0
-    holdback_steps: int = 16
+    stride: list | None = None
 
     def __post_init__(self) -> None:
         errors = []

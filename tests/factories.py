@@ -165,8 +165,10 @@ def synthetic_clipset(
     max_frames: int = 120,
     multi_label: bool = False,
     seed: int = 0,
+    n_shards: int = 4,
 ):
-    """An in-memory :class:`model.data.ClipSet` of log-mel-like features whose classes differ in spectral shape.
+    """An in-memory source (:class:`pipeline.datasource.MemorySource`) of log-mel-like features whose
+    classes differ in spectral shape, dealt round-robin over ``n_shards`` shards.
 
     Class ``c`` adds a ripple across mel bins with ``2(c + 1)`` periods over the band (3 nats deep) to a noise
     floor of about -6.5, so every patch, wherever it sits, shows its class's texture and a tiny model
@@ -174,24 +176,40 @@ def synthetic_clipset(
     """
     import numpy as np
 
-    from flexast.model.data import Clip, ClipSet
+    from flexast.pipeline.datasource import MemorySource
+    from flexast.pipeline.units import shift_name
 
     rng = np.random.default_rng(seed)
     bins = np.arange(n_mels)
-    clips = []
+    shards: dict = {f"memory://synthetic/{s:06d}": [] for s in range(n_shards)}
+    urls = list(shards)
+    counts = [0] * n_classes
+    names = [f"class{c}" for c in range(n_classes)]
     for i in range(n_clips):
         labels = [i % n_classes]
         if multi_label and rng.random() < 0.3:
             labels.append(int((labels[0] + 1 + rng.integers(n_classes - 1)) % n_classes))
+        labels = sorted(labels)
+        for c in labels:
+            counts[c] += 1
         t = int(rng.integers(min_frames, max_frames + 1))
         base = -6.5 + rng.normal(0.0, 1.0, size=(t, n_mels))
         for c in labels:
             base += 3.0 * np.cos(2 * np.pi * 2 * (c + 1) * bins / n_mels)[None, :]
-        feats = {float(s): base[:: max(1, round(s / 10.0))].astype(np.float16) for s in shifts_ms}
-        clips.append(Clip(key=f"clip{i:04d}", label_ids=sorted(labels), feats=feats))
-    names = [f"class{c}" for c in range(n_classes)]
-    stats = {float(s): (-6.5, 3.0) for s in shifts_ms}
-    return ClipSet(clips, names, [f"Class {c}" for c in range(n_classes)], stats, n_mels)
+        feats = {shift_name(s): base[:: max(1, round(s / 10.0))].astype(np.float16) for s in shifts_ms}
+        key = f"clip{i:04d}"
+        url = urls[i % n_shards]
+        meta = {"key": key, "label_ids": labels, "labels": [names[c] for c in labels]}
+        meta["frames"] = {k: int(v.shape[0]) for k, v in feats.items()}
+        shards[url].append({"key": key, "url": url, "meta": meta, "loc": feats})
+    index = {
+        "n_mels": n_mels,
+        "shifts_ms": [float(s) for s in shifts_ms],
+        "total_samples": n_clips,
+        "labels": {"names": names, "display_names": [f"Class {c}" for c in range(n_classes)], "counts": counts},
+        "stats": {shift_name(s): {"mean": -6.5, "std": 3.0} for s in shifts_ms},
+    }
+    return MemorySource("synthetic", index, {u: r for u, r in shards.items() if r})
 
 
 # --- audio files, manifests, bad inputs and built shard sets (build-shards tests) -------------------------------

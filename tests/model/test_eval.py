@@ -12,9 +12,10 @@ import torch
 from flexast.model import adapter
 from flexast.model.ast import ASTModel, ModelConfig
 from flexast.model.cli import main
-from flexast.model.data import ClipLoader, read_clips
-from flexast.model.evaluate import GridSpec, run_eval, score_clipset
+from flexast.model.data import eval_config, open_data
+from flexast.model.evaluate import GridSpec, run_eval, score_source
 from flexast.model.metrics import classification_metrics
+from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
 from tests.factories import write_shard_folder
 
@@ -44,32 +45,32 @@ def shards(tmp_path_factory):
     return out, index
 
 
-def test_read_clips_matches_the_index(shards):
+def test_open_data_in_memory_matches_the_index(shards):
     out, index = shards
-    data = read_clips(str(out))
-    assert len(data.clips) == index["total_samples"]
-    assert data.label_names == index["labels"]["names"] and data.n_mels == 16
-    assert sum(c.feats[10.0].shape[0] for c in data.clips) == sum(s["frames"]["s10"] for s in index["shards"])
-    assert set(data.stats) == {10.0, 20.0}
+    data = open_data(str(out), "--data", "memory")
+    recs = [r for sh in data.shards for r in data.records(sh)]
+    assert len(recs) == index["total_samples"] == data.n_clips
+    assert data.label_names == index["labels"]["names"] and data.index["n_mels"] == 16
+    assert sum(r["loc"]["s10"].shape[0] for r in recs) == sum(s["frames"]["s10"] for s in index["shards"])
 
 
 def test_eval_loader_cuts_never_pads_and_covers_every_clip(shards):
-    data = read_clips(str(shards[0]))
-    loader = ClipLoader(data, patches=[(4, 4)], budget=64, max_frames=40, train=False, resolutions=[TimeScale(10.0)])
+    data = open_data(str(shards[0]), "--data", "memory")
+    frames = {r["key"]: r["meta"]["frames"]["s10"] for sh in data.shards for r in data.records(sh)}
+    opts = eval_config((4, 4), TimeScale(10.0), 40, 16, single=False, budget=64)
     seen = []
-    for b in loader:
+    for b in make_stream(opts, data):
         seen += b.keys
         for k, n in zip(b.keys, b.n_frames.tolist(), strict=True):
-            t = next(c for c in data.clips if c.key == k).feats[10.0].shape[0]
-            assert n == max(4, min(40, t) // 4 * 4)  # cut to the cap, trimmed to whole patches, never longer
-    assert sorted(seen) == sorted(c.key for c in data.clips)
+            assert n == max(4, min(40, frames[k]) // 4 * 4)  # cut to the cap, trimmed to whole patches, never longer
+    assert sorted(seen) == sorted(frames)
 
 
 def test_scores_do_not_depend_on_packing(shards):
-    data = read_clips(str(shards[0]))
+    data = open_data(str(shards[0]), "--data", "stream")
     model = tiny_model()
-    a = score_clipset(model, data, patch=(4, 4), max_frames=40, budget=40)
-    b = score_clipset(model, data, patch=(4, 4), max_frames=40, budget=100000)
+    a = score_source(model, data, patch=(4, 4), max_frames=40, budget=40)
+    b = score_source(model, data, patch=(4, 4), max_frames=40, budget=100000)
     order = [b["keys"].index(k) for k in a["keys"]]
     np.testing.assert_allclose(a["scores"], b["scores"][order], atol=1e-5)
     m = classification_metrics(a["scores"], a["targets"])

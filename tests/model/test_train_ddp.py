@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 "step": tr.state.step,
                 "sum": float(flat.double().sum()),
                 "first": flat[:50].tolist(),
-                "first_clip": tr.loader._plan_epoch(0)[0][1][0][0],
+                "first_clip": tr.loader.plan(0)[0][1].items[0]["key"],
             },
             f,
         )

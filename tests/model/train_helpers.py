@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from flexast.model.config import from_dict
-from flexast.model.data import ClipLoader
+from flexast.model.data import eval_config
+from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
 
 TINY_MODEL = {"preset": "custom", "embed_dim": 32, "depth": 2, "heads": 2, "n_mels": 32, "base_patch": [8, 8]}
@@ -36,15 +37,8 @@ def tiny_config(out_dir, recipe: dict, steps: int = 30, **sections) -> object:
 def mean_loss(model, data, patch=(8, 8), max_frames=64) -> float:
     """Cross-entropy of ``model`` over every clip of ``data`` (eval mode, centre cuts, 10 ms)."""
     model.eval()
-    loader = ClipLoader(
-        data,
-        labels="single",
-        patches=[patch],
-        budget=100000,
-        max_frames=max_frames,
-        resolutions=[TimeScale(10.0)],
-        train=False,
-    )
+    n_mels = int(data.index["n_mels"])
+    loader = make_stream(eval_config(patch, TimeScale(10.0), max_frames, n_mels, single=True, budget=100000), data)
     total, n = 0.0, 0
     for b in loader:
         total += float(F.cross_entropy(model(b), b.labels, reduction="sum"))

@@ -13,13 +13,13 @@ import torch
 
 from flexast.pipeline.augment import normalise
 from flexast.pipeline.errors import ConfigError, ShardError
-from flexast.pipeline.loader import StreamLoader, equalise, make_loader, make_stream, split_batch
+from flexast.pipeline.loader import StreamLoader, equalise, make_loader, make_stream, split_plan
 from flexast.pipeline.sources import ShardInfo, expand_braces, expand_urls
 from flexast.pipeline.stream import assign_shards, shuffle_stage
 from flexast.pipeline.stream_config import StreamConfig
 from tests.factories import write_shard_folder
 
-BASE = {"budget_tokens": 256, "patches": [[4, 4]], "pack_buffer": 24, "shuffle_buffer": 16, "holdback_steps": 8}
+BASE = {"budget_tokens": 256, "patches": [[4, 4]], "pack_buffer": 24, "shuffle_buffer": 16}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_fewer_shards_than_slots_splits_by_sample_with_warning(tmp_path):
 @pytest.mark.parametrize("stop", [1, 4, 9])
 def test_resume_mid_epoch_reproduces_the_uninterrupted_order(shards, stop):
     folder, _ = shards
-    cfg = StreamConfig(**{**BASE, "num_workers": 2, "holdback_steps": 2}, resolution={"kind": "random"}, mixup_prob=0.5)
+    cfg = StreamConfig(**{**BASE, "num_workers": 2}, resolution={"kind": "random"}, mixup_prob=0.5)
     full = [(b.keys, b.frames) for b in make_stream(cfg, folder, epoch=2)]
     loader = make_stream(cfg, folder, epoch=2)
     it = iter(loader)
@@ -207,20 +207,21 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_order(shards, stop):
     assert resumed.epoch == 3, "a finished epoch advances to the next"
 
 
-def test_estimated_steps_is_close_to_the_real_count(shards):
+def test_steps_in_epoch_is_exact_before_the_epoch_starts(shards):
     folder, _ = shards
-    loader = make_stream(StreamConfig(**{**BASE, "pack_buffer": 60}), folder)
-    estimate = loader.estimated_steps()
-    real = len(list(loader))
-    assert abs(estimate - real) <= max(2, 0.15 * real), (estimate, real)
-    assert loader.last_stats.steps == real and loader.last_stats.padding < 0.2
+    for epoch in (0, 1, 2):
+        loader = make_stream(StreamConfig(**{**BASE, "pack_buffer": 60, "num_workers": 2}), folder, epoch=epoch)
+        announced = loader.steps_in_epoch()
+        real = len(list(loader))
+        assert announced == real
+        assert loader.last_stats.steps == real and loader.last_stats.padding < 0.2
 
 
 def test_two_ranks_resume_inside_the_equalised_tail(shards):
     folder, _ = shards
-    cfg = StreamConfig(**{**BASE, "num_workers": 2, "holdback_steps": 6})
+    cfg = StreamConfig(**{**BASE, "num_workers": 2})
     full = ranks_run(cfg, folder, world=2)
-    stop = len(full[0]) - 2  # inside the held-back tail, after the ranks agreed on the step count
+    stop = len(full[0]) - 2  # near the end, where the rank with fewer planned steps has split steps
     states, head, reducer = {}, {}, ThreadMax(2)
 
     def first_part(rank):
@@ -234,7 +235,7 @@ def test_two_ranks_resume_inside_the_equalised_tail(shards):
         t.start()
     for t in threads:
         t.join()
-    assert states[0]["tail_yielded"] > 0, "the stop point is inside the tail"
+    assert states[0]["position"] == stop
     reducer, rest = ThreadMax(2), {}
 
     def second_part(rank):
@@ -260,12 +261,17 @@ def test_dataloader_workers_give_the_in_process_sequence(shards):
 def test_split_and_equalise_keep_every_clip_and_the_rows(shards):
     folder, _ = shards
     cfg = StreamConfig(**{**BASE, "mode": "rows", "row_len": 64, "train": False})
+    loader = make_stream(cfg, folder)
+    steps = loader.plan(0)
+    a, b = split_plan(steps[0][1], 16)
+    keys = [it["key"] for it in steps[0][1].items]
+    assert [it["key"] for it in a.items + b.items] == keys
+    assert set(a.rows) == set(range(max(a.rows) + 1)) and set(b.rows) == set(range(max(b.rows) + 1))
+    more = equalise(steps[:3], 5, 16)
+    assert len(more) == 8
+    assert [it["key"] for _, p in more for it in p.items] == [it["key"] for _, p in steps[:3] for it in p.items]
     batches = list(make_stream(cfg, folder))
-    a, b = split_batch(batches[0])
-    assert a.keys + b.keys == batches[0].keys
-    torch.testing.assert_close(torch.cat([a.frames, b.frames]), batches[0].frames)
-    more = equalise(batches[:3], 5)
-    assert len(more) == 8 and [k for x in more for k in x.keys] == [k for x in batches[:3] for k in x.keys]
+    assert [k for bt in batches[:1] for k in bt.keys] == keys
 
 
 def test_corrupt_shard_raises_naming_it_or_is_skipped_and_counted(tmp_path):
@@ -327,5 +333,5 @@ def test_index_labels_and_fixed_target_length(shards):
     batches = list(make_stream(cfg, folder))
     assert all(int(n) == 40 for b in batches for n in b.n_frames)
     assert batches[0].labels.shape[1] == 5
-    loader = StreamLoader(cfg, expand_urls(folder))
+    loader = StreamLoader(cfg, folder)
     assert sum(b.n_clips for b in loader) == 60

@@ -1,0 +1,466 @@
+"""Where a loader's clips come from: a WebDataset tar set, a Zarr v3 store, or either cached in memory.
+
+Notation: ``N`` samples of a shard, ``T`` frames of a clip at one stored shift, ``F`` mel bins.
+
+Every source offers the same two calls, so :mod:`pipeline.stream` plans and materialises steps the
+same way whatever the store:
+
+* :meth:`Source.records` — the samples of one shard, in shard order, as metadata only:
+  ``{"key", "url", "meta": {"label_ids", "frames": {shift_name: T}, ...}, "loc": {shift_name: where}}``.
+  A step is planned (resolution, crop length, packing) from records alone.
+* :meth:`Source.fetch` — the ``(T, F)`` float16 features of chosen ``(url, loc)`` pairs, and nothing else.
+
+Sources:
+
+* :class:`TarSource` — WebDataset tars, local or ``http(s)://`` / ``s3://``. Records come from the
+  shard's member index (``<shard>.members.json``, written at build time, see ``docs/shard-format.md``)
+  or, for shards built without one, from one scan of the tar's headers. Features are byte ranges of
+  the ``.npy`` members: a local shard is memory-mapped; a remote one is read by range requests.
+* :class:`ZarrSource` — the build's ``store.zarr`` (one group per shard); a feature is one slice of
+  ``<shift>/values`` between two offsets.
+* :class:`MemorySource` — records and every shift's features of another source, read once
+  (:meth:`MemorySource.cache`) and replayed every epoch.
+
+Given the same shards, the three give the same records in the same order, so a loader over any of
+them produces the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import zlib
+from collections.abc import Sequence
+
+import fsspec
+import numpy as np
+
+from flexast.pipeline.errors import ConfigError, ShardError
+from flexast.pipeline.sources import ShardInfo, expand_urls, is_remote, read_index, with_retries
+from flexast.pipeline.units import shift_name
+
+log = logging.getLogger(__name__)
+
+MEMBERS_SUFFIX = ".members.json"  # the member index beside a tar shard: train-000000.tar.members.json
+MEMBERS_VERSION = 1
+
+
+class Source:
+    """Common part of the sources: ``spec`` (what the user named), ``index`` (``index.json``), ``shards``."""
+
+    kind = "?"
+
+    def __init__(self, spec: str, index: dict, shards: list[ShardInfo], storage_options: dict | None = None):
+        self.spec, self.index, self.shards = spec, index, shards
+        self.storage_options = storage_options or {}
+        self.retries, self.backoff_s = 4, 0.2  # transient-error policy of remote reads
+        self._records: dict[str, list[dict]] = {}
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.index.get("labels", {}).get("names", []))
+
+    @property
+    def n_clips(self) -> int:
+        return sum(int(s.samples or 0) for s in self.shards)
+
+    def records(self, shard: ShardInfo) -> list[dict]:
+        """The samples of ``shard`` as metadata records (cached for the life of the source)."""
+        if shard.url not in self._records:
+            recs = self._load_records(shard)
+            if shard.samples is not None and len(recs) != shard.samples:
+                raise ShardError(f"shard {shard.url}: {len(recs)} samples found but index.json lists {shard.samples}")
+            self._records[shard.url] = recs
+        return self._records[shard.url]
+
+    def _load_records(self, shard: ShardInfo) -> list[dict]:
+        raise NotImplementedError
+
+    def fetch(self, wanted: Sequence[tuple[str, object]], counters: dict | None = None) -> list[np.ndarray]:
+        """``(T, F)`` float16 features for each ``(url, loc)`` of ``wanted``, in order."""
+        raise NotImplementedError
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # file handles are per process
+        return state
+
+
+# ---- WebDataset tar ---------------------------------------------------------------------------------
+
+
+def _octal(field: bytes, url: str) -> int:
+    if field[:1] == b"\x80":  # GNU base-256 size
+        return int.from_bytes(field[1:], "big")
+    text = field.rstrip(b"\0 ").strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as exc:
+        raise ShardError(f"shard {url}: bad tar header number {field!r} (corrupt shard)") from exc
+
+
+def scan_tar(buf, url: str) -> list[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of every regular member of a tar held in ``buf`` (bytes or mmap).
+
+    Raises:
+        ShardError: naming the shard, for a bad header checksum or a tar cut before its end.
+    """
+    out, pos, long_name, n = [], 0, None, len(buf)
+    while True:
+        if pos + 512 > n:
+            raise ShardError(f"shard {url}: truncated tar (ends at byte {n} without an end-of-archive block)")
+        header = bytes(buf[pos : pos + 512])
+        if header == b"\0" * 512:
+            return out
+        chksum = _octal(header[148:156], url)
+        if chksum != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardError(f"shard {url}: tar header checksum mismatch at byte {pos} (corrupt shard)")
+        size = _octal(header[124:136], url)
+        kind = header[156:157]
+        data = pos + 512
+        if data + size > n:
+            raise ShardError(f"shard {url}: truncated tar (member at byte {pos} needs {size} bytes, file ends)")
+        if kind in (b"x", b"L"):
+            body = bytes(buf[data : data + size])
+            if kind == b"L":
+                long_name = body.rstrip(b"\0").decode()
+            else:
+                for record in body.decode().splitlines():
+                    _, _, kv = record.partition(" ")
+                    if kv.startswith("path="):
+                        long_name = kv[len("path=") :]
+        elif kind in (b"0", b"\0"):
+            if long_name:
+                name = long_name
+            else:
+                prefix = header[345:500].rstrip(b"\0") if header[257:262] == b"ustar" else b""
+                name = ((prefix + b"/") if prefix else b"") + header[:100].rstrip(b"\0")
+                name = name.decode()
+            out.append((name, data, size))
+            long_name = None
+        else:
+            long_name = None
+        pos = data + -(-size // 512) * 512
+
+
+def records_from_members(members: list[tuple[str, int, int]], read, url: str) -> list[dict]:
+    """Group tar members by key into records; ``read(offset, size)`` gives a json member's bytes."""
+    recs: list[dict] = []
+    for name, offset, size in members:
+        base = name.rsplit("/", 1)[-1]
+        key, _, ext = base.partition(".")
+        if not ext:
+            raise ShardError(f"shard {url}: member {name!r} has no extension")
+        if not recs or recs[-1]["key"] != key:
+            recs.append({"key": key, "url": url, "meta": None, "loc": {}})
+        rec = recs[-1]
+        if ext == "json":
+            try:
+                rec["meta"] = json.loads(read(offset, size))
+            except ValueError as exc:
+                raise ShardError(f"shard {url}: sample {key!r} has unreadable json: {exc}") from exc
+        elif ext.endswith(".npy"):
+            rec["loc"][ext[: -len(".npy")]] = (offset, size)
+    for rec in recs:
+        check_record(rec)
+    return recs
+
+
+def check_record(rec: dict) -> None:
+    """A sample needs its json and one ``.npy`` member per shift its json lists (else the shard was cut)."""
+    meta = rec["meta"]
+    missing = ["json"] if meta is None else sorted(set(meta.get("frames", {})) - set(rec["loc"]))
+    if missing:
+        raise ShardError(f"shard {rec['url']}: sample {rec['key']!r} lacks {missing} (truncated shard?)")
+
+
+def member_index(members: list[tuple[str, int, int]], buf) -> dict:
+    """The ``<shard>.members.json`` document of a tar: per sample its json record and, per member,
+    ``[data offset, size, crc32]`` (``docs/shard-format.md``)."""
+    samples: list[dict] = []
+    for name, offset, size in members:
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        if not samples or samples[-1]["key"] != key:
+            samples.append({"key": key, "members": {}})
+        data = buf[offset : offset + size]
+        samples[-1]["members"][ext] = [offset, size, zlib.crc32(data)]
+        if ext == "json":
+            samples[-1]["meta"] = json.loads(bytes(data))
+    return {"version": MEMBERS_VERSION, "samples": samples}
+
+
+def records_from_member_index(doc: dict, url: str) -> list[dict]:
+    if doc.get("version") != MEMBERS_VERSION:
+        raise ShardError(f"{url}{MEMBERS_SUFFIX}: member index version {doc.get('version')} (expected 1)")
+    recs = []
+    for s in doc["samples"]:
+        loc = {ext[: -len(".npy")]: (m[0], m[1]) for ext, m in s["members"].items() if ext.endswith(".npy")}
+        rec = {"key": s["key"], "url": url, "meta": s.get("meta"), "loc": loc}
+        check_record(rec)
+        recs.append(rec)
+    return recs
+
+
+def _fetch_ranges(url, ranges, storage_options=None, counters=None, retries=4, backoff_s=0.2) -> list[bytes]:
+    """Byte ranges of ``url``: :func:`pipeline.sources.fetch_ranges` when present, else fsspec's ``cat_ranges``.
+
+    TODO(remote helper): remove the fallback once ``pipeline.sources.fetch_ranges`` is on main.
+    """
+    try:
+        from flexast.pipeline.sources import fetch_ranges
+    except ImportError:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+        def get():
+            return fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+
+        out = with_retries(get, f"shard {url}", retries, backoff_s)
+        if counters is not None:
+            counters["requests"] = counters.get("requests", 0) + len(ranges)
+            counters["bytes"] = counters.get("bytes", 0) + sum(len(b) for b in out)
+        return out
+    return fetch_ranges(url, ranges, storage_options, retries=retries, backoff_s=backoff_s, counters=counters)
+
+
+class TarSource(Source):
+    """WebDataset tar shards (see the module docstring)."""
+
+    kind = "tar"
+
+    def __init__(self, spec, index, shards, storage_options=None):
+        super().__init__(spec, index, shards, storage_options)
+        self._handles: dict[str, mmap.mmap] = {}
+
+    def _map(self, url: str):
+        if url not in self._handles:
+            path = url.removeprefix("file://")
+            try:
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size == 0:
+                        raise ShardError(f"shard {url}: empty file")
+                    self._handles[url] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except FileNotFoundError as exc:
+                raise ShardError(f"shard {url}: missing") from exc
+        return self._handles[url]
+
+    def _load_records(self, shard: ShardInfo) -> list[dict]:
+        url = shard.url
+        side = url + MEMBERS_SUFFIX
+        if not is_remote(url):
+            if os.path.exists(side.removeprefix("file://")):
+                with open(side.removeprefix("file://")) as f:
+                    return records_from_member_index(json.load(f), url)
+            buf = self._map(url)
+            return records_from_members(scan_tar(buf, url), lambda o, s: buf[o : o + s], url)
+        try:
+            doc = with_retries(
+                lambda: _read_remote(side, self.storage_options), f"member index {side}", self.retries, self.backoff_s
+            )
+        except FileNotFoundError:
+            doc = None
+        if doc is not None:
+            return records_from_member_index(json.loads(doc), url)
+        log.warning("shard %s has no member index: reading it whole once (rebuild it for ranged reads)", url)
+        data = with_retries(
+            lambda: _read_remote(url, self.storage_options), f"shard {url}", self.retries, self.backoff_s
+        )
+        self._handles[url] = data  # the whole shard is here now: serve its features from memory
+        return records_from_members(scan_tar(data, url), lambda o, s: data[o : o + s], url)
+
+    def fetch(self, wanted, counters=None):
+        out: list = [None] * len(wanted)
+        remote: dict[str, list[int]] = {}
+        for i, (url, (offset, size)) in enumerate(wanted):
+            if is_remote(url) and url not in self._handles:
+                remote.setdefault(url, []).append(i)
+                continue
+            buf = self._handles[url] if is_remote(url) else self._map(url)
+            out[i] = buf[offset : offset + size]
+        for url, idx in remote.items():
+            ranges = [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]
+            got = _fetch_ranges(url, ranges, self.storage_options, counters, self.retries, self.backoff_s)
+            for i, data in zip(idx, got, strict=True):
+                out[i] = data
+        from flexast.pipeline.stream import load_npy
+
+        return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
+
+
+def _read_remote(url: str, storage_options: dict | None) -> bytes:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs.cat_file(path)
+
+
+# ---- Zarr ---------------------------------------------------------------------------------------------
+
+
+def zarr_group_path(shard: dict) -> str:
+    """The group of an ``index.json`` shard entry, relative to the build folder (``store.zarr/<stem>``)."""
+    group = shard.get("zarr_group") or shard["name"].rsplit(".", 1)[0]
+    return group if "/" in group else f"store.zarr/{group}"
+
+
+class ZarrSource(Source):
+    """The Zarr v3 store of a build (see the module docstring); shard URLs are the groups' URLs."""
+
+    kind = "zarr"
+
+    def __init__(self, spec, index, folder, storage_options=None):
+        shards = [ShardInfo(f"{folder}/{zarr_group_path(s)}", int(s["samples"])) for s in index.get("shards", [])]
+        super().__init__(spec, index, shards, storage_options)
+        self._handles: dict = {}
+
+    def _group(self, url: str):
+        if url not in self._handles:
+            import zarr
+
+            try:
+                self._handles[url] = zarr.open_group(url, mode="r", storage_options=self.storage_options or None)
+            except Exception as exc:
+                raise ShardError(f"shard {url}: unreadable Zarr group ({type(exc).__name__}: {exc})") from exc
+        return self._handles[url]
+
+    def _load_records(self, shard: ShardInfo) -> list[dict]:
+        url = shard.url
+        names = self.label_names
+        try:
+            g = self._group(url)
+            keys = [str(k) for k in g["keys"][...]]
+            values, offsets = g["label_values"][...], g["label_offsets"][...]
+            shifts = [shift_name(float(s)) for s in g.attrs.get("shifts_ms", self.index.get("shifts_ms", []))]
+            frame_offsets = {s: g[f"{s}/offsets"][...] for s in shifts}
+            durations = g["duration_s"][...] if "duration_s" in g else None
+        except ShardError:
+            raise
+        except Exception as exc:
+            raise ShardError(f"shard {url}: unreadable Zarr group ({type(exc).__name__}: {exc})") from exc
+        recs = []
+        for j, key in enumerate(keys):
+            ids = [int(i) for i in values[int(offsets[j]) : int(offsets[j + 1])]]
+            frames = {s: int(o[j + 1] - o[j]) for s, o in frame_offsets.items()}
+            meta = {"key": key, "label_ids": ids, "labels": [names[i] for i in ids if i < len(names)], "frames": frames}
+            if durations is not None:
+                meta["duration_s"] = float(durations[j])
+            loc = {s: (s, int(o[j]), int(o[j + 1])) for s, o in frame_offsets.items()}
+            recs.append({"key": key, "url": url, "meta": meta, "loc": loc})
+        return recs
+
+    def fetch(self, wanted, counters=None):
+        out = []
+        for url, (shift, t0, t1) in wanted:
+            try:
+                x = self._group(url)[f"{shift}/values"][t0:t1]  # (T, F) float16
+            except Exception as exc:
+                raise ShardError(f"shard {url}: cannot read {shift}/values[{t0}:{t1}] ({exc})") from exc
+            if counters is not None:
+                counters["bytes"] = counters.get("bytes", 0) + x.nbytes
+            out.append(np.asarray(x))
+        return out
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+class MemorySource(Source):
+    """Records and features held in memory: ``shards_data[url]`` is a list of records whose ``loc[shift]``
+    is the ``(T, F)`` float16 array itself."""
+
+    kind = "memory"
+
+    def __init__(self, spec: str, index: dict, shards_data: dict[str, list[dict]]):
+        shards = [ShardInfo(url, len(recs)) for url, recs in shards_data.items()]
+        super().__init__(spec, index, shards)
+        self._records = dict(shards_data)
+
+    @classmethod
+    def cache(cls, source: Source, max_clips: int = 0) -> MemorySource:
+        """Read every shard of ``source`` once (every stored shift), optionally only its first ``max_clips``."""
+        data, n = {}, 0
+        for shard in source.shards:
+            recs = source.records(shard)
+            if max_clips:
+                recs = recs[: max_clips - n]
+            wanted = [(r["url"], loc) for r in recs for loc in r["loc"].values()]
+            arrays = iter(source.fetch(wanted))
+            data[shard.url] = [{**r, "loc": {s: np.array(next(arrays)) for s in r["loc"]}} for r in recs]
+            n += len(recs)
+            if max_clips and n >= max_clips:
+                break
+        mem = cls(source.spec, source.index, data)
+        mem.origin = source.kind
+        return mem
+
+    def _load_records(self, shard):
+        raise ShardError(f"shard {shard.url} is not in memory")
+
+    def fetch(self, wanted, counters=None):
+        return [loc for _, loc in wanted]
+
+
+# ---- opening a spec -----------------------------------------------------------------------------------
+
+
+def open_source(
+    spec: str | Sequence[str],
+    storage_options: dict | None = None,
+    format: str = "auto",
+    retries: int = 4,
+    backoff_s: float = 0.2,
+) -> Source:
+    """A :class:`TarSource` or :class:`ZarrSource` for a source spec (see :func:`pipeline.sources.expand_urls`).
+
+    ``format``: ``auto`` (tar when the build has tar shards, else its Zarr store; a spec ending in
+    ``store.zarr`` picks Zarr), ``tar`` or ``zarr``.
+
+    Raises:
+        ShardError: naming the spec, when it names nothing or a build with no shards.
+    """
+    if format not in ("auto", "tar", "zarr"):
+        raise ConfigError(f"source format {format!r} (expected auto, tar or zarr)")
+    where = spec if isinstance(spec, str) else ", ".join(spec)
+    if isinstance(spec, str) and spec.rstrip("/").endswith("store.zarr"):
+        spec, format = spec.rstrip("/")[: -len("store.zarr")].rstrip("/") or ".", "zarr"
+    pattern = isinstance(spec, str) and any(c in spec for c in "*?{[")
+    if isinstance(spec, str) and not is_remote(spec) and not os.path.exists(spec) and not pattern:
+        raise ShardError(f"data source {where!r} does not exist")
+    try:
+        index, shards = expand_urls(spec, storage_options)
+    except FileNotFoundError as exc:
+        raise ShardError(f"data source {where!r}: no index.json ({exc})") from exc
+    index = index or {}
+    if isinstance(spec, str) and not spec.endswith(".json") and not index:
+        beside = os.path.join(os.path.dirname(shards[0].url), "index.json") if shards else ""
+        if beside and not is_remote(beside) and os.path.exists(beside):
+            index, _ = read_index(beside)
+    has_tar = any(s.url.endswith(".tar") for s in shards)
+    if format == "zarr" or (format == "auto" and not has_tar):
+        if not index.get("shards") or not any(s.get("zarr_group") for s in index["shards"]):
+            raise ShardError(f"data source {where!r}: no Zarr store in its index.json (build with --format zarr|both)")
+        folder = spec if not spec.endswith(".json") else (spec.rsplit("/", 1)[0] if "/" in spec else ".")
+        source: Source = ZarrSource(where, index, folder.rstrip("/"), storage_options)
+    elif not has_tar:
+        raise ShardError(f"data source {where!r} lists no tar shards")
+    else:
+        source = TarSource(where, index, [s for s in shards if s.url.endswith(".tar")], storage_options)
+    source.retries, source.backoff_s = retries, backoff_s
+    return source
+
+
+def label_map(source_names: Sequence[str], vocab: Sequence[str], where: str, counts=None) -> list[int]:
+    """For each label id of a source, its id in ``vocab`` (matched by name).
+
+    Raises:
+        ConfigError: naming every label of the source (with at least one clip, when ``counts`` says)
+            that ``vocab`` lacks, and the source.
+    """
+    pos = {n: i for i, n in enumerate(vocab)}
+    used = [n for i, n in enumerate(source_names) if counts is None or i >= len(counts) or counts[i] > 0]
+    unknown = [n for n in used if n not in pos]
+    if unknown:
+        raise ConfigError(
+            f"{where}: labels {unknown} are not in the model's vocabulary of {len(vocab)} labels "
+            f"(first: {list(vocab)[:5]}); evaluate on data labelled with the training vocabulary"
+        )
+    return [pos.get(n, -1) for n in source_names]
