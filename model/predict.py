@@ -5,8 +5,9 @@ bins, ``C`` classes, ``D`` embedding width.
 
 Each file is decoded by :func:`pipeline.audio.load_audio` (mono, resampled), featurised with the same
 Kaldi fbank options as the training shards (saved in ``labels.json`` beside the weights) at
-``shift_ms``, normalised with the training statistics, and run whole (no cut, no padding; a clip
-shorter than one patch is padded to one patch) at ``patch``. Unreadable files yield an error entry and
+``shift_ms``, normalised with the training statistics (as ``model eval`` does), and run whole (no cut,
+no padding; the centred whole patches are kept, as ``model eval`` does; a clip shorter than one patch is
+padded to one patch) at ``patch``. Unreadable files yield an error entry and
 the remaining files still run.
 """
 
@@ -117,8 +118,9 @@ class Predictor:
             keep = max(trim_frames(x.shape[0], patch[1]), patch[1])
             if x.shape[0] < keep:
                 x = np.concatenate([x, np.zeros((keep - x.shape[0], x.shape[1]), np.float32)])
+            start = (x.shape[0] - keep) // 2  # the centred whole patches, as model eval's loader cuts
             batch = PackedBatch.from_clips(
-                [torch.from_numpy(np.ascontiguousarray(x[:keep], dtype=np.float32))],
+                [torch.from_numpy(np.ascontiguousarray(x[start : start + keep], dtype=np.float32))],
                 torch.zeros(1, len(self.names)),
                 [Path(path).name],
                 patch,

@@ -38,7 +38,7 @@ from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.recipes import Stage, plan_stages
 from flexast.model.schedule import lr_at
 from flexast.model.weights import EMA, average_checkpoints
-from flexast.pipeline.datasource import Source
+from flexast.pipeline.datasource import Source, label_map
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.loader import make_loader
 
@@ -103,6 +103,9 @@ class Trainer:
         self.n_classes = len(self.vocab)
         if not self.n_classes:
             raise ConfigError(f"data.train={self.train_data.spec!r}: its index.json lists no label names")
+        if self.valid_data is not None:  # held-out labels matched by name: an unknown one fails here, before any step
+            counts = self.valid_data.index.get("labels", {}).get("counts")
+            label_map(self.valid_data.label_names, self.vocab, f"data.valid={self.valid_data.spec!r}", counts)
         if not cfg.data.norm and not self.train_data.index.get("stats"):
             raise ConfigError(f"data.train={self.train_data.spec!r}: no statistics in its index.json; set data.norm")
         self.stages = plan_stages(cfg, shifts_of(self.train_data))
