@@ -31,7 +31,6 @@ import json
 import logging
 import mmap
 import os
-import zlib
 from collections.abc import Sequence
 
 import fsspec
@@ -39,12 +38,16 @@ import numpy as np
 
 from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.sources import ShardInfo, expand_urls, is_remote, read_index, with_retries
+from flexast.pipeline.tar_index import (
+    MEMBERS_SUFFIX,
+    load_npy,
+    records_from_member_index,
+    records_from_members,
+    scan_tar,
+)
 from flexast.pipeline.units import shift_name
 
 log = logging.getLogger(__name__)
-
-MEMBERS_SUFFIX = ".members.json"  # the member index beside a tar shard: train-000000.tar.members.json
-MEMBERS_VERSION = 1
 
 
 class Source:
@@ -91,118 +94,6 @@ class Source:
 # ---- WebDataset tar ---------------------------------------------------------------------------------
 
 
-def _octal(field: bytes, url: str) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 size
-        return int.from_bytes(field[1:], "big")
-    text = field.rstrip(b"\0 ").strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError as exc:
-        raise ShardError(f"shard {url}: bad tar header number {field!r} (corrupt shard)") from exc
-
-
-def scan_tar(buf, url: str) -> list[tuple[str, int, int]]:
-    """``(name, data offset, size)`` of every regular member of a tar held in ``buf`` (bytes or mmap).
-
-    Raises:
-        ShardError: naming the shard, for a bad header checksum or a tar cut before its end.
-    """
-    out, pos, long_name, n = [], 0, None, len(buf)
-    while True:
-        if pos + 512 > n:
-            raise ShardError(f"shard {url}: truncated tar (ends at byte {n} without an end-of-archive block)")
-        header = bytes(buf[pos : pos + 512])
-        if header == b"\0" * 512:
-            return out
-        chksum = _octal(header[148:156], url)
-        if chksum != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise ShardError(f"shard {url}: tar header checksum mismatch at byte {pos} (corrupt shard)")
-        size = _octal(header[124:136], url)
-        kind = header[156:157]
-        data = pos + 512
-        if data + size > n:
-            raise ShardError(f"shard {url}: truncated tar (member at byte {pos} needs {size} bytes, file ends)")
-        if kind in (b"x", b"L"):
-            body = bytes(buf[data : data + size])
-            if kind == b"L":
-                long_name = body.rstrip(b"\0").decode()
-            else:
-                for record in body.decode().splitlines():
-                    _, _, kv = record.partition(" ")
-                    if kv.startswith("path="):
-                        long_name = kv[len("path=") :]
-        elif kind in (b"0", b"\0"):
-            if long_name:
-                name = long_name
-            else:
-                prefix = header[345:500].rstrip(b"\0") if header[257:262] == b"ustar" else b""
-                name = ((prefix + b"/") if prefix else b"") + header[:100].rstrip(b"\0")
-                name = name.decode()
-            out.append((name, data, size))
-            long_name = None
-        else:
-            long_name = None
-        pos = data + -(-size // 512) * 512
-
-
-def records_from_members(members: list[tuple[str, int, int]], read, url: str) -> list[dict]:
-    """Group tar members by key into records; ``read(offset, size)`` gives a json member's bytes."""
-    recs: list[dict] = []
-    for name, offset, size in members:
-        base = name.rsplit("/", 1)[-1]
-        key, _, ext = base.partition(".")
-        if not ext:
-            raise ShardError(f"shard {url}: member {name!r} has no extension")
-        if not recs or recs[-1]["key"] != key:
-            recs.append({"key": key, "url": url, "meta": None, "loc": {}})
-        rec = recs[-1]
-        if ext == "json":
-            try:
-                rec["meta"] = json.loads(read(offset, size))
-            except ValueError as exc:
-                raise ShardError(f"shard {url}: sample {key!r} has unreadable json: {exc}") from exc
-        elif ext.endswith(".npy"):
-            rec["loc"][ext[: -len(".npy")]] = (offset, size)
-    for rec in recs:
-        check_record(rec)
-    return recs
-
-
-def check_record(rec: dict) -> None:
-    """A sample needs its json and one ``.npy`` member per shift its json lists (else the shard was cut)."""
-    meta = rec["meta"]
-    missing = ["json"] if meta is None else sorted(set(meta.get("frames", {})) - set(rec["loc"]))
-    if missing:
-        raise ShardError(f"shard {rec['url']}: sample {rec['key']!r} lacks {missing} (truncated shard?)")
-
-
-def member_index(members: list[tuple[str, int, int]], buf) -> dict:
-    """The ``<shard>.members.json`` document of a tar: per sample its json record and, per member,
-    ``[data offset, size, crc32]`` (``docs/shard-format.md``)."""
-    samples: list[dict] = []
-    for name, offset, size in members:
-        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-        if not samples or samples[-1]["key"] != key:
-            samples.append({"key": key, "members": {}})
-        data = buf[offset : offset + size]
-        samples[-1]["members"][ext] = [offset, size, zlib.crc32(data)]
-        if ext == "json":
-            samples[-1]["meta"] = json.loads(bytes(data))
-    return {"version": MEMBERS_VERSION, "samples": samples}
-
-
-def records_from_member_index(doc: dict, url: str) -> list[dict]:
-    if doc.get("version") != MEMBERS_VERSION:
-        raise ShardError(f"{url}{MEMBERS_SUFFIX}: member index version {doc.get('version')} (expected 1)")
-    recs = []
-    for s in doc["samples"]:
-        loc = {ext[: -len(".npy")]: (m[0], m[1]) for ext, m in s["members"].items() if ext.endswith(".npy")}
-        rec = {"key": s["key"], "url": url, "meta": s.get("meta"), "loc": loc}
-        check_record(rec)
-        recs.append(rec)
-    return recs
-
-
 def _fetch_ranges(url, ranges, storage_options=None, counters=None, retries=4, backoff_s=0.2) -> list[bytes]:
     """Byte ranges of ``url``: :func:`pipeline.sources.fetch_ranges` when present, else fsspec's ``cat_ranges``.
 
@@ -232,6 +123,8 @@ class TarSource(Source):
     def __init__(self, spec, index, shards, storage_options=None):
         super().__init__(spec, index, shards, storage_options)
         self._handles: dict[str, mmap.mmap] = {}
+        sizes = {s["name"]: s.get("bytes") for s in index.get("shards", [])}
+        self._bytes = {sh.url: sizes.get(sh.url.rsplit("/", 1)[-1]) for sh in shards}  # tar sizes index.json lists
 
     def _map(self, url: str):
         if url not in self._handles:
@@ -251,7 +144,7 @@ class TarSource(Source):
         if not is_remote(url):
             if os.path.exists(side.removeprefix("file://")):
                 with open(side.removeprefix("file://")) as f:
-                    return records_from_member_index(json.load(f), url)
+                    return records_from_member_index(json.load(f), url, len(self._map(url)))
             buf = self._map(url)
             return records_from_members(scan_tar(buf, url), lambda o, s: buf[o : o + s], url)
         try:
@@ -261,7 +154,7 @@ class TarSource(Source):
         except FileNotFoundError:
             doc = None
         if doc is not None:
-            return records_from_member_index(json.loads(doc), url)
+            return records_from_member_index(json.loads(doc), url, self._bytes.get(url))
         log.warning("shard %s has no member index: reading it whole once (rebuild it for ranged reads)", url)
         data = with_retries(
             lambda: _read_remote(url, self.storage_options), f"shard {url}", self.retries, self.backoff_s
@@ -283,8 +176,6 @@ class TarSource(Source):
             got = _fetch_ranges(url, ranges, self.storage_options, counters, self.retries, self.backoff_s)
             for i, data in zip(idx, got, strict=True):
                 out[i] = data
-        from flexast.pipeline.stream import load_npy
-
         return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flexast.pipeline.errors import ShardError
-from flexast.pipeline.shards import filesystem, iter_tar, join, load_npy, read_bytes, read_zarr_group
+from flexast.pipeline.shards import filesystem, join, read_bytes, read_zarr_group
+from flexast.pipeline.tar_index import iter_tar, load_npy, verify_members
 
 
 def load_index(out: str, storage_options: dict | None = None) -> dict:
@@ -149,6 +150,7 @@ def _check_tar(out, shard, index, storage_options, problems) -> list[str]:
         return keys
     if len(keys) != shard["samples"]:
         problems.append(f"{shard['name']}: {len(keys)} samples, index.json says {shard['samples']}")
+    problems.extend(verify_members(url, storage_options))  # member checksums: flipped bytes inside arrays
     for name in names:
         if frames[name] != shard["frames"][name]:
             problems.append(

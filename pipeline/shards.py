@@ -17,7 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import zlib
 
 import fsspec
 import numpy as np
@@ -25,6 +25,7 @@ import soundfile as sf
 
 from flexast.pipeline.errors import ShardError
 from flexast.pipeline.manifest import is_url
+from flexast.pipeline.tar_index import MEMBERS_SUFFIX, MemberIndex
 
 ZARR_CHUNK_FRAMES = 256  # frames per Zarr chunk along time
 ZARR_SHARD_FRAMES = 256 * 64  # frames per Zarr shard object (sharding codec): 16384 × F × 2 bytes
@@ -94,6 +95,10 @@ def tar_header(name: str, size: int) -> bytes:
 class TarShardWriter:
     """Write one WebDataset tar shard; it becomes visible under ``url`` only on :meth:`close`.
 
+    Beside it goes its member index ``<url>.members.json`` (:class:`pipeline.tar_index.MemberIndex`:
+    every member's byte range and CRC-32, every sample's json), which lets readers fetch only the members
+    a step uses and ``pipeline verify`` check every member's bytes.
+
     Use as a context manager: leaving the block normally publishes the shard, an exception discards it.
     """
 
@@ -111,6 +116,7 @@ class TarShardWriter:
         self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed in close/abort)
         self._offset = 0
         self.n_samples = 0
+        self.members = MemberIndex()
 
     def _write(self, data) -> None:
         self._file.write(data)
@@ -125,17 +131,23 @@ class TarShardWriter:
         if "." in key or "/" in key:
             raise ShardError(f"{self.url}: sample key {key!r} contains '.' or '/'")
         for ext, data in members:
+            name = f"{key}.{ext}"
             if isinstance(data, np.ndarray):
                 array = np.ascontiguousarray(data)
                 header = npy_header(array)
                 size = len(header) + array.nbytes
-                self._write(tar_header(f"{key}.{ext}", size))
+                self._write(tar_header(name, size))
+                offset = self._offset
+                body = memoryview(array).cast("B")
                 self._write(header)
-                self._write(memoryview(array).cast("B"))
+                self._write(body)
+                self.members.add(name, offset, size, zlib.crc32(body, zlib.crc32(header)))
             else:
                 size = len(data)
-                self._write(tar_header(f"{key}.{ext}", size))
+                self._write(tar_header(name, size))
+                offset = self._offset
                 self._write(data)
+                self.members.add(name, offset, size, zlib.crc32(data), data if ext == "json" else None)
             pad = -size % tarfile.BLOCKSIZE
             if pad:
                 self._write(b"\0" * pad)
@@ -152,6 +164,7 @@ class TarShardWriter:
         """Finish the tar and make it visible under its final name; returns its size in bytes."""
         self._finish()
         size = os.path.getsize(self.tmp)
+        write_bytes(self.url + MEMBERS_SUFFIX, self.members.to_bytes(size), self.storage_options)
         if self.remote:
             fs, path = filesystem(self.url, self.storage_options)
             fs.put_file(self.tmp, path)
@@ -261,44 +274,6 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes | None:
         return fs.cat_file(path)
     except FileNotFoundError:
         return None
-
-
-def iter_tar(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar shard as ``(key, {extension: bytes})``, grouped by key in file order.
-
-    Raises:
-        ShardError: the shard is missing, truncated or not a tar; the message names it.
-    """
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            key, members = None, {}
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise ShardError(f"{url}: member {info.name} truncated ({len(data)} of {info.size} bytes)")
-                if k != key and key is not None:
-                    yield key, members
-                    members = {}
-                key = k
-                members[ext] = data
-            if key is not None:
-                yield key, members
-    except FileNotFoundError as exc:
-        raise ShardError(f"{url}: shard missing") from exc
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardError(f"{url}: corrupt or truncated tar ({exc})") from exc
-
-
-def load_npy(data: bytes, where: str) -> np.ndarray:
-    """Parse ``.npy`` bytes; ``where`` names the shard and member in the error."""
-    try:
-        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:
-        raise ShardError(f"{where}: unreadable .npy ({exc})") from exc
 
 
 def read_zarr_group(store_url: str, stem: str, storage_options: dict | None = None) -> dict[str, np.ndarray]:

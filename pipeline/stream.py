@@ -25,9 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import heapq
-import io
 import logging
-import re
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -164,23 +162,6 @@ def resolve_stage(
             "loc": rec["loc"][res.shift],
             "rng": rng,  # the clip's generator, next used for its crop and masks
         }
-
-
-_NPY_HEADER = re.compile(rb"\{'descr': '([<>|]?[a-z]\d+)', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \}")
-
-
-def load_npy(data: bytes, where: str) -> np.ndarray:
-    """A 2-D ``.npy`` as a read-only view of ``data``; the common header is parsed with one regex (no eval)."""
-    if data[:6] == b"\x93NUMPY" and data[6] == 1:
-        hlen = int.from_bytes(data[8:10], "little")
-        m = _NPY_HEADER.match(data, 10, 10 + hlen)
-        if m:
-            rows, cols = int(m.group(2)), int(m.group(3))
-            return np.frombuffer(data, np.dtype(m.group(1).decode()), rows * cols, 10 + hlen).reshape(rows, cols)
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
-        raise ShardError(f"{where} has an unreadable .npy: {exc}") from exc
 
 
 def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from flexast.pipeline.errors import ShardError
-from flexast.pipeline.shards import TarShardWriter, _tarinfo, iter_tar, npy_bytes, tar_header
+from flexast.pipeline.shards import TarShardWriter, _tarinfo, npy_bytes, tar_header
+from flexast.pipeline.tar_index import iter_tar, member_index, read_member_index, scan_tar
 
 
 @pytest.mark.parametrize(("name", "size"), [("a.json", 0), ("k" * 95 + ".json", 123456789), ("x.s12p5.npy", 1 << 33),
@@ -37,11 +39,14 @@ def test_writer_bytes_equal_tarfile_and_appear_only_on_close(tmp_path):
     with open(url, "rb") as f:
         assert f.read() == expected.getvalue() and size == len(expected.getvalue())
     assert [k for k, _ in iter_tar(url)] == ["k1", "k2"]
+    # The member index written beside it equals one derived from the tar's own bytes (offsets, sizes, CRC-32).
+    data = expected.getvalue()
+    assert read_member_index(url) == json.loads(member_index(scan_tar(data, url), data).to_bytes(len(data)))
 
     aborted = TarShardWriter(str(tmp_path / "b.tar"))
     aborted.add("k", [("json", b"{}")])
     aborted.abort()
-    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-000000.tar.members.json"]
     with pytest.raises(ShardError, match="contains"):
         TarShardWriter(str(tmp_path / "c.tar")).add("a.b", [])
     with pytest.raises(ShardError, match=r"b\.tar: shard missing"):
