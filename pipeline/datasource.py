@@ -37,7 +37,7 @@ import fsspec
 import numpy as np
 
 from flexast.pipeline.errors import ConfigError, ShardError
-from flexast.pipeline.sources import ShardInfo, expand_urls, is_remote, read_index, with_retries
+from flexast.pipeline.sources import ShardInfo, expand_urls, fetch_ranges, is_remote, read_index, with_retries
 from flexast.pipeline.tar_index import (
     MEMBERS_SUFFIX,
     load_npy,
@@ -92,27 +92,6 @@ class Source:
 
 
 # ---- WebDataset tar ---------------------------------------------------------------------------------
-
-
-def _fetch_ranges(url, ranges, storage_options=None, counters=None, retries=4, backoff_s=0.2) -> list[bytes]:
-    """Byte ranges of ``url``: :func:`pipeline.sources.fetch_ranges` when present, else fsspec's ``cat_ranges``.
-
-    TODO(remote helper): remove the fallback once ``pipeline.sources.fetch_ranges`` is on main.
-    """
-    try:
-        from flexast.pipeline.sources import fetch_ranges
-    except ImportError:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-        def get():
-            return fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
-
-        out = with_retries(get, f"shard {url}", retries, backoff_s)
-        if counters is not None:
-            counters["requests"] = counters.get("requests", 0) + len(ranges)
-            counters["bytes"] = counters.get("bytes", 0) + sum(len(b) for b in out)
-        return out
-    return fetch_ranges(url, ranges, storage_options, retries=retries, backoff_s=backoff_s, counters=counters)
 
 
 class TarSource(Source):
@@ -173,7 +152,9 @@ class TarSource(Source):
             out[i] = buf[offset : offset + size]
         for url, idx in remote.items():
             ranges = [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]
-            got = _fetch_ranges(url, ranges, self.storage_options, counters, self.retries, self.backoff_s)
+            got = fetch_ranges(
+                url, ranges, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters
+            )
             for i, data in zip(idx, got, strict=True):
                 out[i] = data
         return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
