@@ -1,19 +1,23 @@
 """Stream throughput (clips/s per loader process) vs an AST-repo-style on-the-fly loader, in one run.
 
-Run: ``.venv/bin/python benchmarks/stream.py [--clips 128] [--repeats 5]``
+Run: ``.venv/bin/python benchmarks/stream.py [--clips 64] [--repeats 5] [--demo-shards DIR]``
 
-Both sides do ElasticAST mixed-resolution training work for 10 s clips, in one process on one thread:
+Local sections (one process, one thread), each its own function:
 
-* ours (:func:`pipeline.loader.make_stream`) reads local tar shards holding all 16 shifts, picks a
-  shift per clip, decodes only that shift, caps at 1024 frames, applies SpecAugment (48/192) and
-  mixup (0.5), normalises and packs into 12 clips' worth of 16×16 tokens; then the same from a local
-  ``python -m http.server`` in another process (HTTP streaming through fsspec: every shift's bytes
-  cross the wire, since a stream cannot skip);
-* the peer, as the AST repository's loader does per item: decode the wav with soundfile, compute the
-  Kaldi fbank of that clip alone at its drawn shift, pad or cut to ``int(1024 / C)`` frames, mask,
-  normalise. The fbank is the reference definition as the AST repository calls it
-  (:func:`pipeline.fbank_reference.reference_fbank`; torchaudio cannot be imported here) and, as a
-  stronger peer, flexast's own :func:`pipeline.fbank.fbank_one`.
+* :func:`local_section`: ElasticAST mixed-resolution training work for 10 s clips. Ours
+  (:func:`pipeline.loader.make_stream`) plans the epoch from the shards' member indexes, fetches one
+  shift per clip (memory-mapped tar, or a slice of the Zarr store written by the real writer, or the
+  in-memory cache), caps at 1024 frames, applies SpecAugment (48/192) and mixup (0.5), normalises and
+  packs into 12 clips' worth of 16×16 tokens. The peer, as the AST repository's loader does per item:
+  decode the wav with soundfile, compute the Kaldi fbank of that clip alone at its drawn shift, pad or cut
+  to ``int(1024 / C)`` frames, mask, normalise; the fbank is the reference definition as the AST
+  repository calls it (:func:`pipeline.fbank_reference.reference_fbank`) and, as a stronger peer,
+  flexast's own :func:`pipeline.fbank.fbank_one`.
+* :func:`bytes_section`: bytes on the wire per clip over HTTP with byte ranges (``tests.servers.RangeServer``
+  on 127.0.0.1), against the bytes of the features the steps use, for a fixed and a random shift of the
+  16-shift build.
+* :func:`memory_demo_section` (with ``--demo-shards``): the in-memory source on the demo's training shards
+  with ``configs/demo.yaml``'s data settings, one epoch.
 
 The shards hold seeded random features (``tests/factories.write_shard_folder``): throughput does not
 depend on the values.
@@ -22,10 +26,9 @@ depend on the values.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +40,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from flexast.pipeline.augment import normalise, spec_augment
+from flexast.pipeline.datasource import MemorySource, open_source
 from flexast.pipeline.fbank import fbank_one
 from flexast.pipeline.fbank_reference import reference_fbank
 from flexast.pipeline.loader import make_stream
+from flexast.pipeline.shards import write_zarr_group, write_zarr_root
 from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.tar_index import MEMBERS_SUFFIX, iter_tar, load_npy, member_index, scan_tar
 from flexast.pipeline.units import ELASTICAST_SHIFTS_MS
 from tests.factories import broadband_clip, write_shard_folder
 
@@ -54,23 +60,69 @@ AST_FBANK = {
 }
 
 
-def ours(source: str, n_clips: int) -> float:
-    cfg = StreamConfig(
-        budget_tokens=12 * 8 * 62,
-        patches=[[16, 16]],
-        pack_buffer=120,
-        shuffle_buffer=64,
-        resolution={"kind": "random"},
-        max_frames=1024,
-        freq_mask=48,
-        time_mask=192,
-        mixup_prob=0.5,
-    )
+TRAIN = {
+    "budget_tokens": 12 * 8 * 62,
+    "patches": [[16, 16]],
+    "pack_buffer": 120,
+    "shuffle_buffer": 64,
+    "resolution": {"kind": "random"},
+    "max_frames": 1024,
+    "freq_mask": 48,
+    "time_mask": 192,
+    "mixup_prob": 0.5,
+}
+
+
+def ours(source, n_clips: int, **over) -> float:
+    """Clips per second of one epoch through the loader (the epoch's planning included)."""
+    cfg = StreamConfig(**{**TRAIN, **over})
     start = time.perf_counter()
     seen = sum(b.n_clips for b in make_stream(cfg, source))
     elapsed = time.perf_counter() - start
     assert seen == n_clips, (seen, n_clips)
     return seen / elapsed
+
+
+def add_member_indexes(folder: str) -> None:
+    """Write ``<shard>.members.json`` beside shards written without one (what build-shards writes)."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".tar"):
+            with open(os.path.join(folder, name), "rb") as f:
+                buf = f.read()
+            doc = member_index(scan_tar(buf, name), buf)
+            with open(os.path.join(folder, name + MEMBERS_SUFFIX), "wb") as f:
+                f.write(doc.to_bytes(len(buf)))
+
+
+def add_zarr_store(folder: str) -> None:
+    """The same shards as a Zarr store written by the real writer (:func:`pipeline.shards.write_zarr_group`)."""
+    index_path = os.path.join(folder, "index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    for shard in index["shards"]:
+        stem = shard["name"][: -len(".tar")]
+        keys, labels, values = [], [], {}
+        for key, members in iter_tar(os.path.join(folder, shard["name"])):
+            meta = json.loads(members["json"])
+            keys.append(key)
+            labels.append(meta["label_ids"])
+            for ext, data in members.items():
+                if ext.endswith(".npy"):
+                    values.setdefault(ext[:-4], []).append(load_npy(data, key))
+        arrays = {}
+        for name, vs in values.items():
+            arrays[f"{name}/values"] = np.concatenate(vs, 0)  # (ΣT, F)
+            arrays[f"{name}/offsets"] = np.cumsum([0] + [len(v) for v in vs]).astype(np.int64)
+        arrays["keys"] = np.asarray(keys, dtype=str)
+        arrays["label_values"] = np.asarray([i for ids in labels for i in ids], dtype=np.int64)
+        arrays["label_offsets"] = np.cumsum([0] + [len(x) for x in labels]).astype(np.int64)
+        arrays["duration_s"] = np.full(len(keys), 10.0)
+        attrs = {"shard": stem, "shifts_ms": index["shifts_ms"], "samples": len(keys)}
+        write_zarr_group(os.path.join(folder, "store.zarr"), stem, arrays, attrs)
+        shard["zarr_group"] = f"store.zarr/{stem}"
+    write_zarr_root(os.path.join(folder, "store.zarr"))
+    with open(index_path, "w") as f:
+        json.dump(index, f)
 
 
 def on_the_fly(wavs: list[str], featurize) -> float:
@@ -89,29 +141,82 @@ def on_the_fly(wavs: list[str], featurize) -> float:
     return len(wavs) / (time.perf_counter() - start)
 
 
-def serve(folder: str) -> tuple[subprocess.Popen, int]:
-    """``python -m http.server`` on a free port of 127.0.0.1, in its own process (not competing for our GIL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", folder],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, port
+def local_section(shards: str, wavs: list[str], n: int, repeats: int) -> None:
+    """Local tar, Zarr and memory sources against the AST-style on-the-fly loaders (interleaved repeats)."""
+    tar, zarr = open_source(shards, format="tar"), open_source(shards, format="zarr")
+    memory = MemorySource.cache(open_source(shards, format="tar"))
+    for src in (tar, zarr, memory):
+        ours(src, n)  # warm-up (imports, numba, page cache, records)
+    ref = lambda w, s: reference_fbank(w[0], frame_shift=s, **AST_FBANK)  # noqa: E731
+    fast = lambda w, s: fbank_one(w, frame_shift=s, **AST_FBANK)  # noqa: E731
+    rows = {"ref": [], "fast": [], "tar": [], "zarr": [], "memory": []}
+    for _ in range(repeats):  # interleaved: each ratio compares runs seconds apart
+        rows["tar"].append(ours(tar, n))
+        rows["zarr"].append(ours(zarr, n))
+        rows["memory"].append(ours(memory, n))
+        rows["ref"].append(on_the_fly(wavs, ref))
+        rows["fast"].append(on_the_fly(wavs, fast))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratio = {k: statistics.median(a / b for a, b in zip(rows[k], rows["ref"], strict=True)) for k in rows}
+    vs_tar = {k: statistics.median(a / b for a, b in zip(rows[k], rows["tar"], strict=True)) for k in rows}
+    print("| loader (1 process, 1 thread) | clips/s (median) | vs AST-style on-the-fly | vs local tar |")
+    print("|---|---|---|---|")
+    names = {
+        "ref": "on-the-fly: wav → reference Kaldi fbank per clip (AST-repo style)",
+        "fast": "on-the-fly: wav → flexast `fbank_one` per clip",
+        "tar": "flexast loader, local tar (mmap, member index)",
+        "zarr": "flexast loader, local Zarr store (real writer's layout)",
+        "memory": "flexast loader, memory source (cached once)",
+    }
+    for k in ("ref", "fast", "tar", "zarr", "memory"):
+        print(f"| {names[k]} | {med[k]:.1f} | {ratio[k]:.2f}× | {vs_tar[k]:.2f}× |")
+
+
+def bytes_section(shards: str, n: int) -> None:
+    """Bytes fetched over HTTP (byte ranges) per clip vs the feature bytes the steps use, fixed and random shift."""
+    from tests.servers import RangeServer
+
+    index_bytes = os.path.getsize(os.path.join(shards, "index.json"))
+    members = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.endswith(MEMBERS_SUFFIX))
+    tar_bytes = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.endswith(".tar"))
+    print("| resolution | features used (MB) | fetched: ranges + member indexes + index.json (MB) | ratio |")
+    print("|---|---|---|---|")
+    with RangeServer(shards) as server:
+        for label, res in (("fixed 10 ms", {"kind": "fixed", "shift_ms": 10.0}), ("random of 16", {"kind": "random"})):
+            cfg = StreamConfig(**{**TRAIN, "resolution": res, "max_frames": None})
+            loader = make_stream(cfg, f"{server.url}/index.json")
+            used = sum(b.frames.shape[0] * b.n_mels * 2 for b in loader)  # float16 bytes of the clips' frames
+            fetched = loader.last_read.get("bytes", 0) + members + index_bytes
+            print(f"| {label} | {used / 1e6:.2f} | {fetched / 1e6:.2f} | {fetched / used:.3f}× |")
+    print(f"(the tar shards themselves: {tar_bytes / 1e6:.1f} MB for {n} clips)")
+
+
+def memory_demo_section(folder: str, repeats: int) -> None:
+    """One epoch of the demo's training data (``configs/demo.yaml``'s data settings) from the memory source."""
+    from flexast.model.config import load_config
+    from flexast.model.data import open_data, stream_config
+    from flexast.model.recipes import plan_stages
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [f"data.train={folder}"])
+    t0 = time.perf_counter()
+    source = open_data(folder, "data.train", "memory")
+    read_s = time.perf_counter() - t0
+    stage = plan_stages(cfg, [float(s) for s in source.index["shifts_ms"]])[0]
+    opts = StreamConfig.from_dict(stream_config(cfg, stage, 0))
+    times = []
+    for epoch in range(repeats):
+        t0 = time.perf_counter()
+        clips = sum(b.n_clips for b in make_stream(opts, source, epoch=epoch))
+        times.append(time.perf_counter() - t0)
+    print(f"memory source on {folder}: read once in {read_s:.2f} s; one epoch ({clips} clips) "
+          f"median {statistics.median(times):.3f} s = {clips / statistics.median(times):.0f} clips/s")  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--demo-shards", default="", help="the demo's train shards, for the memory-source section")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="flexast-bench-") as tmp:
@@ -126,39 +231,21 @@ def main() -> None:
             min_seconds=10.0,
             max_seconds=10.0,
         )
+        add_member_indexes(shards)
+        add_zarr_store(shards)
         wavs = []
         for i in range(args.clips):
             wavs.append(os.path.join(tmp, f"{i}.wav"))
             sf.write(wavs[-1], broadband_clip(10.0, seed=i).numpy(), 16000, subtype="PCM_16")
         n = args.clips // per * per
-        ours(shards, n)  # warm-up (imports, numba, page cache)
-        ref = lambda w, s: reference_fbank(w[0], frame_shift=s, **AST_FBANK)  # noqa: E731
-        fast = lambda w, s: fbank_one(w, frame_shift=s, **AST_FBANK)  # noqa: E731
-        rows = {"local": [], "ref": [], "fast": [], "http": []}
-        proc, port = serve(shards)
-        try:
-            for _ in range(args.repeats):  # interleaved: each ratio compares runs seconds apart
-                rows["local"].append(ours(shards, n))
-                rows["ref"].append(on_the_fly(wavs, ref))
-                rows["fast"].append(on_the_fly(wavs, fast))
-                rows["http"].append(ours(f"http://127.0.0.1:{port}/index.json", n))
-        finally:
-            proc.terminate()
-            proc.wait()
-        size = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards)) / n / 1e6
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    ratio = {k: statistics.median(a / b for a, b in zip(rows[k], rows["ref"], strict=True)) for k in rows}
-    print(f"shards: {n} clips of 10 s, 16 shifts, 128 bins, {size:.1f} MB/clip; {args.repeats} interleaved repeats")
-    print("| loader (1 process, 1 thread) | clips/s (median) | vs AST-style on-the-fly (median of paired ratios) |")
-    print("|---|---|---|")
-    names = {
-        "ref": "on-the-fly: wav → reference Kaldi fbank per clip (AST-repo style)",
-        "fast": "on-the-fly: wav → flexast `fbank_one` per clip",
-        "local": "flexast stream, local shards",
-        "http": "flexast stream, HTTP (`python -m http.server`, 127.0.0.1)",
-    }
-    for k in ("ref", "fast", "local", "http"):
-        print(f"| {names[k]} | {med[k]:.1f} | {ratio[k]:.1f}× |")
+        size = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.endswith(".tar")) / n
+        print(f"shards: {n} clips of 10 s, 16 shifts, 128 bins, {size / 1e6:.1f} MB/clip; {args.repeats} repeats")
+        local_section(shards, wavs, n, args.repeats)
+        print()
+        bytes_section(shards, n)
+    if args.demo_shards:
+        print()
+        memory_demo_section(args.demo_shards, args.repeats)
 
 
 if __name__ == "__main__":

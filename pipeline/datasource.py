@@ -46,6 +46,7 @@ from flexast.pipeline.tar_index import (
     scan_tar,
 )
 from flexast.pipeline.units import shift_name
+from flexast.pipeline.zarr_chunks import ChunkReader, layout, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,12 @@ class ZarrSource(Source):
                 raise ShardError(f"shard {url}: unreadable Zarr group ({type(exc).__name__}: {exc})") from exc
         return self._handles[url]
 
+    def _values(self, url: str, shift: str):
+        """The ``<shift>/values`` array of a group, opened once per process (opening reads its metadata)."""
+        if (url, shift) not in self._handles:
+            self._handles[(url, shift)] = self._group(url)[f"{shift}/values"]
+        return self._handles[(url, shift)]
+
     def _load_records(self, shard: ShardInfo) -> list[dict]:
         url = shard.url
         names = self.label_names
@@ -219,16 +226,42 @@ class ZarrSource(Source):
             recs.append({"key": key, "url": url, "meta": meta, "loc": loc})
         return recs
 
-    def fetch(self, wanted, counters=None):
-        out = []
-        for url, (shift, t0, t1) in wanted:
+    def _layout(self, url: str, shift: str):
+        """The writer's chunk layout of ``<shift>/values`` (read directly), or None (read through zarr)."""
+        key = ("layout", url, shift)
+        if key not in self._handles:
             try:
-                x = self._group(url)[f"{shift}/values"][t0:t1]  # (T, F) float16
-            except Exception as exc:
-                raise ShardError(f"shard {url}: cannot read {shift}/values[{t0}:{t1}] ({exc})") from exc
-            if counters is not None:
-                counters["bytes"] = counters.get("bytes", 0) + x.nbytes
-            out.append(np.asarray(x))
+                self._handles[key] = layout(
+                    f"{url}/{shift}/values", read_meta(f"{url}/{shift}/values", self.storage_options)
+                )
+            except (OSError, ValueError):
+                self._handles[key] = None
+        return self._handles[key]
+
+    def fetch(self, wanted, counters=None):
+        """Slices of the writer's layout read chunk by chunk directly (:mod:`pipeline.zarr_chunks`), others via zarr."""
+        if "reader" not in self._handles:
+            self._handles["reader"] = ChunkReader(self.storage_options, self.retries, self.backoff_s)
+        lays = [self._layout(url, shift) for url, (shift, _, _) in wanted]
+        direct = [i for i, lay in enumerate(lays) if lay is not None]
+        out: list = [None] * len(wanted)
+        try:
+            got = self._handles["reader"].read([(lays[i], *wanted[i][1][1:]) for i in direct], counters)
+        except ShardError:
+            raise
+        except Exception as exc:
+            urls = sorted({wanted[i][0] for i in direct})
+            raise ShardError(f"shard {urls}: cannot read features ({type(exc).__name__}: {exc})") from exc
+        for i, x in zip(direct, got, strict=True):
+            out[i] = x
+        for i, (url, (shift, t0, t1)) in enumerate(wanted):
+            if out[i] is None:
+                try:
+                    out[i] = np.asarray(self._values(url, shift)[t0:t1])  # (T, F) float16
+                except Exception as exc:
+                    raise ShardError(f"shard {url}: cannot read {shift}/values[{t0}:{t1}] ({exc})") from exc
+                if counters is not None:
+                    counters["bytes"] = counters.get("bytes", 0) + out[i].nbytes
         return out
 
 

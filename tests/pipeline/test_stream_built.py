@@ -8,6 +8,7 @@ import torch
 from flexast.pipeline.datasource import open_source
 from flexast.pipeline.loader import make_stream
 from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.zarr_chunks import layout, read_meta
 from tests.factories import build_small_shards
 
 
@@ -23,7 +24,10 @@ def test_built_shards_stream_every_clip_once_and_match_zarr(built):
     assert batches[0].n_mels == 128 and index["total_samples"] == 8
     keys = [k for b in batches for k in b.keys]
     assert len(keys) == index["total_samples"] == len(set(keys))
-    from_zarr = list(make_stream(cfg, open_source(out, format="zarr")))
+    zarr = open_source(out, format="zarr")
+    values = f"{zarr.shards[0].url}/s10/values"
+    assert layout(values, read_meta(values)) is not None, "the writer's layout: read chunk by chunk, not via zarr"
+    from_zarr = list(make_stream(cfg, zarr))
     assert [b.keys for b in from_zarr] == [b.keys for b in batches]
     for a, b in zip(from_zarr, batches, strict=True):
         assert torch.equal(a.frames, b.frames)
