@@ -313,7 +313,9 @@ class Trainer:
             if self.is_main and cfg.run.progress and bar is None:
                 from tqdm import tqdm
 
-                bar = tqdm(total=self.total_steps, initial=self.state.stage_step, desc=stage.name, dynamic_ncols=True)
+                estimate = stage.steps <= 0 and (cfg.optim.steps_per_epoch or cfg.optim.grad_accum_tokens)
+                desc = f"{stage.name} (~{self.total_steps} steps, estimated)" if estimate else stage.name
+                bar = tqdm(total=self.total_steps, initial=self.state.stage_step, desc=desc, dynamic_ncols=True)
             t0 = time.perf_counter()
             while self.state.stage_step < self.total_steps:
                 self.loader.set_epoch(self.state.epoch)
