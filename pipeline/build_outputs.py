@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.shards import filesystem, join, read_bytes
+from flexast.pipeline.tar_index import MEMBERS_SUFFIX
 
 BUILD_FILES = ("_build.json", "_parts", "store.zarr", "rejected.jsonl", "index.json")
 """Top-level names every build writes (besides its shards)."""
@@ -79,7 +80,7 @@ def _owned(name: str, allowed: set[str]) -> bool:
 def foreign_entries(out: str, build: EarlierBuild, storage_options: dict | None = None) -> list[str]:
     """Entries of ``out`` (and of its ``_parts`` and ``store.zarr``) that ``build`` did not write."""
     top = set(BUILD_FILES) - ({"index.json"} if not build.index_is_ours else set())
-    top |= {f"{stem}.tar" for stem in build.stems}
+    top |= {f"{stem}.tar" for stem in build.stems} | {f"{stem}.tar{MEMBERS_SUFFIX}" for stem in build.stems}
     foreign = [n for n in _names(out, storage_options) if not _owned(n, top)]
     inside = {"_parts": {f"{stem}.json" for stem in build.stems}, "store.zarr": {"zarr.json"} | build.stems}
     for sub, allowed in inside.items():
@@ -125,7 +126,7 @@ def check_fresh_output(out: str, stems: list[str], overwrite: bool, storage_opti
             f"--overwrite refused: {out} holds no earlier build, only files build-shards did not write: "
             f"{_listed(present)}; move them away or choose another --out (nothing was deleted)"
         )
-    ours = set(BUILD_FILES) | {f"{stem}.tar" for stem in stems}
+    ours = set(BUILD_FILES) | {f"{stem}.tar" for stem in stems} | {f"{stem}.tar{MEMBERS_SUFFIX}" for stem in stems}
     clash = [n for n in present if n in ours]
     if clash:
         raise ConfigError(

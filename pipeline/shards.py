@@ -198,13 +198,23 @@ def _write_group(folder: str, arrays: dict[str, np.ndarray], attrs: dict) -> Non
     root = zarr.open_group(store=LocalStore(folder), mode="w", zarr_format=3, attributes=attrs)
     for name, values in arrays.items():
         values = np.asarray(values)
-        if values.ndim == 2:  # (ΣT, F) ragged values: chunked along time, sharding codec
+        compressors = "auto"
+        if values.ndim == 2:  # (ΣT, F) ragged values: chunked along time, sharding codec, stored uncompressed
             chunks = (ZARR_CHUNK_FRAMES, values.shape[1])
             shards = (ZARR_SHARD_FRAMES, values.shape[1])
+            compressors = None  # log-mel float16 barely compresses; raw chunks are read as one byte range per clip
         else:
             chunks, shards = (max(1, values.shape[0]),), None
         dtype = str if values.dtype.kind in "UO" else values.dtype
-        arr = root.create_array(name, shape=values.shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=None)
+        arr = root.create_array(
+            name,
+            shape=values.shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            fill_value=None,
+            compressors=compressors,
+        )
         if values.size:
             arr[...] = values
 

@@ -5,11 +5,14 @@ frames per inner chunk.
 
 The writer's layout (``docs/shard-format.md``): a regular grid of shard objects of ``(S, F)``
 (``c/<k>/0``), each with the ``sharding_indexed`` codec: ``(c, F)`` inner chunks encoded ``bytes``
-(little-endian) then ``zstd``, and an index at the object's end of ``S / c`` pairs ``(offset, nbytes)``
-as little-endian uint64, then a CRC-32C. Reading a clip's ``values[t0:t1]`` through zarr costs a few
-milliseconds of Python per call; here it is the index (read once per shard object) plus one byte
-range and one zstd decode per inner chunk, through :func:`pipeline.sources.fetch_ranges` (local, HTTP,
-S3 alike). :func:`layout` returns None for any other layout, and the caller then reads through zarr.
+(little-endian; builds made before raw chunks add ``zstd``), and an index at the object's end of
+``S / c`` pairs ``(offset, nbytes)`` as little-endian uint64, then a CRC-32C.
+
+Reading a clip's ``values[t0:t1]`` through zarr costs a few milliseconds of Python per call. Here it is
+the index (read once per shard object) plus, for raw chunks stored in order, one byte range per clip
+(its exact bytes), else one range and one decode per inner chunk, all through
+:func:`pipeline.sources.fetch_ranges` (local, HTTP, S3 alike). :func:`layout` returns None for any
+other layout, and the caller then reads through zarr.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Layout:
     shard_frames: int  # S
     chunk_frames: int  # c
     fill: float
+    compressed: bool  # zstd after bytes, or raw little-endian float16
 
 
 def layout(url: str, meta: dict) -> Layout | None:
@@ -50,7 +54,7 @@ def layout(url: str, meta: dict) -> Layout | None:
             and len(shape) == 2
             and outer[1] == inner[1] == shape[1]
             and outer[0] % inner[0] == 0
-            and [c["name"] for c in conf["codecs"]] == ["bytes", "zstd"]
+            and [c["name"] for c in conf["codecs"]] in (["bytes"], ["bytes", "zstd"])
             and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
             and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
             and conf.get("index_location", "end") == "end"
@@ -60,7 +64,8 @@ def layout(url: str, meta: dict) -> Layout | None:
         return None
     if not ok:
         return None
-    return Layout(url, (int(shape[0]), int(shape[1])), int(outer[0]), int(inner[0]), float(meta["fill_value"] or 0))
+    fill = float(meta["fill_value"] or 0)
+    return Layout(url, (int(shape[0]), int(shape[1])), int(outer[0]), int(inner[0]), fill, len(conf["codecs"]) == 2)
 
 
 class ChunkReader:
@@ -96,7 +101,56 @@ class ChunkReader:
         return obj, self.indexes[obj]
 
     def read(self, items: list[tuple[Layout, int, int]], counters: dict | None = None) -> list[np.ndarray]:
-        """``values[t0:t1]`` as ``(T, F)`` float16 for each ``(layout, t0, t1)``; each needed chunk decoded once."""
+        """``values[t0:t1]`` as ``(T, F)`` float16 for each ``(layout, t0, t1)``.
+
+        Raw chunks stored in order are read as one byte range per clip and shard object (exactly the
+        clip's bytes); otherwise each needed inner chunk is read and decoded once per call.
+        """
+        out: list = [None] * len(items)
+        rest = []
+        ranged: dict[str, list] = {}  # shard object → [(item, start byte, stop byte)]
+        for i, (lay, t0, t1) in enumerate(items):
+            spans = self._raw_spans(lay, t0, t1, counters) if not lay.compressed else None
+            if spans is None:
+                rest.append(i)
+                continue
+            out[i] = []
+            for obj, a, b in spans:
+                ranged.setdefault(obj, []).append((i, a, b))
+        for obj, wanted in ranged.items():
+            for (i, _, _), blob in zip(wanted, self._get(obj, [(a, b) for _, a, b in wanted], counters), strict=True):
+                out[i].append(blob)
+        for i in range(len(items)):
+            if isinstance(out[i], list):
+                lay = items[i][0]
+                data = out[i][0] if len(out[i]) == 1 else b"".join(out[i])
+                out[i] = np.frombuffer(data, "<f2").reshape(-1, lay.shape[1])  # (T, F)
+        if rest:
+            for i, x in zip(rest, self._read_chunks([items[i] for i in rest], counters), strict=True):
+                out[i] = x
+        return out
+
+    def _raw_spans(self, lay: Layout, t0: int, t1: int, counters) -> list[tuple[str, int, int]] | None:
+        """Byte ranges ``(shard object, start, stop)`` holding exactly frames ``[t0, t1)`` of a raw layout,
+        or None when a needed chunk is missing or the chunks are not stored in order."""
+        row = lay.shape[1] * 2  # bytes per frame
+        spans = []
+        t = t0
+        while t < t1:
+            k = t // lay.shard_frames
+            stop = min(t1, (k + 1) * lay.shard_frames)
+            obj, index = self._index(lay, k, counters)
+            c0 = (t - k * lay.shard_frames) // lay.chunk_frames
+            c1 = -(-(stop - k * lay.shard_frames) // lay.chunk_frames)
+            offs, sizes = index[c0:c1, 0], index[c0:c1, 1]
+            if (offs == _EMPTY).any() or (sizes != lay.chunk_frames * row).any() or (np.diff(offs) != sizes[:-1]).any():
+                return None
+            a = int(offs[0]) + (t - k * lay.shard_frames - c0 * lay.chunk_frames) * row
+            spans.append((obj, a, a + (stop - t) * row))
+            t = stop
+        return spans
+
+    def _read_chunks(self, items: list[tuple[Layout, int, int]], counters) -> list[np.ndarray]:
         need: dict[tuple[str, int], tuple] = {}  # (array url, chunk number) → (layout, shard object, index row)
         for lay, t0, t1 in items:
             for j in range(t0 // lay.chunk_frames, -(-t1 // lay.chunk_frames)):
@@ -113,7 +167,7 @@ class ChunkReader:
             blobs = self._get(obj, [(off, off + n) for _, _, off, n in present], counters) if present else []
             for (key, lay, _, _), blob in zip(present, blobs, strict=True):
                 try:
-                    data = self.codec.decode(blob)
+                    data = self.codec.decode(blob) if lay.compressed else blob
                 except Exception as exc:
                     raise ShardError(f"{obj}: inner chunk {key[1]} does not decode ({exc})") from exc
                 chunks[key] = np.frombuffer(data, "<f2").reshape(lay.chunk_frames, lay.shape[1])  # (c, F)
