@@ -239,7 +239,7 @@ def pack_stage(
             if t == 0:
                 step_stats["dropped_short"] += 1
                 step_stats["dropped_keys"].append(item["key"])
-                log.warning(
+                log.debug(  # counted in the step's stats (dropped_short, dropped_keys); every epoch is planned ahead
                     "clip %r has %d frames, fewer than one patch %s: dropped", item["key"], item["n_frames"], patch
                 )
                 continue
