@@ -27,11 +27,13 @@ them produces the same steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -78,6 +80,21 @@ class Source:
                 raise ShardError(f"shard {shard.url}: {len(recs)} samples found but index.json lists {shard.samples}")
             self._records[shard.url] = recs
         return self._records[shard.url]
+
+    def prefetch(self, shards: Sequence[ShardInfo], threads: int = 16) -> None:
+        """Load the records of ``shards`` concurrently (one small read each: a member index, a group's
+        offsets), so planning an epoch over many remote shards does not wait for them one by one. Errors
+        are left for :meth:`records` to raise, in the planner's order."""
+        todo = [s for s in shards if s.url not in self._records]
+        if len(todo) < 2:
+            return
+
+        def load(shard):
+            with contextlib.suppress(Exception):  # raised again, in order, by the planner's own call
+                self.records(shard)
+
+        with ThreadPoolExecutor(min(threads, len(todo))) as pool:
+            list(pool.map(load, todo))
 
     def _load_records(self, shard: ShardInfo) -> list[dict]:
         raise NotImplementedError

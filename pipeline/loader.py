@@ -37,6 +37,7 @@ from flexast.pipeline.batch import token_count
 from flexast.pipeline.datasource import Source, label_map, open_source
 from flexast.pipeline.errors import ConfigError, PipelineError
 from flexast.pipeline.packing import PackPlan, PackStats
+from flexast.pipeline.sources import is_remote
 from flexast.pipeline.stream import StepDataset, plan_slot
 from flexast.pipeline.stream_config import StreamConfig, _Const
 
@@ -182,6 +183,8 @@ class StreamLoader:
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
         counters: dict = {}
+        if any(is_remote(sh.url) for sh in self.source.shards[:1]):
+            self.source.prefetch(self.source.shards)
         per_worker = [
             plan_slot(
                 self.cfg,

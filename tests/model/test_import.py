@@ -97,7 +97,9 @@ def test_imported_folder_works_as_init_for_predict_and_for_eval(hf_folder, tmp_p
     assert pred.error is None and {d for _, d, _ in pred.labels} == {"Speech", "Dog", "Music"}
 
     shards = tmp_path / "shards"
-    write_shard_folder(shards, n_shards=1, per_shard=4, shifts_ms=(10.0,), n_mels=32, n_classes=3, split="eval")
+    index = write_shard_folder(shards, n_shards=1, per_shard=4, shifts_ms=(10.0,), n_mels=32, n_classes=3, split="eval")
+    index["labels"]["names"] = adapter.label_names(out)[0]  # held-out labels are matched to the model's by name
+    (shards / "index.json").write_text(json.dumps(index))
     args = ["eval", "--checkpoint", str(out), "--data", str(shards), "--out", str(tmp_path / "eval")]
     code = main([*args, "--patches", "8", "--max-frames", "64"])
     assert code == 0 and (tmp_path / "eval" / "results.csv").exists()
