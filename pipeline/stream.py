@@ -1,23 +1,26 @@
-"""The streaming pipeline: shards → samples → clips with a resolution → packed steps → PackedBatch.
+"""The loader's stages: shards → records → clips with a resolution → planned steps → PackedBatch.
 
 Notation: ``R`` ranks, ``W`` DataLoader workers per rank, a *slot* is one (rank, worker) pair
 (``slot = rank·W + worker``); ``T`` frames at a clip's own shift, ``F`` mel bins, ``C`` classes.
 
 Every stage is a plain generator ``stage(src, **params)`` over dicts, testable on lists:
 
-    assign_shards → read_stage → [reweight_stage] → resolve_stage → shuffle_stage → pack_stage → materialise
+    assign_shards → record_stage → [reweight_stage] → resolve_stage → shuffle_stage → pack_stage   (plan)
+    materialise                                                                                    (per step)
 
 * :func:`assign_shards` is the visible split by rank and worker. Shards are shuffled with
   (seed, epoch), identically on every rank, then dealt to slots. With fewer shards than slots the
   split is at sample level (slot ``s`` reads shard ``s mod n`` and keeps every ``m``-th sample), with
-  a warning, since several slots then read the same bytes. The union over slots is the dataset,
-  each sample exactly once. Equal *steps* per rank are made by :mod:`pipeline.loader`.
+  a warning. The union over slots is the dataset, each sample exactly once. Equal *steps* per rank
+  are made by :mod:`pipeline.loader`.
+* :func:`plan_slot` runs the planning stages on records (metadata from :mod:`pipeline.datasource`):
+  nothing is fetched, so a whole epoch is planned before it is read.
 * Randomness is keyed, not sequential: a clip's resolution, crop and masks come, in that order,
   from one generator keyed by ``(seed, epoch, key, occurrence)``; the shuffle buffer and the
-  per-step patch draw from ``(seed, epoch, rank, worker)``. So the order is deterministic given (seed, epoch), and
-  a resumed slot that replays its plan without decoding features reproduces it exactly.
-* Features are decoded only in :func:`materialise`, and only for the shift a clip uses; the other
-  shifts' bytes are dropped as soon as the resolution is chosen.
+  per-step patch draw from ``(seed, epoch, rank, worker)``; mixup from ``(seed, epoch, rank, step)``.
+  So the plan is a function of (seed, epoch, R, W) and of the records, the same for every source.
+* :func:`materialise` fetches only the shift each clip of one step uses (:meth:`Source.fetch`),
+  then pools, crops, mixes, masks and normalises.
 """
 
 from __future__ import annotations
