@@ -78,7 +78,9 @@ def test_wheel_lists_copies_and_trains_a_builtin_recipe(venv, tmp_path):
     assert missing.returncode == 2 and "no_such_recipe" in missing.stderr and "'demo'" in missing.stderr
 
     shards = tmp_path / "shards"
-    write_shard_folder(shards, n_shards=1, per_shard=6, shifts_ms=(10.0, 20.0, 40.0), n_mels=128, n_classes=3)
+    write_shard_folder(  # one label per clip: the demo recipe trains single-label (cross-entropy)
+        shards, n_shards=1, per_shard=6, shifts_ms=(10.0, 20.0, 40.0), n_mels=128, n_classes=3, max_labels=1
+    )
     sets = [
         f"data.train={shards}",
         "data.valid=",

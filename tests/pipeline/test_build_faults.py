@@ -188,11 +188,12 @@ def test_non_finite_features_are_rejected_and_verified(tmp_path, capsys):
     values = zarr.open_array(str(out / index["shards"][0]["zarr_group"] / "s10" / "values"), mode="r+")
     values[0, 0] = np.inf
     code, stdout, err = run(capsys, "verify", out)
-    assert code == 1 and "FAILED (2 problems)" in stdout
+    assert code == 1 and "FAILED (3 problems)" in stdout
     problems = [line for line in err.splitlines() if line.startswith("PROBLEM")]
-    assert len(problems) == 2, err
+    assert len(problems) == 3, err
     assert f"{index['shards'][0]['name']}:ok0: s20 holds 1 NaN/Inf values" in problems[0]
-    assert "s10/values holds 1 NaN/Inf values (samples ['ok0'])" in problems[1]
+    assert "ok0.s20.npy fails its checksum" in problems[1]  # the member index's CRC-32 sees the change too
+    assert "s10/values holds 1 NaN/Inf values (samples ['ok0'])" in problems[2]
 
 
 # --- item 4: verify reports a missing or unreadable shard and goes on -----------------------------------------------
@@ -264,8 +265,8 @@ def test_overwrite_removes_only_the_earlier_builds_files(tmp_path, capsys):
     assert code == 0, err
     second = accounted(out)
     assert (second["read"], second["written"]) == (6, 6) and len(second["shards"]) == 2 != len(first["shards"])
-    assert sorted(os.listdir(out)) == sorted(["_build.json", "_parts", "rejected.jsonl", "index.json",
-                                              "train-000000.tar", "train-000001.tar"])  # fmt: skip
+    shards = [f"train-00000{i}.tar{ext}" for i in range(2) for ext in ("", ".members.json")]  # each with its index
+    assert sorted(os.listdir(out)) == sorted(["_build.json", "_parts", "rejected.jsonl", "index.json", *shards])
     # a file placed inside the build's own folders is in the way too
     (out / "_parts" / "notes.txt").write_text("mine")
     code, _, err = build(capsys, manifest, out, "--shard-samples", "2", "--overwrite")
