@@ -14,7 +14,11 @@ Backends (see DESIGN.md, "Attention backends"):
     ``sdpa_loop``  one SDPA call per clip; the fastest exact CPU path for forward and backward.
     ``padded``     clips padded to the longest, one SDPA call with a key mask; good for many tiny clips.
     ``flex``       FlexAttention with a document BlockMask built once per batch; GPU only (no CPU backward).
-    ``auto``       resolved once per run by :func:`resolve_backend`.
+    ``auto``       resolved once per run and activation dtype by :func:`resolve_backend`.
+
+``varlen``'s input rules (bf16/fp16 q, k, v of one dtype; contiguous; int32 ``cu`` on the tokens' device whose
+last entries are the token totals; ``max_len`` at least the longest segment) are checked on the CPU in CI by a
+stand-in op, ``tests/model/varlen_standin.py``.
 """
 
 from __future__ import annotations
@@ -99,25 +103,41 @@ class Segments:
 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The concrete backend for ``name`` on this device and dtype; ``auto`` picks the fastest exact one.
+    """The concrete backend for ``name`` on this device and activation dtype; ``auto`` picks the fastest exact one.
 
-    ``auto``: ``varlen`` on CUDA sm80+ with bf16/fp16 activations where torch has it, else ``flex`` on CUDA,
-    else ``sdpa_loop`` (CPU).
+    ``auto``: ``varlen`` on CUDA sm80+ with bf16/fp16 activations where torch has it, ``flex`` on older CUDA
+    in bf16/fp16, else ``padded`` on CUDA (float32: one SDPA call, no compile per process) and ``sdpa_loop`` on
+    the CPU. ``varlen`` asked for float32 activations (evaluation or prediction without autocast) runs
+    ``padded``: flash attention has no float32 kernel, and the model resolves per dtype, so the bf16
+    training passes still use ``varlen``.
     """
     device = torch.device(device)
+    half = dtype in (torch.bfloat16, torch.float16)
     if name == "auto":
-        if device.type == "cuda":
-            if _has_varlen() and dtype in (torch.bfloat16, torch.float16) and _sm80(device):
-                return "varlen"
-            return "flex"
-        return "sdpa_loop"
+        if device.type == "cuda" and half:
+            return "varlen" if _has_varlen() and _sm80(device) else "flex"
+        return "padded" if device.type == "cuda" else "sdpa_loop"
     if name not in BACKENDS:
         raise BackendError(f"unknown attention backend {name!r}; choose one of {('auto', *BACKENDS)}")
-    if name in ("varlen", "flex") and device.type != "cuda":
+    if (name == "varlen" and device.type not in VARLEN_DEVICES) or (name == "flex" and device.type != "cuda"):
         raise BackendError(f"attention backend {name!r} needs a CUDA device, got {device}")
     if name == "varlen" and not _has_varlen():
         raise BackendError(f"attention backend 'varlen' needs torch>=2.10, this is torch {torch.__version__}")
+    if name == "varlen" and not half:
+        return "padded"
     return name
+
+
+# Devices whose varlen kernel exists; tests add "cpu" with a CPU stand-in that enforces flash's input rules
+# (tests/model/varlen_standin.py), which they install by replacing :func:`_varlen_op`.
+VARLEN_DEVICES = ("cuda",)
+
+
+def _varlen_op():
+    """The varlen attention function, called positionally (argument names changed across torch versions)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
 
 
 def _has_varlen() -> bool:
@@ -227,14 +247,12 @@ def _padded(q, k, v, q_seg, k_seg, dropout_p):
 
 def _varlen(q, k, v, q_seg, k_seg, dropout_p):
     """Flash varlen attention on flat ``(L, H, Dh)`` tokens; arguments positional (names changed across torch)."""
-    from torch.nn.attention.varlen import varlen_attn
-
     if dropout_p > 0:
         raise BackendError(f"attention backend 'varlen' has no attention dropout (got attn_drop={dropout_p})")
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise BackendError(f"attention backend 'varlen' needs bf16/fp16 activations, got {q.dtype}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # views of the fused qkv have a token stride of 3·D
-    return varlen_attn(q, k, v, q_seg.cu, k_seg.cu, q_seg.max_len, k_seg.max_len)
+    return _varlen_op()(q, k, v, q_seg.cu, k_seg.cu, q_seg.max_len, k_seg.max_len)
 
 
 _FLEX_COMPILED = None
