@@ -92,6 +92,22 @@ class Segments:
             self.cache["pos"] = torch.arange(self.total, device=self.cu.device) - self.cu.long()[ids]
         return self.cache["pos"]
 
+    def prepare(self, backend: str, device: torch.device) -> None:
+        """Build, outside any compiled region, everything ``backend`` derives from these segments (self-attention).
+
+        The encoder calls it once per batch before its blocks, so that a compiled block only reads ``cu``,
+        ``max_len``, ``total`` and a cache whose keys are always the same: no guard on host lists, no
+        recompilation per batch.
+        """
+        if self.uniform is not None:
+            return
+        if backend == "padded":
+            _pad_index(self)
+        elif backend == "flex":
+            _flex_mask(self, self, device)
+        elif backend == "sdpa_loop":
+            self.lengths()
+
     def with_prefix(self, n_prefix: int) -> Segments:
         """The segments after ``n_prefix`` tokens ([CLS], [DIST]) are put in front of every clip."""
         if n_prefix == 0:
@@ -198,6 +214,7 @@ def _uniform(q, k, v, q_seg, k_seg, dropout_p):
     return out.transpose(1, 2).reshape(q.shape)  # (Lq, H, Dh)
 
 
+@torch.compiler.disable  # splits by host lengths: run eagerly inside a compiled block instead of guarding on them
 def _sdpa_loop(q, k, v, q_seg, k_seg, dropout_p):
     """One SDPA per clip on views of the flat tensors; exact and isolated by construction.
 
@@ -267,12 +284,10 @@ def _flex_fn():
     return _FLEX_COMPILED
 
 
-def _flex(q, k, v, q_seg, k_seg, dropout_p):
-    """FlexAttention with a document mask; the BlockMask is built once per batch and cached on ``q_seg``."""
+def _flex_mask(q_seg: Segments, k_seg: Segments, device: torch.device):
+    """The document BlockMask of ``q_seg`` against ``k_seg``, built once per batch and cached on ``q_seg``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if dropout_p > 0:
-        raise BackendError(f"attention backend 'flex' has no attention dropout (got attn_drop={dropout_p})")
     key = ("flex", id(k_seg))
     if key not in q_seg.cache:
         q_doc, k_doc = q_seg.segment_ids(), k_seg.segment_ids()
@@ -280,10 +295,16 @@ def _flex(q, k, v, q_seg, k_seg, dropout_p):
         def same_clip(b, h, qi, ki):
             return q_doc[qi] == k_doc[ki]
 
-        q_seg.cache[key] = create_block_mask(same_clip, None, None, q_seg.total, k_seg.total, device=q.device)
-    out = _flex_fn()(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=q_seg.cache[key]
-    )  # (1, H, Lq, Dh)
+        q_seg.cache[key] = create_block_mask(same_clip, None, None, q_seg.total, k_seg.total, device=device)
+    return q_seg.cache[key]
+
+
+def _flex(q, k, v, q_seg, k_seg, dropout_p):
+    """FlexAttention with a document mask (see :func:`_flex_mask`)."""
+    if dropout_p > 0:
+        raise BackendError(f"attention backend 'flex' has no attention dropout (got attn_drop={dropout_p})")
+    mask = _flex_mask(q_seg, k_seg, q.device)
+    out = _flex_fn()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=mask)
     return out[0].transpose(0, 1)  # (Lq, H, Dh)
 
 

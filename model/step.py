@@ -125,6 +125,30 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def compile_model(model, **options) -> None:
+    """``run.compile``: compile the encoder blocks of ``model`` (an :class:`~model.ast.ASTModel`), not the model.
+
+    The parts around the blocks (patch embedding at the step's patch size, positions, token dropout, prefix
+    tokens, pooling) read host lists and per-batch shapes; compiled, they made a graph per step. They stay eager,
+    the blocks (nearly all FLOPs) compile once per backend and mode. Hitting the recompile limit raises instead of
+    falling back to eager without a word.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    model.encoder.compile_blocks(**options)
+
+
+def compile_count() -> int:
+    """Graphs dynamo has compiled in this process so far (first compiles and recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 # ------------------------------------------------------------------------------------------------ the guard
 
 

@@ -189,7 +189,9 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.cfg.run.find_unused,
             )
-        self.compiled = torch.compile(self.ddp_model) if self.cfg.run.compile else self.ddp_model
+        if self.cfg.run.compile:  # the encoder blocks only: see model.step.compile_model
+            step_io.compile_model(self.model)
+        self.compiled = self.ddp_model
         o = self.cfg.optim
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(

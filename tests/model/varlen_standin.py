@@ -132,11 +132,16 @@ def _counted(*args):
     return torch.ops.flexast_test.varlen_attn(*args)
 
 
-def install(monkeypatch) -> type[Calls]:
-    """Route the model's ``varlen`` backend to this stand-in on the CPU for one test; returns the call counter."""
+def install(monkeypatch, count: bool = True) -> type[Calls]:
+    """Route the model's ``varlen`` backend to this stand-in on the CPU for one test; returns the call counter.
+
+    ``count=False`` calls the op directly: under ``torch.compile`` the counter would be Python state mutated in
+    the graph, which dynamo guards on (a recompile per call).
+    """
     from flexast.model import attention
 
     Calls.forward = 0
-    monkeypatch.setattr(attention, "_varlen_op", lambda: _counted)
+    op = _counted if count else torch.ops.flexast_test.varlen_attn
+    monkeypatch.setattr(attention, "_varlen_op", lambda: op)
     monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cuda", "cpu"))
     return Calls
