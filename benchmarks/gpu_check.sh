@@ -58,10 +58,10 @@ EOF
         || echo "nvidia-smi: not available"
 
     section "pytest -m gpu (a result per test)"
-    limited "${T_PYTEST:-180}" "$PY" -m pytest -m gpu -v -rA -p no:cacheprovider --no-header tests
+    limited "${T_PYTEST:-170}" "$PY" -m pytest -m gpu -v -rA -p no:cacheprovider --no-header tests
 
     section "GPU step benchmark (ms/step, tokens/s, useful-FLOP MFU, peak memory per variant)"
-    limited "${T_STEP:-110}" "$PY" benchmarks/step.py "$MODE"
+    limited "${T_STEP:-130}" "$PY" benchmarks/step.py "$MODE"
 
     section "GPU fbank (clips/s at 1 and 16 shifts, max difference from the CPU path)"
     limited "${T_FBANK:-60}" "$PY" benchmarks/featurize.py "$MODE"
