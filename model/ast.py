@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from flexast.model.attention import BACKENDS, Segments, resolve_backend
+from flexast.model.attention import BACKENDS, Segments, host_to_device, resolve_backend
 from flexast.model.encoder import PRESETS, Encoder, TokenDropout
 from flexast.model.errors import ModelConfigError, ShapeError
 from flexast.model.heads import POOLS, ClassifierHead, build_pool, prefix_tokens
@@ -266,7 +266,7 @@ class ASTModel(nn.Module):
             patch = batch.patch
             tok = batch.tokens
             lengths = tok.tolist() if tok.device.type == "cpu" else None
-            seg = Segments(batch.cu_seqlens.to(device), batch.max_tokens, 0, None, lengths)
+            seg = Segments(host_to_device(batch.cu_seqlens, device), batch.max_tokens, 0, None, lengths)
         else:
             patch = (int(patch[0]), int(patch[1]))
             n_frames = batch.n_frames.detach().cpu()

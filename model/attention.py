@@ -34,6 +34,18 @@ from flexast.model.errors import BackendError
 BACKENDS = ("varlen", "sdpa_loop", "padded", "flex")
 
 
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host↔device sync: pinned and ``non_blocking`` for CUDA.
+
+    A plain ``.to("cuda")`` of pageable memory waits for the stream (every queued kernel) before copying: a sync
+    per call. The pinned buffer stays valid until the copy ran (torch's caching host allocator records it).
+    """
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass(eq=False)
 class Segments:
     """Where each clip's tokens lie in a flat token tensor.
@@ -58,7 +70,7 @@ class Segments:
         lengths = [int(x) for x in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-        return cls(cu.to(device), max(lengths, default=0), sum(lengths), None, lengths)
+        return cls(host_to_device(cu, device), max(lengths, default=0), sum(lengths), None, lengths)
 
     @classmethod
     def uniform_rows(cls, n: int, length: int, device=None) -> Segments:

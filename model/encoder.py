@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flexast.model.attention import Attention, Segments
+from flexast.model.attention import Attention, Segments, host_to_device
 
 # name: (width D, depth, heads)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -155,5 +155,5 @@ class TokenDropout(nn.Module):
             keep_idx.append(torch.randperm(n)[:k].sort().values + offset)
             kept.append(k)
             offset += n
-        idx = torch.cat(keep_idx).to(x.device)  # (L',)
+        idx = host_to_device(torch.cat(keep_idx), x.device)  # (L',)
         return x.index_select(0, idx), Segments.from_lengths(kept, x.device)  # (L', D)

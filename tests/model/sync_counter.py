@@ -7,7 +7,10 @@ the tensors that would live on the device and counts every read-back of one of t
   (``model.step.to_device``: features and labels), every tensor made with an explicit ``device=`` or moved with
   ``.to(device)``/``.cuda()``, and everything computed from any of these;
 * read-backs (each a sync on a GPU): ``item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``,
-  ``__index__``, ``numpy`` and ``cpu``.
+  ``__index__``, ``numpy`` and ``cpu``;
+* blocking copies to the device (on a GPU, a copy from pageable host memory waits for the stream): ``.to(device)``
+  or ``.cuda()`` of a host tensor without ``non_blocking=True``, and ``torch.tensor``/``torch.as_tensor`` with a
+  ``device=``. (``model.attention.host_to_device`` pins and copies ``non_blocking``.)
 
 Host tensors (the packer's token counts and offsets, read on the CPU) are never counted, nor is anything inside
 :meth:`SyncCounter.paused` (the optimizer's step: Adam keeps its step counts on the host unless ``capturable``
@@ -82,6 +85,11 @@ class SyncCounter(TorchFunctionMode):
             return True
         return any(p.grad is t for p in self.model.parameters())
 
+    @staticmethod
+    def _caller() -> str:
+        frame = [f for f in traceback.extract_stack()[:-2] if "flexast" in f.filename or "/model/" in f.filename]
+        return f"{frame[-1].filename}:{frame[-1].lineno}" if frame else "?"
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.off:
@@ -90,12 +98,17 @@ class SyncCounter(TorchFunctionMode):
         on_device = any(self._is_device(t) for t in inputs)
         if func in READS and on_device:
             self.count += 1
-            frame = [f for f in traceback.extract_stack()[:-1] if "flexast" in f.filename or "/model/" in f.filename]
-            self.where.append(f"{func.__name__} at {frame[-1].filename}:{frame[-1].lineno}" if frame else func.__name__)
+            self.where.append(f"{func.__name__} at {self._caller()}")
         out = func(*args, **kwargs)
         moved = func in MOVES and (
             any(isinstance(a, (torch.device, str)) for a in args[1:]) or "device" in kwargs or func is torch.Tensor.cuda
         )
+        blocking = (moved and not on_device and kwargs.get("non_blocking") is not True) or (
+            func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+        )
+        if blocking:
+            self.count += 1
+            self.where.append(f"blocking copy to the device ({func.__name__}) at {self._caller()}")
         if on_device or moved or kwargs.get("device") is not None:
             for t in _tensors(out):
                 self.device[t] = True
