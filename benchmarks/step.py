@@ -18,8 +18,10 @@ cycle runs twice; the fastest step (least disturbed by other load on a shared ma
 median beside it. Memory: each
 variant runs one step in a fresh subprocess, and its peak resident memory (``ru_maxrss``) growth is reported.
 
-GPU section (runs only where CUDA exists): base preset, bf16 autocast, tokens/s and MFU (model FLOPs from
-``model.flops`` over the device's dense bf16 peak) for ``varlen`` vs padded SDPA vs dense-mask rows.
+GPU section (runs only where CUDA exists; ``--gpu-only`` for just it, ``--dry-run`` to run its code on the CPU):
+base preset, bf16 autocast, ms/step, tokens/s, useful-FLOP MFU (real clips' FLOPs from ``model.flops`` over the
+dense bf16 peak of the exact device model) and peak memory for ``varlen``, ``flex``, padded SDPA and dense-mask
+rows (see :func:`gpu_section`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,28 @@ from flexast.pipeline.batch import PackedBatch
 
 VARIANTS = ("packed", "packed_pad", "padded", "dense_rows")
 ROW_LEN = 2048
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense (no sparsity) bf16 tensor-core peak per exact device name (torch.cuda.get_device_name), from NVIDIA's
+# datasheets. Looked up by the exact name: an H100 NVL or H200 NVL (835) is not an SXM part (989).
+PEAK_BF16_DENSE_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM5
+    "NVIDIA H100 80GB HBM3e": 989.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L4": 121.0,
+}
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """The dense bf16 peak of ``device_name`` (exact match), or ``override``; None when unknown."""
+    return override if override else PEAK_BF16_DENSE_TFLOPS.get(device_name.strip())
 
 
 def voxceleb_like_frames(n: int, seed: int = 0) -> list[int]:
@@ -91,17 +114,21 @@ def dense_rows_step(model: ASTModel, batch: PackedBatch) -> torch.Tensor:
     """
     p_f, p_t = batch.patch
     hf = batch.n_mels // p_f
-    seg = Segments(batch.cu_seqlens, batch.max_tokens, batch.frames.shape[0] // p_t * hf, None, batch.tokens.tolist())
+    total = batch.frames.shape[0] // p_t * hf
+    seg = Segments(batch.cu_seqlens.to(batch.frames.device), batch.max_tokens, total, None, batch.tokens.tolist())
     x = model.patch_embed.forward_packed(batch.frames, batch.patch)  # (L, D)
     x = x + model.pos_embed.forward_packed(seg, hf, model.config.max_frames // p_t)  # (L, D)
     rows = next_fit_rows(seg.lengths())
     n_rows = rows[-1] + 1
-    row_of_tok = torch.tensor(rows)[seg.segment_ids()]  # (L,)
-    row_tokens = torch.zeros(n_rows, dtype=torch.long).index_add_(0, row_of_tok, torch.ones_like(row_of_tok))
+    dev = x.device  # every index tensor on the tokens' device (segment ids live there)
+    row_of_tok = torch.tensor(rows, device=dev)[seg.segment_ids()]  # (L,)
+    row_tokens = torch.zeros(n_rows, dtype=torch.long, device=dev).index_add_(
+        0, row_of_tok, torch.ones_like(row_of_tok)
+    )  # (R,)
     lr = int(row_tokens.max())
     row_start = torch.cumsum(row_tokens, 0) - row_tokens  # (R,)
-    slot = row_of_tok * lr + torch.arange(seg.total) - row_start[row_of_tok]  # (L,)
-    clip_slot = torch.full((n_rows * lr,), -1, dtype=torch.long).index_copy(0, slot, seg.segment_ids())
+    slot = row_of_tok * lr + torch.arange(seg.total, device=dev) - row_start[row_of_tok]  # (L,)
+    clip_slot = torch.full((n_rows * lr,), -1, dtype=torch.long, device=dev).index_copy(0, slot, seg.segment_ids())
     clip_slot = clip_slot.view(n_rows, lr)  # (R, Lr)
     mask = clip_slot[:, :, None] == clip_slot[:, None, :]  # (R, Lr, Lr), padding attends to padding
     d, h = x.shape[1], model.config.num_heads
@@ -186,47 +213,94 @@ def peak_memory(name: str, args) -> float:
     return top - base
 
 
-def gpu_section(args) -> None:
-    """Base preset, bf16: tokens/s and MFU for varlen vs padded SDPA vs dense-mask rows (CUDA only)."""
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    frames = voxceleb_like_frames(args.gpu_clips, args.seed)
-    batch = make_batch(frames).to(dev)
-    flops = batch_flops(build_model("base", None, "auto").config, batch).total
-    print(f"\nGPU: {name}, base preset, bf16 autocast, {args.gpu_clips} clips, {batch.total_tokens} tokens")
-    results = {}
-    for variant in ("varlen", "padded", "dense_rows"):
-        model = build_model("base", None, "varlen" if variant == "varlen" else "sdpa_loop").to(dev).train()
-        b = padded_batch(batch.to("cpu")).to(dev) if variant == "padded" else batch
+def padded_input(batch: PackedBatch) -> torch.Tensor:
+    """``(B, T_max, F)``: every clip zero-padded to the longest, for the classic entry point (one SDPA call)."""
+    longest = int(batch.n_frames.max())
+    clips = [torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[0])) for c in batch.clip_frames()]
+    return torch.stack(clips)  # (B, T_max, F)
 
-        def step(model=model, b=b, variant=variant):
+
+def gpu_section(args, device: torch.device | None = None) -> dict:
+    """bf16 step of every attention layout on one device: ms/step, real tokens/s, useful-FLOP MFU, peak memory.
+
+    Variants (same weights, same clips): ``varlen`` (packed, flash varlen), ``flex`` (packed, FlexAttention),
+    ``padded`` (the classic entry point: every clip padded to the longest, one batched SDPA call over uniform
+    rows), ``dense_rows`` (ElasticAST's 2048-token rows with a dense same-clip mask). MFU counts only the real
+    clips' FLOPs (``model.flops``), over the device's dense bf16 peak looked up by its exact name.
+    ``--dry-run`` runs the same code on the CPU (tiny preset, few clips, ``padded`` standing in for the packed
+    GPU backends, no autocast): it checks the code, not the speed.
+    """
+    dev = device or torch.device("cuda")
+    cuda = dev.type == "cuda"
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu (dry run)"
+    peak = peak_tflops(name, args.peak_tflops) if cuda else None
+    preset = "base" if cuda else "tiny"
+    frames = voxceleb_like_frames(args.gpu_clips, args.seed)
+    host = make_batch(frames)
+    flops = batch_flops(build_model(preset, args.depth, "padded").config, host).total
+    longest = int(host.n_frames.max())
+    padding = 1 - sum(host.n_frames.tolist()) / (host.n_clips * longest)
+    print(
+        f"\nGPU step: {name}, {preset} preset, {'bf16 autocast' if cuda else 'fp32'}, {args.gpu_clips} clips, "
+        f"{host.total_tokens} tokens, padded-to-longest padding {padding:.1%}; peak "
+        f"{f'{peak:.0f} TFLOPS (dense bf16)' if peak else 'unknown: MFU not computed (pass --peak-tflops)'}"
+    )
+    batch = host.to(dev)
+    x_pad = padded_input(host).to(dev)
+    labels = batch.labels
+    results = {}
+    # flex last: its first call compiles (tens of seconds); a time limit then cuts only flex
+    variants = ("varlen", "padded", "dense_rows", "flex") if cuda else ("varlen", "padded", "dense_rows")
+    for variant in variants:
+        backend = {"varlen": "varlen", "flex": "flex"}.get(variant, "padded") if cuda else "padded"
+        model = build_model(preset, args.depth, backend).to(dev).train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+        def step(model=model, variant=variant, autocast=autocast):
             model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = dense_rows_step(model, b) if variant == "dense_rows" else model(b)
-                loss = torch.nn.functional.cross_entropy(logits.float(), b.labels)
+            with autocast:
+                if variant == "dense_rows":
+                    logits = dense_rows_step(model, batch)
+                elif variant == "padded":
+                    logits = model(x_pad, fstride=16, tstride=16)  # uniform rows: one SDPA call per block
+                else:
+                    logits = model(batch)
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             loss.backward()
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            step()
-        torch.cuda.synchronize()
+        try:
+            for _ in range(2 if cuda else 1):
+                step()
+            if cuda:
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                step()
+            if cuda:
+                torch.cuda.synchronize(dev)
+        except Exception as exc:  # one variant failing must not hide the others' numbers
+            print(f"  {variant:10s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            results[variant] = {"error": repr(exc)}
+            continue
         sec = (time.perf_counter() - t0) / args.repeats
         mfu = flops / sec / (peak * 1e12) if peak else float("nan")
-        results[variant] = sec
+        mem = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else float("nan")
+        results[variant] = {"ms": sec * 1e3, "tokens_per_s": host.total_tokens / sec, "mfu": mfu, "peak_mib": mem}
         print(
-            f"  {variant:10s} {sec * 1e3:8.1f} ms/step  {batch.total_tokens / sec:10.0f} real tokens/s  "
-            f"MFU {mfu:6.1%}  peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB"
+            f"  {variant:10s} {sec * 1e3:8.1f} ms/step  {host.total_tokens / sec:10.0f} real tokens/s  "
+            f"useful-FLOP MFU {mfu:6.1%}  peak {mem:8.0f} MiB"
         )
         del model
-    print(
-        f"  varlen vs padded: {results['padded'] / results['varlen']:.2f}x; "
-        f"varlen vs dense rows: {results['dense_rows'] / results['varlen']:.2f}x"
-    )
+        ok = {k: v for k, v in results.items() if "ms" in v}
+        if variant == "padded" and "varlen" in ok and "padded" in ok:
+            print(
+                f"  varlen vs padded: {ok['padded']['ms'] / ok['varlen']['ms']:.2f}x "
+                f"(target >= 1/(1 - padding) = {1 / (1 - padding):.2f}x); varlen MFU target >= 40%"
+            )
+        if variant == "dense_rows" and "varlen" in ok and "dense_rows" in ok:
+            print(f"  varlen vs dense rows: {ok['dense_rows']['ms'] / ok['varlen']['ms']:.2f}x")
+    return results
 
 
 def main() -> None:
@@ -239,8 +313,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--gpu-clips", type=int, default=40, help="clips per step in the GPU section (~16k tokens)")
+    ap.add_argument("--gpu-only", action="store_true", help="only the GPU section (benchmarks/gpu_check.sh)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for a GPU not in the table")
+    ap.add_argument("--dry-run", action="store_true", help="run the GPU section's code on the CPU, tiny sizes")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
     args = ap.parse_args()
+    if args.dry_run:
+        torch.set_num_threads(args.threads)
+        args.gpu_clips, args.repeats, args.depth = min(args.gpu_clips, 4), 1, args.depth or 2
+        gpu_section(args, torch.device("cpu"))
+        return
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            sys.exit("--gpu-only: no CUDA device")
+        gpu_section(args)
+        return
     if args.variant:
         args.variants = args.variant
         print(json.dumps({"variant": args.variant, "peak_mb": peak_memory(args.variant, args)}))

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from flexast.model.attention import BACKENDS, Segments, resolve_backend
+from flexast.model.attention import BACKENDS, Segments, host_to_device, resolve_backend
 from flexast.model.encoder import PRESETS, Encoder, TokenDropout
 from flexast.model.errors import ModelConfigError, ShapeError
 from flexast.model.heads import POOLS, ClassifierHead, build_pool, prefix_tokens
@@ -198,14 +198,19 @@ class ASTModel(nn.Module):
 
     def _use_backend(self, x: torch.Tensor) -> None:
         dtype = x.dtype
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
+        if torch.is_autocast_enabled(x.device.type):  # the attention inputs come from a Linear: autocast's dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
         backend = self.attention_backend(x.device, dtype)
         self.encoder.set_backend(backend)
         if hasattr(self.head.pool, "backend"):
             self.head.pool.backend = backend
 
     # ----------------------------------------------------------------------------------------- pieces
+    def _residual_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: the parameters' (float32 under autocast, where only the branches run in
+        bf16/fp16 and each block adds its bf16 branch into the float32 stream)."""
+        return self.head.norm.weight.dtype
+
     def prefix(self) -> torch.Tensor:
         """``(P, D)`` prefix tokens with their positional embeddings."""
         toks = [t[0] for t in (self.cls_token, self.dist_token) if t is not None]
@@ -261,7 +266,7 @@ class ASTModel(nn.Module):
             patch = batch.patch
             tok = batch.tokens
             lengths = tok.tolist() if tok.device.type == "cpu" else None
-            seg = Segments(batch.cu_seqlens.to(device), batch.max_tokens, 0, None, lengths)
+            seg = Segments(host_to_device(batch.cu_seqlens, device), batch.max_tokens, 0, None, lengths)
         else:
             patch = (int(patch[0]), int(patch[1]))
             n_frames = batch.n_frames.detach().cpu()
@@ -270,7 +275,7 @@ class ASTModel(nn.Module):
             seg = Segments.from_lengths(token_count(n_frames, batch.n_mels, patch), device)
         hf = batch.n_mels // patch[0]
         seg.total = frames.shape[0] // patch[1] * hf
-        x = self.patch_embed.forward_packed(frames, patch)  # (L, D)
+        x = self.patch_embed.forward_packed(frames, patch).to(self._residual_dtype())  # (L, D)
         x = x + self.pos_embed.forward_packed(seg, hf, self.config.max_frames // patch[1]).to(x.dtype)  # (L, D)
         return self._encode(x, seg, return_embeddings)
 
@@ -288,7 +293,7 @@ class ASTModel(nn.Module):
         stride = (fstride or c.fstride, tstride or c.tstride) if patch == c.base_patch else patch
         stride = (fstride or stride[0], tstride or stride[1])
         img = x.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
-        tok = self.patch_embed(img, patch, stride)  # (B, D, Hf, Wt)
+        tok = self.patch_embed(img, patch, stride).to(self._residual_dtype())  # (B, D, Hf, Wt)
         b, d, hf, wt = tok.shape
         rule = "ast" if patch == c.base_patch and stride == (c.fstride, c.tstride) else "bilinear"
         pos = self.pos_embed.forward_padded((hf, wt), rule)  # (Hf·Wt, D)

@@ -14,7 +14,11 @@ Backends (see DESIGN.md, "Attention backends"):
     ``sdpa_loop``  one SDPA call per clip; the fastest exact CPU path for forward and backward.
     ``padded``     clips padded to the longest, one SDPA call with a key mask; good for many tiny clips.
     ``flex``       FlexAttention with a document BlockMask built once per batch; GPU only (no CPU backward).
-    ``auto``       resolved once per run by :func:`resolve_backend`.
+    ``auto``       resolved once per run and activation dtype by :func:`resolve_backend`.
+
+``varlen``'s input rules (bf16/fp16 q, k, v of one dtype; contiguous; int32 ``cu`` on the tokens' device whose
+last entries are the token totals; ``max_len`` at least the longest segment) are checked on the CPU in CI by a
+stand-in op, ``tests/model/varlen_standin.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,18 @@ from torch import nn
 from flexast.model.errors import BackendError
 
 BACKENDS = ("varlen", "sdpa_loop", "padded", "flex")
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host↔device sync: pinned and ``non_blocking`` for CUDA.
+
+    A plain ``.to("cuda")`` of pageable memory waits for the stream (every queued kernel) before copying: a sync
+    per call. The pinned buffer stays valid until the copy ran (torch's caching host allocator records it).
+    """
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 @dataclass(eq=False)
@@ -54,7 +70,7 @@ class Segments:
         lengths = [int(x) for x in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-        return cls(cu.to(device), max(lengths, default=0), sum(lengths), None, lengths)
+        return cls(host_to_device(cu, device), max(lengths, default=0), sum(lengths), None, lengths)
 
     @classmethod
     def uniform_rows(cls, n: int, length: int, device=None) -> Segments:
@@ -88,6 +104,22 @@ class Segments:
             self.cache["pos"] = torch.arange(self.total, device=self.cu.device) - self.cu.long()[ids]
         return self.cache["pos"]
 
+    def prepare(self, backend: str, device: torch.device) -> None:
+        """Build, outside any compiled region, everything ``backend`` derives from these segments (self-attention).
+
+        The encoder calls it once per batch before its blocks, so that a compiled block only reads ``cu``,
+        ``max_len``, ``total`` and a cache whose keys are always the same: no guard on host lists, no
+        recompilation per batch.
+        """
+        if self.uniform is not None:
+            return
+        if backend == "padded":
+            _pad_index(self)
+        elif backend == "flex":
+            _flex_mask(self, self, device)
+        elif backend == "sdpa_loop":
+            self.lengths()
+
     def with_prefix(self, n_prefix: int) -> Segments:
         """The segments after ``n_prefix`` tokens ([CLS], [DIST]) are put in front of every clip."""
         if n_prefix == 0:
@@ -99,25 +131,41 @@ class Segments:
 
 
 def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The concrete backend for ``name`` on this device and dtype; ``auto`` picks the fastest exact one.
+    """The concrete backend for ``name`` on this device and activation dtype; ``auto`` picks the fastest exact one.
 
-    ``auto``: ``varlen`` on CUDA sm80+ with bf16/fp16 activations where torch has it, else ``flex`` on CUDA,
-    else ``sdpa_loop`` (CPU).
+    ``auto``: ``varlen`` on CUDA sm80+ with bf16/fp16 activations where torch has it, ``flex`` on older CUDA
+    in bf16/fp16, else ``padded`` on CUDA (float32: one SDPA call, no compile per process) and ``sdpa_loop`` on
+    the CPU. ``varlen`` asked for float32 activations (evaluation or prediction without autocast) runs
+    ``padded``: flash attention has no float32 kernel, and the model resolves per dtype, so the bf16
+    training passes still use ``varlen``.
     """
     device = torch.device(device)
+    half = dtype in (torch.bfloat16, torch.float16)
     if name == "auto":
-        if device.type == "cuda":
-            if _has_varlen() and dtype in (torch.bfloat16, torch.float16) and _sm80(device):
-                return "varlen"
-            return "flex"
-        return "sdpa_loop"
+        if device.type == "cuda" and half:
+            return "varlen" if _has_varlen() and _sm80(device) else "flex"
+        return "padded" if device.type == "cuda" else "sdpa_loop"
     if name not in BACKENDS:
         raise BackendError(f"unknown attention backend {name!r}; choose one of {('auto', *BACKENDS)}")
-    if name in ("varlen", "flex") and device.type != "cuda":
+    if (name == "varlen" and device.type not in VARLEN_DEVICES) or (name == "flex" and device.type != "cuda"):
         raise BackendError(f"attention backend {name!r} needs a CUDA device, got {device}")
     if name == "varlen" and not _has_varlen():
         raise BackendError(f"attention backend 'varlen' needs torch>=2.10, this is torch {torch.__version__}")
+    if name == "varlen" and not half:
+        return "padded"
     return name
+
+
+# Devices whose varlen kernel exists; tests add "cpu" with a CPU stand-in that enforces flash's input rules
+# (tests/model/varlen_standin.py), which they install by replacing :func:`_varlen_op`.
+VARLEN_DEVICES = ("cuda",)
+
+
+def _varlen_op():
+    """The varlen attention function, called positionally (argument names changed across torch versions)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
 
 
 def _has_varlen() -> bool:
@@ -178,6 +226,7 @@ def _uniform(q, k, v, q_seg, k_seg, dropout_p):
     return out.transpose(1, 2).reshape(q.shape)  # (Lq, H, Dh)
 
 
+@torch.compiler.disable  # splits by host lengths: run eagerly inside a compiled block instead of guarding on them
 def _sdpa_loop(q, k, v, q_seg, k_seg, dropout_p):
     """One SDPA per clip on views of the flat tensors; exact and isolated by construction.
 
@@ -227,14 +276,12 @@ def _padded(q, k, v, q_seg, k_seg, dropout_p):
 
 def _varlen(q, k, v, q_seg, k_seg, dropout_p):
     """Flash varlen attention on flat ``(L, H, Dh)`` tokens; arguments positional (names changed across torch)."""
-    from torch.nn.attention.varlen import varlen_attn
-
     if dropout_p > 0:
         raise BackendError(f"attention backend 'varlen' has no attention dropout (got attn_drop={dropout_p})")
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise BackendError(f"attention backend 'varlen' needs bf16/fp16 activations, got {q.dtype}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # views of the fused qkv have a token stride of 3·D
-    return varlen_attn(q, k, v, q_seg.cu, k_seg.cu, q_seg.max_len, k_seg.max_len)
+    return _varlen_op()(q, k, v, q_seg.cu, k_seg.cu, q_seg.max_len, k_seg.max_len)
 
 
 _FLEX_COMPILED = None
@@ -249,12 +296,10 @@ def _flex_fn():
     return _FLEX_COMPILED
 
 
-def _flex(q, k, v, q_seg, k_seg, dropout_p):
-    """FlexAttention with a document mask; the BlockMask is built once per batch and cached on ``q_seg``."""
+def _flex_mask(q_seg: Segments, k_seg: Segments, device: torch.device):
+    """The document BlockMask of ``q_seg`` against ``k_seg``, built once per batch and cached on ``q_seg``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if dropout_p > 0:
-        raise BackendError(f"attention backend 'flex' has no attention dropout (got attn_drop={dropout_p})")
     key = ("flex", id(k_seg))
     if key not in q_seg.cache:
         q_doc, k_doc = q_seg.segment_ids(), k_seg.segment_ids()
@@ -262,10 +307,16 @@ def _flex(q, k, v, q_seg, k_seg, dropout_p):
         def same_clip(b, h, qi, ki):
             return q_doc[qi] == k_doc[ki]
 
-        q_seg.cache[key] = create_block_mask(same_clip, None, None, q_seg.total, k_seg.total, device=q.device)
-    out = _flex_fn()(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=q_seg.cache[key]
-    )  # (1, H, Lq, Dh)
+        q_seg.cache[key] = create_block_mask(same_clip, None, None, q_seg.total, k_seg.total, device=device)
+    return q_seg.cache[key]
+
+
+def _flex(q, k, v, q_seg, k_seg, dropout_p):
+    """FlexAttention with a document mask (see :func:`_flex_mask`)."""
+    if dropout_p > 0:
+        raise BackendError(f"attention backend 'flex' has no attention dropout (got attn_drop={dropout_p})")
+    mask = _flex_mask(q_seg, k_seg, q.device)
+    out = _flex_fn()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=mask)
     return out[0].transpose(0, 1)  # (Lq, H, Dh)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flexast.model.attention import Attention, Segments
+from flexast.model.attention import Attention, Segments, host_to_device
 
 # name: (width D, depth, heads)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -111,8 +111,18 @@ class Encoder(nn.Module):
         for block in self.blocks:
             block.attn.backend = backend
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block (regional compilation: one code object, shared by every block) with
+        dynamic token counts. The segment bookkeeping is prepared eagerly in :meth:`forward`, so a block's graph
+        depends on the backend and the train/eval mode only: a step at any patch size, clip count or length
+        reuses it."""
+        for block in self.blocks:
+            block.compile(**{"dynamic": True, **options})
+
     def forward(self, x: torch.Tensor, seg: Segments) -> torch.Tensor:
         """``(L, D)`` tokens to normalised ``(L, D)`` tokens; attention stays inside each clip of ``seg``."""
+        if self.blocks:
+            seg.prepare(self.blocks[0].attn.backend, x.device)
         for block in self.blocks:
             x = block(x, seg)
         return self.norm(x)
@@ -145,5 +155,5 @@ class TokenDropout(nn.Module):
             keep_idx.append(torch.randperm(n)[:k].sort().values + offset)
             kept.append(k)
             offset += n
-        idx = torch.cat(keep_idx).to(x.device)  # (L',)
+        idx = host_to_device(torch.cat(keep_idx), x.device)  # (L',)
         return x.index_select(0, idx), Segments.from_lengths(kept, x.device)  # (L', D)

@@ -63,7 +63,8 @@ class AttentionPool(nn.Module):
         dh = dim // self.num_heads
         kv = self.kv(x).view(length, 2, self.num_heads, dh)  # (L, 2, H, Dh)
         k, v = kv.unbind(1)  # each (L, H, Dh)
-        q = self.query.view(1, self.num_heads, dh).expand(seg.n, -1, -1)  # (N, H, Dh)
+        # the query in the keys' dtype: under autocast ``kv`` runs in bf16/fp16 while ``query`` stays float32
+        q = self.query.to(k.dtype).view(1, self.num_heads, dh).expand(seg.n, -1, -1)  # (N, H, Dh)
         q_seg = Segments.uniform_rows(seg.n, 1, x.device)
         q_seg.uniform = None  # keys are ragged: not a uniform batch
         out = attend(q, k, v, q_seg, seg, self.backend)  # (N, H, Dh)

@@ -12,6 +12,8 @@ patch size it is resized by:
   (``align_corners=False``, no antialias) of a patch, built by resizing one-hot basis patches. For
   upsampling, ⟨x, w⟩ = ⟨B x, ŵ⟩ exactly. The ``pinv(Bᵀ)`` matrix is computed in float64 and cached per
   (base, target, device, dtype) in a plain dict: never in the state dict, and cleared by ``.to()`` (``_apply``).
+  The kernel resize (``w @ pinvᵀ``) runs with autocast off, in the weight's dtype (float32 in mixed precision);
+  only the patch projection itself runs in autocast's dtype.
 * ``bilinear``: the kernel itself is resized bilinearly (FlexiViT's "vanilla" resize).
 * ``none``: no resize; only the base size is accepted.
 
@@ -74,9 +76,9 @@ class FlexiPatchEmbed(nn.Module):
         self.resize = resize
         self.resize_axes = resize_axes
         self.proj = nn.Conv2d(1, dim, kernel_size=self.base_patch, stride=self.base_patch)
+        # Counters of cache hits would be module state mutated in forward: torch.compile guards on such ints and
+        # recompiles every step (issue 16). The cache's keys are the only record: one entry per patch size.
         self._pinv: dict[tuple, torch.Tensor] = {}
-        self.cache_hits = 0
-        self.cache_misses = 0
 
     def _apply(self, fn, *args, **kwargs):
         self._pinv.clear()  # device or dtype may change: cached matrices are stale
@@ -84,10 +86,7 @@ class FlexiPatchEmbed(nn.Module):
 
     def _pinv_matrix(self, patch: tuple[int, int], device, dtype) -> torch.Tensor:
         key = (self.base_patch, patch, torch.device(device), dtype)
-        if key in self._pinv:
-            self.cache_hits += 1
-        else:
-            self.cache_misses += 1
+        if key not in self._pinv:
             self._pinv[key] = pi_resize_matrix(self.base_patch, patch, device).to(dtype)
         return self._pinv[key]
 
@@ -106,7 +105,8 @@ class FlexiPatchEmbed(nn.Module):
         if self.resize == "bilinear":
             return F.interpolate(w, size=patch, mode="bilinear", align_corners=False, antialias=False)
         m = self._pinv_matrix(patch, w.device, w.dtype)  # (n_new, n_old)
-        flat = w.reshape(w.shape[0], -1) @ m.T  # (D, n_new)
+        with torch.autocast(w.device.type, enabled=False):  # the resize in the weight's dtype, never bf16/fp16
+            flat = w.reshape(w.shape[0], -1) @ m.T  # (D, n_new)
         return flat.view(w.shape[0], 1, *patch)  # (D, 1, p_f, p_t)
 
     def forward_packed(self, frames: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:

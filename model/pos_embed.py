@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from flexast.model.attention import Segments
+from flexast.model.attention import Segments, host_to_device
 
 
 def resize_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -78,8 +78,8 @@ def _packed_lookup(seg: Segments, hf: int, w_full: int, table_at) -> torch.Tenso
             tables.append(table_at(w).reshape(-1, full.shape[-1]))
             base += hf * w
         width_of.append(w if w > w_full else w_full)
-    clip_width = torch.tensor(width_of, device=pos.device)[seg.segment_ids()]  # (L,)
-    clip_off = torch.tensor([offsets[w] for w in width_of], device=pos.device)[seg.segment_ids()]  # (L,)
+    clip_width = host_to_device(torch.tensor(width_of), pos.device)[seg.segment_ids()]  # (L,)
+    clip_off = host_to_device(torch.tensor([offsets[w] for w in width_of]), pos.device)[seg.segment_ids()]  # (L,)
     return torch.cat(tables, 0)[clip_off + h_idx * clip_width + w_idx]  # (L, D)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from flexast.model import adapter
+from flexast.model import step as step_io
 from flexast.model.checkpointing import (
     TrainState,
     latest_step_checkpoint,
@@ -76,6 +77,7 @@ class Trainer:
         self.wall_start = time.perf_counter()
         self.history: list[dict] = []
         self._last_eval: tuple[int, dict] = (-1, {})
+        self._shadow = None  # the last batch this rank trained on (model.step: ranks with unequal step counts)
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -91,6 +93,7 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend)
         self.is_main = self.rank == 0
+        self.reducer = step_io.HostReducer(self.world)
         self._threads_before = torch.get_num_threads()
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
@@ -175,6 +178,7 @@ class Trainer:
             self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
         self.loader = self._make_loader(stage)
         first_epoch = self.state.epoch
+        self._shadow = None  # a batch of this stage's geometry (model.step)
         if ckpt is not None:
             first_epoch = int(self.state.loader.get("stage_first_epoch", self.state.epoch))
             if self.state.loader:
@@ -189,7 +193,9 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.cfg.run.find_unused,
             )
-        self.compiled = torch.compile(self.ddp_model) if self.cfg.run.compile else self.ddp_model
+        if self.cfg.run.compile:  # the encoder blocks only: see model.step.compile_model
+            step_io.compile_model(self.model)
+        self.compiled = self.ddp_model
         o = self.cfg.optim
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(
@@ -224,8 +230,8 @@ class Trainer:
             min_lr=o.min_lr,
         )
 
-    def _loss(self, batch, stage: Stage) -> torch.Tensor:
-        """Mean loss over the micro-step's clips."""
+    def _loss(self, batch, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss over the micro-step's clips, and the ``(N, C)`` logits."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
         with autocast:
             logits = adapter.logits(self.compiled, batch, self.cfg)
@@ -240,51 +246,63 @@ class Trainer:
                 loss = (1 - kd.alpha) * loss + kd.alpha * kd_loss(
                     logits.float(), t_logits.float(), kd.temperature, loss_name
                 )
-        return loss
-
-    def _global(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        return loss, logits
 
     def _update(self, batches, stage: Stage) -> dict:
-        """Accumulate micro-steps from ``batches`` until enough tokens, then one optimizer step."""
+        """Accumulate micro-steps from ``batches`` until enough tokens, then one optimizer step.
+
+        Ranks, syncs and the non-finite guard: see :mod:`model.step`. Returns ``{}`` when every rank's
+        loader is exhausted before the step's first micro-step (the epoch is over).
+        """
         self.ddp_model.train()
         target = self.cfg.optim.grad_accum_tokens
         acc_tokens = acc_clips = 0.0
-        loss_sum = 0.0
-        local_clips = 0
-        fill = []
-        n_micro = 0
-        for batch in batches:
-            batch = batch.to(self.device)
-            g_tokens, g_clips = self._global(batch.total_tokens, batch.n_clips)
-            # The epoch's last micro-step closes the step too (the loader knows where the epoch ends), so
-            # its gradients are synchronised instead of left under no_sync.
-            last = acc_tokens + g_tokens >= target or self.loader.at_epoch_end()
-            sync = _null() if last or self.world == 1 else self.ddp_model.no_sync()
-            with sync:
-                loss = self._loss(batch, stage)
-                (loss * batch.n_clips).backward()
+        loss_sum = torch.zeros((), device=self.device)
+        local_clips, fill, micro = 0, [], []
+        n_micro, ddp_synced = 0, False
+        while True:
+            batch = next(batches, None)
+            tokens = 0 if batch is None else step_io.host_tokens(batch)
+            clips = 0 if batch is None else batch.n_clips
+            # a rank out of data while others are not runs its previous batch with weight 0, so that every rank
+            # runs every forward and backward DDP expects (its bucket rebuild, its all-reduces); a rank that never
+            # had a batch skips, and then the step's gradients are averaged by hand
+            run = batch if batch is not None else self._shadow
+            g_tokens, g_clips, g_have, g_skip = self.reducer.sum(tokens, clips, batch is not None, run is None)
+            if g_have == 0:  # every rank is out of data
+                break
+            last = acc_tokens + g_tokens >= target
+            ddp_synced = last and g_skip == 0
+            if batch is not None:
+                self._shadow = batch
+                self.flops_spent += adapter.train_flops(self.model, batch, self.cfg) * self.world
+                if not self.cfg.data.pad_to:
+                    fill.append(tokens / (self.cfg.data.token_budget or tokens))
+            if run is not None:
+                sync = _null() if ddp_synced or self.world == 1 else self.ddp_model.no_sync()
+                with sync:
+                    loss, logits = self._loss(step_io.to_device(run, self.device), stage)
+                    (loss * clips).backward()
+            if batch is not None:
+                loss_sum += loss.detach() * clips
+                micro.append(step_io.micro_record(batch.keys, loss, logits))
+                local_clips += clips
             acc_tokens += g_tokens
             acc_clips += g_clips
-            loss_sum += float(loss.detach()) * batch.n_clips
-            local_clips += batch.n_clips
             n_micro += 1
-            self.flops_spent += adapter.train_flops(self.model, batch, self.cfg) * self.world
-            if not self.cfg.data.pad_to:
-                fill.append(batch.total_tokens / (self.cfg.data.token_budget or batch.total_tokens))
             if last:
                 break
         if n_micro == 0:
             return {}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world > 1 and not ddp_synced:  # the epoch ended before the last micro-step, or a rank skipped it
+            step_io.all_reduce_gradients(params, self.world)
         scale = self.world / max(1.0, acc_clips)
-        for p in self.model.parameters():
+        for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        gnorm = step_io.grad_norm(params, self.cfg.optim.grad_clip)
+        loss_total, _ = step_io.read_step(self.state.step + 1, loss_sum, gnorm, micro)
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -294,7 +312,7 @@ class Trainer:
             self.ema.update(self.model)
         self.tokens_seen += int(acc_tokens)
         return {
-            "loss": loss_sum / max(1, local_clips),
+            "loss": loss_total / max(1, local_clips),
             "tokens": int(acc_tokens),
             "fill": sum(fill) / len(fill) if fill else 1.0,
             "lr": lr,
@@ -355,7 +373,8 @@ class Trainer:
                 else:
                     # The stage's steps are done: close the epoch if the loader is exactly at its end
                     # (epoch-driven stages), else remember where the loader is.
-                    if self.loader.at_epoch_end():
+                    at_end = self.loader.at_epoch_end()
+                    if self.reducer.sum(at_end)[0] == self.world:  # every rank's loader (unequal counts: model.step)
                         self._end_epoch(stage)
                     self.state.loader = self._loader_state()
             if bar is not None:

@@ -127,6 +127,15 @@ def _check(mode: str, tail: str, factor: int, x) -> None:
         raise FeatureError("cannot pool: " + "; ".join(bad))
 
 
+def _host_only(x, backend: str) -> None:
+    """The numba kernels run on the host: a device tensor forced through them would come back on the CPU."""
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        raise FeatureError(
+            f"backend={backend!r} pools on the CPU only, got a tensor on {x.device}; "
+            f"use backend='torch' (or 'auto') to pool it on its device"
+        )
+
+
 def _widen(x: np.ndarray) -> np.ndarray:
     """Contiguous float32 input for the kernels (float16 is widened exactly, by torch)."""
     if x.dtype == np.float16:
@@ -172,7 +181,8 @@ def pool_time(x, factor: int, mode: str = "avg", tail: str = "floor", backend: s
         return out if is_tensor else out.numpy()
     if backend not in ("auto", "numba"):
         raise FeatureError(f"backend={backend!r} not in ('auto', 'numba', 'torch')")
-    arr = x.detach().cpu().numpy() if is_tensor else x
+    _host_only(x, backend)
+    arr = x.detach().numpy() if is_tensor else x
     data = _widen(arr)
     kernel = _pool_single_parallel if n_out * arr.shape[1] * factor >= PARALLEL_MIN_ELEMENTS else _pool_single
     out = _narrow(kernel(data, n_out, factor, mode == "max"), arr.dtype)
@@ -202,7 +212,8 @@ def pool_time_ragged(values, lengths, factor: int, mode: str = "avg", tail: str 
         return (out, out_lens_t) if is_tensor else (out.numpy(), out_lens)
     if backend not in ("auto", "numba"):
         raise FeatureError(f"backend={backend!r} not in ('auto', 'numba', 'torch')")
-    arr = values.detach().cpu().numpy() if is_tensor else values
+    _host_only(values, backend)
+    arr = values.detach().numpy() if is_tensor else values
     data = _widen(arr)
     if len(lens) == 0:
         out = np.zeros((0, arr.shape[1]), dtype=arr.dtype)

@@ -18,23 +18,23 @@ def reference(q, k, v, q_lengths, k_lengths):
     outs, qo, ko = [], 0, 0
     for lq, lk in zip(q_lengths, k_lengths, strict=True):
         qi, ki, vi = (t.double() for t in (q[qo : qo + lq], k[ko : ko + lk], v[ko : ko + lk]))
-        scores = torch.einsum("qhd,khd->hqk", qi, ki) / DH**0.5
+        scores = torch.einsum("qhd,khd->hqk", qi, ki) / q.shape[-1] ** 0.5
         outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vi))
         qo, ko = qo + lq, ko + lk
     return torch.cat(outs, 0)
 
 
-def _inputs(q_lengths, k_lengths, dtype=torch.float32, device="cpu", seed=0):
+def _inputs(q_lengths, k_lengths, dtype=torch.float32, device="cpu", seed=0, dh=DH):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(sum(q_lengths), H, DH, generator=g).to(device, dtype)
-    k = torch.randn(sum(k_lengths), H, DH, generator=g).to(device, dtype)
-    v = torch.randn(sum(k_lengths), H, DH, generator=g).to(device, dtype)
+    q = torch.randn(sum(q_lengths), H, dh, generator=g).to(device, dtype)
+    k = torch.randn(sum(k_lengths), H, dh, generator=g).to(device, dtype)
+    v = torch.randn(sum(k_lengths), H, dh, generator=g).to(device, dtype)
     return q, k, v
 
 
-def _check(backend, q_lengths, k_lengths, dtype=torch.float32, device="cpu", tol=1e-5):
-    q, k, v = _inputs(q_lengths, k_lengths, dtype, device)
-    cot = torch.randn(sum(q_lengths), H, DH, generator=torch.Generator().manual_seed(1))
+def _check(backend, q_lengths, k_lengths, dtype=torch.float32, device="cpu", tol=1e-5, dh=DH):
+    q, k, v = _inputs(q_lengths, k_lengths, dtype, device, dh=dh)
+    cot = torch.randn(sum(q_lengths), H, dh, generator=torch.Generator().manual_seed(1))
     qs, ks = Segments.from_lengths(q_lengths, device), Segments.from_lengths(k_lengths, device)
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     out = attend(*leaves, qs, ks, backend)
@@ -112,8 +112,10 @@ def test_resolve_backend():
 @pytest.mark.parametrize("backend", ["varlen", "flex", "sdpa_loop", "padded"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_backends_match_reference(backend, dtype):
-    """GPU numerics in half precision: outputs and gradients within half-precision tolerance."""
-    _check(backend, LENGTHS, LENGTHS, dtype=dtype, device="cuda", tol=3e-2)
+    """GPU numerics in half precision: outputs and gradients within half-precision tolerance.
+
+    Head width 16: Inductor's flex kernels refuse widths below 16 (the models use 64)."""
+    _check(backend, LENGTHS, LENGTHS, dtype=dtype, device="cuda", tol=3e-2, dh=16)
 
 
 @pytest.mark.gpu
@@ -121,3 +123,4 @@ def test_gpu_auto_picks_varlen_for_bf16():
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("varlen needs sm80+")
     assert resolve_backend("auto", "cuda", torch.bfloat16) == "varlen"
+    assert resolve_backend("auto", "cuda", torch.float32) == "padded"

@@ -1,13 +1,16 @@
-"""DDP on 2 CPU processes under gloo: equal steps on both ranks, identical weights, one set of outputs."""
+"""DDP on 2 CPU processes under gloo: identical weights and one set of outputs, with equal and unequal step
+counts per rank, with and without gradient accumulation."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
+from flexast.pipeline.loader import StreamLoader
 from tests.conftest import free_port
 
 
@@ -54,3 +57,85 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert r0["first_clip"] != r1["first_clip"]  # each rank trains on its own share of the steps
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert (tmp_path / "checkpoints" / "step_00000006").exists()
+
+
+class _ShortOnRank1(StreamLoader):
+    """The loader with rank 1's last two steps of every epoch removed: a stub for unequal step counts (the
+    loader itself plans every rank the same count), so the trainer's own handling of them is what is tested."""
+
+    def plan(self, epoch):
+        cached = self._plan is not None and self._plan[0] == epoch
+        steps = super().plan(epoch)
+        if self.rank == 1 and not cached:
+            steps = steps[: len(steps) - 2]
+            self._plan = (epoch, steps, self._plan[2])
+            self._lengths[epoch] = len(steps)
+        return steps
+
+    batches_seen = 0  # per process, over every loader of the run
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            _ShortOnRank1.batches_seen += 1
+            yield batch
+
+
+def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    # a collective mismatch fails within a minute instead of hanging the test run
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from flexast.model.train import Trainer
+    from tests.factories import synthetic_clipset
+    from tests.model.train_helpers import tiny_config
+
+    class ShortTrainer(Trainer):
+        def _make_loader(self, stage):
+            loader = super()._make_loader(stage)
+            loader.__class__ = _ShortOnRank1
+            return loader
+
+    data = synthetic_clipset(n_clips=40, seed=3)
+    cfg = tiny_config(
+        out,
+        {"name": "flexiast", "patch_sizes": [8, 16]},
+        steps=14,
+        data={"token_budget": 96},
+        optim={"grad_accum_tokens": accum},
+    )
+    tr = ShortTrainer(cfg, train_data=data)
+    tr.setup()
+    per_epoch = len(tr.loader)
+    tr.train()
+    flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(
+            {
+                "step": tr.state.step,
+                "epoch": tr.state.epoch,
+                "per_epoch": per_epoch,
+                "batches": _ShortOnRank1.batches_seen,
+                "params": flat.tolist(),
+            },
+            f,
+        )
+    tr.cleanup()
+
+
+@pytest.mark.parametrize("accum", [0, 400], ids=["one-micro-step", "accumulate"])
+def test_ddp_unequal_step_counts_finish_with_identical_weights(tmp_path, accum):
+    """Rank 1 has 2 fewer batches per epoch than rank 0: both finish every step, across epoch ends (with
+    accumulation an epoch ends before the last micro-step), and their weights stay bitwise identical."""
+    mp.spawn(_unequal_worker, args=(2, free_port(), str(tmp_path), accum), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["per_epoch"] == r1["per_epoch"] + 2  # the stub really made the counts unequal
+    assert r0["step"] == r1["step"] == 14 and r0["epoch"] == r1["epoch"] >= 1  # at least one epoch end crossed
+    assert r1["batches"] < r0["batches"]
+    assert r0["params"] == r1["params"]  # every step's gradients were averaged over both ranks
