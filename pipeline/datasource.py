@@ -42,8 +42,8 @@ from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.sources import (
     ShardInfo,
     expand_urls,
+    fetch_many,
     fetch_object,
-    fetch_ranges,
     is_remote,
     read_index,
     with_retries,
@@ -174,12 +174,12 @@ class TarSource(Source):
                 continue
             buf = self._handles[url] if is_remote(url) else self._map(url)
             out[i] = buf[offset : offset + size]
-        for url, idx in remote.items():
-            ranges = [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]
-            got = fetch_ranges(
-                url, ranges, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters
-            )
-            for i, data in zip(idx, got, strict=True):
+        asks = [
+            (url, [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]) for url, idx in remote.items()
+        ]
+        got = fetch_many(asks, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters)
+        for idx, blobs in zip(remote.values(), got, strict=True):  # every shard's requests were in flight together
+            for i, data in zip(idx, blobs, strict=True):
                 out[i] = data
         return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
 
