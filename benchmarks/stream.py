@@ -1,6 +1,7 @@
 """Stream throughput (clips/s per loader process) vs an AST-repo-style on-the-fly loader, in one run.
 
-Run: ``.venv/bin/python benchmarks/stream.py [--clips 64] [--repeats 5] [--demo-shards DIR]``
+Run: ``.venv/bin/python benchmarks/stream.py [--clips 64] [--repeats 5] [--demo-shards DIR] [--remote | --remote-only]
+[--latency-ms 20]``
 
 Local sections (one process, one thread), each its own function:
 
@@ -19,6 +20,13 @@ Local sections (one process, one thread), each its own function:
 * :func:`memory_demo_section` (with ``--demo-shards``): the in-memory source on the demo's training shards
   with ``configs/demo.yaml``'s data settings, one epoch.
 
+Remote section (:func:`remote_rows`, ``--remote``): the same stream over HTTP (``tests/servers.py``'s
+range server) and over S3 (moto in server mode), each behind ``tests/servers.py``'s proxy adding
+20 ms per request, every server in its own process on 127.0.0.1; paired with fresh on-the-fly
+reference runs. It also reports bytes transferred per clip (the loader's ``last_read["bytes"]``)
+against the bytes of the features the steps used, and :func:`~pipeline.transport.fetch_ranges` with
+1 vs 8 requests in flight through the same proxy.
+
 The shards hold seeded random features (``tests/factories.write_shard_folder``): throughput does not
 depend on the values.
 """
@@ -29,9 +37,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import soundfile as sf
@@ -212,11 +222,132 @@ def memory_demo_section(folder: str, repeats: int) -> None:
           f"median {statistics.median(times):.3f} s = {clips / statistics.median(times):.0f} clips/s")  # fmt: skip
 
 
+def spawn(*args: str) -> tuple[subprocess.Popen, str]:
+    """``python -m tests.servers <args>`` in its own process; returns it and the URL it prints."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.servers", *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    return proc, proc.stdout.readline().strip()
+
+
+def ours_read(cfg_source: tuple[StreamConfig, str], n_clips: int) -> tuple[float, dict, int]:
+    """(clips/s, the loader's read counters, feature bytes the steps used) for one epoch."""
+    from flexast.pipeline.loader import make_loader
+
+    cfg, source = cfg_source
+    start = time.perf_counter()
+    loader = make_loader(cfg, source, in_process=True)
+    seen, used = 0, 0
+    for b in loader:
+        seen += b.n_clips
+        used += sum(int(c.shape[0]) for c in b.clip_frames()) * 128 * 2  # float16 features actually stepped on
+    elapsed = time.perf_counter() - start
+    assert seen == n_clips, (seen, n_clips)
+    return seen / elapsed, loader.last_read, used
+
+
+def in_flight_rows(url: str, storage_options: dict | None, repeats: int) -> dict[str, float]:
+    """Median seconds for 32 ranges of 256 KiB: :func:`fetch_ranges` with 1 and 8 requests in flight on its
+    event loop, and 8 threads each sending one range at a time."""
+    from flexast.pipeline.transport import fetch_ranges, object_size
+
+    size = object_size(url, storage_options)
+    step = size // 32
+    ranges = [(i * step, i * step + min(step, 256 << 10)) for i in range(32)]
+    out: dict[str, list[float]] = {"1": [], "8": [], "threads": []}
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(repeats):
+            for k in out:
+                t = time.perf_counter()
+                if k == "threads":  # the alternative design: 8 threads, one blocking request each
+                    list(pool.map(lambda r: fetch_ranges(url, [r], storage_options, max_in_flight=1), ranges))
+                else:
+                    fetch_ranges(url, ranges, storage_options, max_in_flight=int(k))
+                out[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def remote_rows(shards: str, wavs: list[str], n: int, repeats: int, latency_ms: float) -> None:
+    """Print the remote section: HTTP and S3 behind a latency proxy vs fresh AST-style on-the-fly runs."""
+    import boto3
+    import s3fs
+
+    base = dict(
+        budget_tokens=12 * 8 * 62, patches=[[16, 16]], pack_buffer=120, shuffle_buffer=64, max_frames=1024,
+        freq_mask=48, time_mask=192, mixup_prob=0.5,
+    )  # fmt: skip
+    procs = []
+    try:
+        http, http_url = spawn("range", shards)
+        http_proxy, http_proxy_url = spawn("proxy", http_url, "--latency-ms", str(latency_ms))
+        moto, moto_url = spawn("moto")
+        s3_proxy, s3_proxy_url = spawn("proxy", moto_url, "--latency-ms", str(latency_ms))
+        procs = [http, http_proxy, moto, s3_proxy]
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").create_bucket(Bucket="bench")
+        direct = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_url}}
+        fs = s3fs.S3FileSystem(**direct)
+        for name in sorted(os.listdir(shards)):  # the tar shards, their member indexes, index.json
+            if os.path.isfile(os.path.join(shards, name)):
+                fs.put(os.path.join(shards, name), f"s3://bench/ds/{name}")
+        s3_opts = {**direct, "client_kwargs": {"endpoint_url": s3_proxy_url, "region_name": "us-east-1"}}
+        ref = lambda w, s: reference_fbank(w[0], frame_shift=s, **AST_FBANK)  # noqa: E731
+        cases = {}
+        for shift in ("random", "fixed"):
+            resolution = {"kind": "random"} if shift == "random" else {"kind": "fixed", "shift_ms": 10.0}
+            cases[f"http/{shift}"] = (StreamConfig(**base, resolution=resolution), f"{http_proxy_url}/index.json")
+            cases[f"s3/{shift}"] = (
+                StreamConfig(**base, resolution=resolution, storage_options=s3_opts),
+                "s3://bench/ds/index.json",
+            )
+        for case in cases.values():
+            ours_read(case, n)  # warm-up: sessions, imports
+        rows: dict[str, list] = {"ref": [], **{k: [] for k in cases}}
+        reads: dict[str, tuple[dict, int]] = {}
+        for _ in range(repeats):
+            rows["ref"].append(on_the_fly(wavs, ref))
+            for k, case in cases.items():
+                rate, read, used = ours_read(case, n)
+                rows[k].append(rate)
+                reads[k] = (read, used)
+        flight_http = in_flight_rows(f"{http_proxy_url}/train-000000.tar", None, repeats)
+        flight_s3 = in_flight_rows("s3://bench/ds/train-000000.tar", s3_opts, repeats)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"\nremote: {n} clips, every request through a proxy adding {latency_ms:g} ms; {repeats} interleaved repeats")
+    print("| loader (1 process) | shift | clips/s | vs AST-style on-the-fly | MB sent/clip | sent/used | requests |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| on-the-fly: wav → reference Kaldi fbank per clip | random | {med['ref']:.1f} | 1.0× | | | |")
+    for k in cases:
+        ratio = statistics.median(a / b for a, b in zip(rows[k], rows["ref"], strict=True))
+        read, used = reads[k]
+        where, shift = k.split("/")
+        sent = read["bytes"]
+        print(
+            f"| flexast stream, {where.upper()} | {shift} | {med[k]:.1f} | {ratio:.1f}× | {sent / n / 1e6:.2f} | "
+            f"{sent / used:.1f}× | {read['requests']} |"
+        )
+    print("\nfetch_ranges, 32 ranges of 256 KiB from one shard, median seconds:")
+    print("| store | 1 in flight | 8 in flight (event loop) | speed-up | 8 threads × 1 request |")
+    print("|---|---|---|---|---|")
+    for name, fl in (("HTTP", flight_http), ("S3", flight_s3)):
+        print(f"| {name} | {fl['1']:.3f} | {fl['8']:.3f} | {fl['1'] / fl['8']:.1f}× | {fl['threads']:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--demo-shards", default="", help="the demo's train shards, for the memory-source section")
+    ap.add_argument("--remote", action="store_true", help="also run the remote section (HTTP and S3 behind a proxy)")
+    ap.add_argument("--remote-only", action="store_true", help="run only the remote section")
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="latency the remote section's proxy adds")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="flexast-bench-") as tmp:
@@ -238,11 +369,16 @@ def main() -> None:
             wavs.append(os.path.join(tmp, f"{i}.wav"))
             sf.write(wavs[-1], broadband_clip(10.0, seed=i).numpy(), 16000, subtype="PCM_16")
         n = args.clips // per * per
+        if args.remote_only:
+            remote_rows(shards, wavs, n, args.repeats, args.latency_ms)
+            return
         size = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.endswith(".tar")) / n
         print(f"shards: {n} clips of 10 s, 16 shifts, 128 bins, {size / 1e6:.1f} MB/clip; {args.repeats} repeats")
         local_section(shards, wavs, n, args.repeats)
         print()
         bytes_section(shards, n)
+        if args.remote:
+            remote_rows(shards, wavs, n, args.repeats, args.latency_ms)
     if args.demo_shards:
         print()
         memory_demo_section(args.demo_shards, args.repeats)

@@ -39,7 +39,15 @@ import fsspec
 import numpy as np
 
 from flexast.pipeline.errors import ConfigError, ShardError
-from flexast.pipeline.sources import ShardInfo, expand_urls, fetch_ranges, is_remote, read_index, with_retries
+from flexast.pipeline.sources import (
+    ShardInfo,
+    expand_urls,
+    fetch_many,
+    fetch_object,
+    is_remote,
+    read_index,
+    with_retries,
+)
 from flexast.pipeline.tar_index import (
     MEMBERS_SUFFIX,
     load_npy,
@@ -153,9 +161,7 @@ class TarSource(Source):
         if doc is not None:
             return records_from_member_index(json.loads(doc), url, self._bytes.get(url))
         log.warning("shard %s has no member index: reading it whole once (rebuild it for ranged reads)", url)
-        data = with_retries(
-            lambda: _read_remote(url, self.storage_options), f"shard {url}", self.retries, self.backoff_s
-        )
+        data = fetch_object(url, self.storage_options, retries=self.retries, backoff_s=self.backoff_s)  # resumable
         self._handles[url] = data  # the whole shard is here now: serve its features from memory
         return records_from_members(scan_tar(data, url), lambda o, s: data[o : o + s], url)
 
@@ -168,12 +174,12 @@ class TarSource(Source):
                 continue
             buf = self._handles[url] if is_remote(url) else self._map(url)
             out[i] = buf[offset : offset + size]
-        for url, idx in remote.items():
-            ranges = [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]
-            got = fetch_ranges(
-                url, ranges, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters
-            )
-            for i, data in zip(idx, got, strict=True):
+        asks = [
+            (url, [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]) for url, idx in remote.items()
+        ]
+        got = fetch_many(asks, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters)
+        for idx, blobs in zip(remote.values(), got, strict=True):  # every shard's requests were in flight together
+            for i, data in zip(idx, blobs, strict=True):
                 out[i] = data
         return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
 

@@ -4,105 +4,79 @@ Units: byte offsets into one object, half-open ``[start, stop)``.
 
 :func:`fetch_ranges` is the one transport the loader uses for random access (tar members by index,
 Zarr chunks). Over HTTP(S) and S3 it runs on fsspec's I/O event loop: up to ``max_in_flight``
-requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chunks.
+requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chunks
+(:mod:`pipeline.object_store`).
 
 * **Coalescing.** The requested ranges are sorted and a range joins the previous request when the gap
   between them is at most :data:`COALESCE_GAP` bytes (a tar header or two) and the joined request stays
   within :data:`COALESCE_MAX` bytes. The gap bytes are fetched and dropped; nothing else is read.
-* **Retries.** Connection errors (aiohttp's, botocore's ``EndpointConnectionError`` and friends,
-  ``OSError``), timeouts, HTTP 5xx and 429, and S3 throttling (``SlowDown``, ``Throttling``,
-  ``RequestTimeout``) are retried with exponential backoff ``backoff_s · 2^k`` (×0.5–1.5 jitter),
-  ``retries`` times per request. A response cut short keeps the bytes it delivered and the retry asks
-  only for the rest (*resumed*). A missing object, a denied one, or a range past its end is never retried.
+* **Retries.** What :func:`pipeline.retrying.is_transient` calls transient (connection errors, botocore's
+  ``EndpointConnectionError`` included, timeouts, HTTP 5xx and 429, S3 throttling) is retried with
+  exponential backoff ``backoff_s · 2^k`` (×0.5–1.5 jitter), ``retries`` times per request. A response
+  cut short keeps the bytes it delivered and the retry asks only for the rest (*resumed*); a failure
+  that delivered bytes does not use up a retry. A missing object, a denied one, or a range past its
+  end is never retried.
 * **Errors.** A request that stays unreadable raises :class:`~pipeline.errors.ShardError` naming the URL
   and the byte range; the original exception is its ``__cause__``.
-* **Counters.** ``counters`` (a dict, updated in place, summed over calls) gets ``requests`` (GETs
-  sent, retries included), ``retries``, ``resumed`` (retries that continued a cut-short response) and
-  ``bytes`` (bytes received, gaps included).
+* **Counters.** ``counters`` (a dict, updated in place, summed over calls) gets ``requests`` (HEADs and
+  GETs sent, retries included), ``retries``, ``resumed`` (retries that continued a cut-short response) and
+  ``bytes`` (bytes received, gaps included); ``unranged`` counts responses of a server that ignored
+  ``Range`` and sent the whole object (read up to the range's end, the rest dropped).
 
-Other fsspec protocols (``gs://`` …) read through ``fs.cat_file`` with the same retries but no resume.
+:func:`fetch_object` reads a whole object the same way (its size from one ``HEAD``, then 8 MiB requests),
+and :func:`object_size` is that ``HEAD`` alone. Other fsspec protocols (``gs://`` …) read through
+``fs.cat_file`` with the same retries but no resume.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import random
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
 import fsspec.asyn
 
 from flexast.pipeline.errors import ShardError
+from flexast.pipeline.object_store import (
+    RangeError,
+    filesystem,
+    get_http,
+    get_s3,
+    head_http,
+    head_s3,
+)
+from flexast.pipeline.retrying import CutShort, backoff_delay, is_transient
+
+__all__ = [
+    "COALESCE_GAP",
+    "COALESCE_MAX",
+    "RangeError",
+    "coalesce",
+    "fetch_many",
+    "fetch_object",
+    "fetch_ranges",
+    "is_remote",
+    "is_transient",
+    "object_size",
+    "submit_many",
+]
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://")
-COALESCE_GAP = 8 << 10
-"""Largest gap (bytes) between two requested ranges that are fetched in one request."""
-COALESCE_MAX = 16 << 20
-"""Largest coalesced request (bytes); a single range larger than this is still one request."""
-CHUNK = 64 << 10
-THROTTLE_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
-     "ServiceUnavailable", "503", "500", "TooManyRequests", "RequestLimitExceeded"}
-)  # fmt: skip
 
 
 def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES)
 
 
-class RangeError(ShardError):
-    """A byte range that cannot be read: past the end of the object, or its object is missing or denied."""
-
-
-class _CutShort(Exception):
-    """A response that ended before its range did (retried from the byte where it stopped)."""
-
-
-class _Status(Exception):
-    """An HTTP status that is neither 200 nor 206 (``status`` tells whether a retry can help)."""
-
-    def __init__(self, status: int, url: str):
-        super().__init__(f"HTTP {status} for {url}")
-        self.status = status
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying can help: connection drops, timeouts, HTTP 5xx and 429, S3 throttling; not missing files,
-    denied access, ranges past the end or bad data."""
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | ShardError):
-        return False
-    if isinstance(exc, _CutShort | asyncio.TimeoutError):
-        return True
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:  # botocore ClientError
-        code = str(response["Error"].get("Code", ""))
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return code in THROTTLE_CODES or status >= 500 or status == 429
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(status, int):
-        return status >= 500 or status == 429
-    try:
-        import botocore.exceptions as bce
-
-        if isinstance(exc, bce.ConnectionError | bce.HTTPClientError | bce.IncompleteReadError):
-            return True  # EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ResponseStreamingError…
-    except ImportError:  # pragma: no cover - botocore comes with s3fs
-        pass
-    try:
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientError):
-            return True
-    except ImportError:  # pragma: no cover - aiohttp comes with fsspec[http]
-        pass
-    return isinstance(exc, ConnectionError | TimeoutError | OSError | EOFError)
-
-
-def backoff_delay(backoff_s: float, attempt: int) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): ``backoff_s · 2^attempt`` with ±50 % jitter."""
-    return backoff_s * 2**attempt * (0.5 + random.random())
+COALESCE_GAP = 8 << 10
+"""Largest gap (bytes) between two requested ranges that are fetched in one request."""
+COALESCE_MAX = 16 << 20
+"""Largest coalesced request (bytes); a single range larger than this is still one request."""
+CHUNK = 64 << 10
 
 
 def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
@@ -155,73 +129,48 @@ def _read_local(url: str, groups, counters: dict | None) -> list[bytes]:
         os.close(fd)
 
 
-def _content_range_total(value: str | None) -> int | None:
-    """The object size from a ``Content-Range: bytes a-b/total`` header (None when absent or ``*``)."""
-    if not value or "/" not in value:
-        return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
+async def _retrying(what: str, call, retries: int, backoff_s: float, counters: dict | None):
+    """``await call()`` with the retry rule of the module docstring; errors name ``what``."""
+    for attempt in range(retries + 1):
+        _count(counters, requests=1)
+        try:
+            return await call()
+        except Exception as exc:
+            if isinstance(exc, ShardError):
+                raise
+            if not is_transient(exc):
+                raise RangeError(f"{what} unreadable: {type(exc).__name__}: {exc}") from exc
+            if attempt == retries:
+                raise ShardError(f"{what} failed after {retries} retries: {type(exc).__name__}: {exc}") from exc
+        _count(counters, retries=1)
+        await asyncio.sleep(backoff_delay(backoff_s, attempt))
+    raise AssertionError("unreachable")
 
 
-async def _get_http(fs, url: str, start: int, stop: int, buf: bytearray) -> None:
-    """Append bytes ``[start + len(buf), stop)`` of ``url`` to ``buf`` (bytes kept when the response breaks)."""
-    kw = fs.kwargs.copy()
-    headers = {**kw.pop("headers", {}), "Range": f"bytes={start + len(buf)}-{stop - 1}"}
-    session = await fs.set_session()
-    async with session.get(fs.encode_url(url), headers=headers, **kw) as r:
-        if r.status == 404:
-            raise FileNotFoundError(url)
-        if r.status in (401, 403):
-            raise PermissionError(f"HTTP {r.status} for {url}")
-        if r.status == 416:
-            total = _content_range_total(r.headers.get("Content-Range"))
-            raise RangeError(f"{url}: bytes [{start}, {stop}) run past the end of the object ({total} bytes)")
-        if r.status not in (200, 206):
-            raise _Status(r.status, url)
-        skip = start + len(buf) if r.status == 200 else 0  # a server that ignores Range sends the whole object
-        total = _content_range_total(r.headers.get("Content-Range")) if r.status == 206 else r.content_length
-        if total is not None and total < stop:
-            raise RangeError(f"{url}: bytes [{start}, {stop}) run past the end of the object ({total} bytes)")
-        async for chunk in r.content.iter_chunked(CHUNK):
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            buf += chunk[: stop - start - len(buf)]
-            if len(buf) >= stop - start:
-                return
+def object_size(
+    url: str, storage_options: dict | None = None, *, retries: int = 4, backoff_s: float = 0.2, counters=None
+) -> int:
+    """The size in bytes of a local file or remote object (one ``HEAD``), with the retries of :func:`fetch_ranges`.
 
+    Raises:
+        ShardError: naming ``url`` when it is missing, denied, or stays unreachable.
+    """
+    if not is_remote(url):
+        try:
+            return os.path.getsize(url.removeprefix("file://"))
+        except OSError as exc:
+            raise RangeError(f"{url}: size unreadable: {type(exc).__name__}: {exc}") from exc
+    fs, path = filesystem(url, storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    head = {"http": head_http, "https": head_http, "s3": head_s3, "s3a": head_s3}.get(protocol)
+    if head is None:
 
-async def _get_s3(fs, url: str, start: int, stop: int, buf: bytearray) -> None:
-    """Like :func:`_get_http` through s3fs's aiobotocore client (credentials and endpoint from the storage options)."""
-    import botocore.exceptions
+        async def head(fs, path):
+            return int(await asyncio.to_thread(fs.size, path))
 
-    bucket, key, version = fs.split_path(url)
-    await fs.set_session()
-    s3 = await fs.get_s3(bucket)
-    kw = {"VersionId": version} if version else {}
-    try:
-        resp = await s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start + len(buf)}-{stop - 1}", **kw)
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "NoSuchBucket", "404"):
-            raise FileNotFoundError(url) from exc
-        if code in ("AccessDenied", "403"):
-            raise PermissionError(f"{url}: {exc}") from exc
-        if code == "InvalidRange":
-            raise RangeError(f"{url}: bytes [{start}, {stop}) run past the end of the object") from exc
-        raise
-    body = resp["Body"]
-    try:
-        total = _content_range_total(resp.get("ContentRange"))
-        if total is not None and total < stop:
-            raise RangeError(f"{url}: bytes [{start}, {stop}) run past the end of the object ({total} bytes)")
-        while len(buf) < stop - start:
-            chunk = await body.read(min(CHUNK, stop - start - len(buf)))
-            if not chunk:
-                return
-            buf += chunk
-    finally:
-        body.close()
+    target = url if head is head_http else path
+    call = functools.partial(head, fs, target)
+    return fsspec.asyn.sync(fs.loop, _retrying, f"{url}: size", call, retries, backoff_s, counters)
 
 
 async def _fetch_one(get, fs, url: str, start: int, stop: int, sem, retries, backoff_s, counters) -> bytes:
@@ -233,9 +182,9 @@ async def _fetch_one(get, fs, url: str, start: int, stop: int, sem, retries, bac
         async with sem:
             _count(counters, requests=1)
             try:
-                await get(fs, url, start, stop, buf)
+                await get(fs, url, start, stop, buf, counters)
                 if len(buf) < stop - start:
-                    raise _CutShort(f"{url}: response ended after {len(buf)} of {stop - start} bytes")
+                    raise CutShort(f"{url}: response ended after {len(buf)} of {stop - start} bytes")
                 _count(counters, bytes=len(buf) - before)
                 return bytes(buf)
             except Exception as exc:
@@ -291,6 +240,19 @@ def _read_generic(fs, url, groups, retries, backoff_s, max_in_flight, counters) 
         return list(pool.map(one, groups))
 
 
+def _fetch_groups(url, groups, storage_options, retries, backoff_s, max_in_flight, counters) -> list[bytes]:
+    """The bytes of each ``(start, stop, _)`` request, as they are (no coalescing)."""
+    if not is_remote(url):
+        return _read_local(url, groups, counters)
+    fs, path = filesystem(url, storage_options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    get = {"http": get_http, "https": get_http, "s3": get_s3, "s3a": get_s3}.get(protocol)
+    if get is None:
+        return _read_generic(fs, path, groups, retries, backoff_s, max_in_flight, counters)
+    target = url if get is get_http else path
+    return fsspec.asyn.sync(fs.loop, _gather, get, fs, target, groups, retries, backoff_s, max_in_flight, counters)
+
+
 def fetch_ranges(
     url: str,
     ranges: Sequence[tuple[int, int]],
@@ -308,26 +270,115 @@ def fetch_ranges(
             retries, runs past the end of the object, or the object is missing or denied
             (:class:`RangeError` for the last three).
     """
-    ranges = _check(url, ranges)
-    groups = coalesce(ranges)
-    if not groups:
-        return [b"" for _ in ranges]
-    if not is_remote(url):
-        blobs = _read_local(url, groups, counters)
-    else:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fetch_many(
+        [(url, ranges)], storage_options, retries=retries, backoff_s=backoff_s, max_in_flight=max_in_flight,
+        counters=counters,
+    )[0]  # fmt: skip
+
+
+def fetch_many(
+    requests: Sequence[tuple[str, Sequence[tuple[int, int]]]],
+    storage_options: dict | None = None,
+    *,
+    retries: int = 4,
+    backoff_s: float = 0.2,
+    max_in_flight: int = 8,
+    counters: dict | None = None,
+) -> list[list[bytes]]:
+    """:func:`fetch_ranges` for several objects at once: ``[(url, ranges), ...]`` → ``[[bytes, ...], ...]``.
+
+    The requests of every object share the ``max_in_flight`` slots, so a step reading a few members
+    from each of several shards waits for about one round trip, not one per shard.
+    """
+    plans = []
+    for url, ranges in requests:
+        checked = _check(url, ranges)
+        plans.append((url, checked, coalesce(checked)))
+    blobs: list = [[] for _ in plans]
+    jobs = []  # (plan number, get, fs, target, groups) for the event loop
+    for i, (url, _, groups) in enumerate(plans):
+        if not groups:
+            continue
+        if not is_remote(url):
+            blobs[i] = _read_local(url, groups, counters)
+            continue
+        fs, path = filesystem(url, storage_options)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        get = {"http": _get_http, "https": _get_http, "s3": _get_s3, "s3a": _get_s3}.get(protocol)
+        get = {"http": get_http, "https": get_http, "s3": get_s3, "s3a": get_s3}.get(protocol)
         if get is None:
-            blobs = _read_generic(fs, path, groups, retries, backoff_s, max_in_flight, counters)
-        else:
-            target = url if get is _get_http else path
-            blobs = fsspec.asyn.sync(
-                fs.loop, _gather, get, fs, target, groups, retries, backoff_s, max_in_flight, counters
+            blobs[i] = _read_generic(fs, path, groups, retries, backoff_s, max_in_flight, counters)
+            continue
+        jobs.append((i, get, fs, url if get is get_http else path, groups))
+    loops = {id(fs.loop): fs.loop for _, _, fs, _, _ in jobs}
+    for loop in loops.values():  # fsspec runs every async filesystem on one loop: normally one pass
+
+        async def run(loop=loop):
+            sem = asyncio.Semaphore(max(1, max_in_flight))
+            mine = [j for j in jobs if j[2].loop is loop]
+            got = await asyncio.gather(
+                *(
+                    asyncio.gather(*(_fetch_one(get, fs, t, s, e, sem, retries, backoff_s, counters) for s, e, _ in g))
+                    for _, get, fs, t, g in mine
+                )
             )
-    out = [b""] * len(ranges)
-    for (start, _, idx), blob in zip(groups, blobs, strict=True):
-        for i in idx:
-            a, b = ranges[i]
-            out[i] = blob[a - start : b - start]
+            return [(j[0], list(b)) for j, b in zip(mine, got, strict=True)]
+
+        for i, got in fsspec.asyn.sync(loop, run):
+            blobs[i] = got
+    out = []
+    for (_, ranges, groups), got in zip(plans, blobs, strict=True):
+        sliced = [b""] * len(ranges)
+        for (start, _, idx), blob in zip(groups, got, strict=True):
+            for k in idx:
+                a, b = ranges[k]
+                sliced[k] = blob[a - start : b - start]
+        out.append(sliced)
     return out
+
+
+_SUBMIT: dict[int, ThreadPoolExecutor] = {}
+
+
+def submit_many(
+    requests: Sequence[tuple[str, Sequence[tuple[int, int]]]],
+    storage_options: dict | None = None,
+    **kwargs,
+) -> Future:
+    """:func:`fetch_many` started now, without waiting: a ``Future`` of its result (errors raised by ``result()``).
+
+    For reading ahead: submit the next step's ranges, decode this step, then take the next result.
+    Keyword arguments are :func:`fetch_many`'s. Runs on a small per-process thread pool (4 threads).
+    """
+    pool = _SUBMIT.get(os.getpid())
+    if pool is None:
+        pool = _SUBMIT[os.getpid()] = ThreadPoolExecutor(4, thread_name_prefix="flexast-submit")
+    return pool.submit(fetch_many, requests, storage_options, **kwargs)
+
+
+def fetch_object(
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    block: int = 8 << 20,
+    retries: int = 4,
+    backoff_s: float = 0.2,
+    max_in_flight: int = 8,
+    counters: dict | None = None,
+) -> bytes:
+    """A whole object: its size (one ``HEAD``), then ``block``-byte requests (not coalesced), ``max_in_flight`` at
+    a time.
+
+    The same retries, resume and counters as :func:`fetch_ranges`. A server that ignores ``Range`` is
+    noticed on the first block and asked once for the whole object instead.
+    """
+    size = object_size(url, storage_options, retries=retries, backoff_s=backoff_s, counters=counters)
+    if size == 0:
+        return b""
+    first: dict = {}
+    (head,) = _fetch_groups(url, [(0, min(block, size), [0])], storage_options, retries, backoff_s, 1, first)
+    rest = [(a, min(a + block, size), [0]) for a in range(len(head), size, block)]
+    if first.get("unranged") and rest:
+        rest = [(len(head), size, [0])]  # one more plain GET, read to the end (the blocks would each start at 0)
+    for k, v in first.items():
+        _count(counters, **{k: v})
+    return head + b"".join(_fetch_groups(url, rest, storage_options, retries, backoff_s, max_in_flight, counters))

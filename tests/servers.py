@@ -154,7 +154,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(xml)))
             self.end_headers()
-            self.wfile.write(xml)
+            if self.command != "HEAD":
+                self.wfile.write(xml)
             return
         up = getattr(self, "_up", None) or http.client.HTTPConnection(p.upstream_host, p.upstream_port, timeout=30)
         self._up = up
@@ -172,7 +173,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         for k, v in r.getheaders():
             if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        length = r.getheader("Content-Length") if self.command == "HEAD" else None  # HEAD: the upstream's
+        self.send_header("Content-Length", length or str(len(data)))
         self.end_headers()
         if fault == "truncate" and len(data) > 1:
             self.wfile.write(data[: len(data) // 2])
@@ -201,6 +203,7 @@ class FaultProxy(_Server):
         kinds: fault kinds to choose from (see the module docstring).
         methods: HTTP methods that may get faults (setup uploads pass untouched by default).
         max_faults: stop injecting after this many (None: no limit).
+        only: inject faults only into requests whose path contains this string.
         port: listen on this port (0: a free one).
 
     Attributes:
@@ -215,6 +218,7 @@ class FaultProxy(_Server):
         kinds=FAULT_KINDS,
         methods=("GET",),
         max_faults: int | None = None,
+        only: str | None = None,
         seed: int = 0,
         port: int = 0,
     ):
@@ -223,7 +227,7 @@ class FaultProxy(_Server):
             raise ValueError(f"upstream must be http://127.0.0.1:<port>, got {upstream!r}")
         self.upstream_host, self.upstream_port = "127.0.0.1", int(m.group(1))
         self.latency_s, self.rate, self.kinds, self.methods = latency_s, rate, tuple(kinds), tuple(methods)
-        self.max_faults = max_faults
+        self.max_faults, self.only = max_faults, only
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -241,7 +245,7 @@ class FaultProxy(_Server):
         """The fault for this request, or None."""
         with self.lock:
             self.counts["requests"] += 1
-            if method not in self.methods or not self.rate or not self.kinds:
+            if method not in self.methods or not self.rate or not self.kinds or (self.only or "") not in path:
                 return None
             if self.max_faults is not None and sum(self.counts[k] for k in FAULT_KINDS) >= self.max_faults:
                 return None
@@ -250,3 +254,39 @@ class FaultProxy(_Server):
             kind = self.rng.choice(self.kinds)
             self.counts[kind] += 1
             return kind
+
+
+def main(argv=None) -> None:
+    """Run one server in the foreground (benchmarks start them in other processes); prints its URL first."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    sub = ap.add_subparsers(dest="kind", required=True)
+    sub.add_parser("range", help="serve a folder with byte ranges").add_argument("folder")
+    p = sub.add_parser("proxy", help="latency- and fault-adding proxy in front of an http://127.0.0.1:<port> server")
+    p.add_argument("upstream")
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--rate", type=float, default=0.0)
+    sub.add_parser("moto", help="moto S3 in server mode")
+    args = ap.parse_args(argv)
+    if args.kind == "moto":
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        url = f"http://127.0.0.1:{port}"
+    elif args.kind == "range":
+        server = RangeServer(args.folder)
+        url = server.url
+    else:
+        server = FaultProxy(args.upstream, latency_s=args.latency_ms / 1000, rate=args.rate)
+        url = server.url
+    print(url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

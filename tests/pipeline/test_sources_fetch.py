@@ -3,16 +3,18 @@ a fault-injecting proxy in front."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import threading
 
 import numpy as np
 import pytest
 
 from flexast.pipeline.errors import ShardError
-from flexast.pipeline.sources import fetch_ranges, is_transient
-from flexast.pipeline.transport import COALESCE_GAP, RangeError, coalesce
+from flexast.pipeline.sources import fetch_many, fetch_object, fetch_ranges, is_transient
+from flexast.pipeline.transport import COALESCE_GAP, RangeError, coalesce, submit_many
 from tests.conftest import free_port
-from tests.servers import FaultProxy, RangeServer
+from tests.servers import FaultProxy, RangeServer, _Server
 
 SIZE = 300_000
 
@@ -209,3 +211,62 @@ def test_s3_endpoint_connection_error_is_retried(s3_blob, s3_server):
             p.close()
     assert got == [data[:10], data[-5:]]
     assert counters["retries"] >= 1
+
+
+def test_fetch_object_local_http_s3(blob, http_blob, s3_blob, s3_server):
+    folder, data = blob
+    assert fetch_object(str(folder / "blob.bin")) == data
+    url, _, _ = http_blob
+    counters: dict = {}
+    assert fetch_object(url, block=64 << 10, counters=counters) == data
+    assert counters == {"requests": 1 + -(-SIZE // (64 << 10)), "bytes": SIZE}  # one HEAD, then the blocks
+    s3_url, _ = s3_blob
+    assert fetch_object(s3_url, s3_server["storage_options"], block=100_000) == data
+
+
+def test_fetch_object_from_a_server_without_ranges(blob):
+    """``http.server`` ignores Range: after the first block, one plain GET, resumed (by reading up to where it
+    stopped) when the proxy cuts it. The first two responses are cut in half: the first block (64 KiB) is
+    whole within the first half; the rest breaks off at 150 kB and resumes there."""
+    folder, data = blob
+    handler = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    with (
+        _Server(functools.partial(handler, directory=str(folder))) as plain,
+        FaultProxy(plain.url, rate=1.0, kinds=["truncate"], max_faults=2) as proxy,
+    ):
+        counters: dict = {}
+        got = fetch_object(f"{proxy.url}/blob.bin", block=64 << 10, backoff_s=0.001, retries=12, counters=counters)
+    assert got == data
+    assert counters["unranged"] == 3 and counters["resumed"] == 1 and counters["retries"] == 1
+    assert counters["requests"] == 4  # HEAD, first block, the rest, its resumption
+    assert proxy.counts["truncate"] == 2
+
+
+def test_fetch_many_equals_fetch_ranges_per_object(blob, http_blob, s3_blob, s3_server):
+    """Several objects in one call (their requests share the in-flight slots): the same bytes as one call each."""
+    folder, data = blob
+    url, _, _ = http_blob
+    a, b = some_ranges(seed=8), spaced_ranges()
+    counters: dict = {}
+    got = fetch_many([(url, a), (url.replace("blob.bin", "blob.bin?copy"), b), (url, [])], counters=counters)
+    assert got == [[data[x:y] for x, y in a], [data[x:y] for x, y in b], []]
+    assert counters["requests"] == len(coalesce(a)) + len(coalesce(b))
+    local = str(folder / "blob.bin")
+    assert fetch_many([(local, b), (local, a)]) == [[data[x:y] for x, y in b], [data[x:y] for x, y in a]]
+    s3_url, _ = s3_blob
+    assert fetch_many([(s3_url, b), (s3_url, a)], s3_server["storage_options"], max_in_flight=3) == [
+        [data[x:y] for x, y in b],
+        [data[x:y] for x, y in a],
+    ]
+
+
+def test_submit_many_reads_ahead_and_reports_errors(http_blob):
+    url, data, _ = http_blob
+    a, b = spaced_ranges(), [(SIZE - 10, SIZE + 10)]
+    counters: dict = {}
+    first = submit_many([(url, a)], counters=counters)  # started before anything waits for it
+    second = submit_many([(url, b)])
+    assert first.result(timeout=60) == [[data[x:y] for x, y in a]]
+    assert counters["requests"] == len(a)
+    with pytest.raises(RangeError, match=r"blob\.bin: bytes \[299990, 300010\) run past the end"):
+        second.result(timeout=60)
