@@ -10,6 +10,9 @@ Definitions (the ones AST reports, as sklearn computes them):
     AUC_c  = P(score of a random positive > score of a random negative) + ½ P(equal).
     mAP, AUC = unweighted means over classes that have at least one positive (AUC: and one negative).
     d'     = √2 · Φ⁻¹(AUC).
+
+95% intervals: :func:`wilson_interval` for a proportion such as top-1 accuracy (k correct of n), and
+:func:`bootstrap_interval` (percentile bootstrap over clips) for any metric of ``(scores, targets)``.
 """
 
 from __future__ import annotations
@@ -123,3 +126,44 @@ def chance_metrics(targets: np.ndarray, n_classes: int) -> dict[str, float]:
         "d_prime": 0.0,
         "top1": float(prevalence.max()) if prevalence.size else float("nan"),
     }
+
+
+def wilson_interval(k: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (k successes of n trials).
+
+    ``(p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)`` with ``z = Φ⁻¹((1 + confidence) / 2)``; stays inside
+    [0, 1] and is not degenerate at 0 or n successes. ``(nan, nan)`` when ``n == 0``.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: k={k} must lie in [0, n={n}]")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(
+    metric, scores: np.ndarray, targets: np.ndarray, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric(scores, targets)``, resampling clips with replacement.
+
+    Args:
+        metric: a function of ``(scores (N, C), targets)`` returning a float (e.g. :func:`top1_accuracy`).
+        scores: ``(N, C)``.
+        targets: ``(N,)`` or ``(N, C)``, resampled with the same clip indices.
+    """
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    n = scores.shape[0]
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    stats = np.array([metric(scores[idx], targets[idx]) for idx in rng.integers(0, n, size=(n_boot, n))])
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
