@@ -1,230 +1,426 @@
-"""``model demo``: the whole flexast story in one command, small enough for a laptop CPU.
+"""``model demo``: each paper's effect, measured on one data set with one model size, with 95% intervals.
 
-1. generate the built-in demo audio (480 clips: 400 train, 80 held out; 8 procedural classes, 0.5–8 s,
-   mixed formats and sample rates);
-2. build feature shards at 10, 20 and 40 ms frame shifts (train and eval splits);
-3. train a tiny ElasticAST + FlexiAST model (``configs/demo.yaml``) and a fixed-patch baseline, side by
-   side in two processes with one torch thread each;
-4. evaluate both over patch sizes, frame shifts and clip lengths;
-5. print the tables and write ``report.md``, ``results.csv`` and PNG plots into the output folder.
+1. generate the demo audio (:mod:`pipeline.demo`: 8 spectral and 4 temporal classes on non-stationary
+   backgrounds): a training collection (seed 0) split into ``train`` and ``valid`` (for tuning), and a
+   held-out collection from its own seed (1) of at least 800 clips;
+2. build log-mel shards (``model.n_mels`` of the recipe: 64 bins) at 10, 20 and 40 ms frame shifts, with one
+   shared vocabulary;
+3. train the rows of :data:`ROWS` (two processes at a time, one torch thread each), all from
+   ``configs/demo.yaml`` with a few overrides, for the same number of optimizer steps (every step packs
+   the same token budget, so equal steps are nearly equal FLOPs; the measured FLOPs are reported):
 
-Every step is resumable in the sense that finished data and shards are reused when the command is run
-again with the same ``--out``; the two training runs start fresh each time.
+   - ``ast``: the classic fixed AST: one patch (32), one shift (10 ms), one length (256 frames: every
+     training clip is longer and is cut to it; in evaluation shorter inputs are padded to it);
+   - ``flexiast``: FlexiAST only: the ``ast`` row's weights at half its steps (the paper fine-tunes a
+     trained AST), then the other half with a patch size drawn per step (PI-resize);
+   - ``elasticast``: packed native lengths, a frame shift drawn per clip, factorised positions,
+     attention pooling, token dropout (ElasticAST only, fixed patch 32);
+   - ``flexi_elastic``: both: the ``elasticast`` row's weights at half its steps, then random patches;
+   - ``c2f``: coarse-to-fine on the ``ast`` row: phase 1 on frames avg-pooled by 4 (2 token columns per
+     clip, not 1) for as many clips as half the baseline's steps carry (in a quarter of the steps), then
+     full resolution for half the baseline's steps; ``ast_short``: the ``ast`` row with c2f's step count,
+     which matches c2f's training FLOPs;
+
+4. evaluate on the held-out set (normalised with the *training* statistics, labels matched by name): the
+   patch sweep, the frame-shift sweep (every shift sees the same 2.56 s) and the length sweep;
+5. write ``report.md`` (tables with intervals, loss curves, claims), ``results.csv``, PNG plots with
+   95% error bars and ``claims.json`` (:mod:`model.demo_report`).
+
+``--full`` trains every row with two seeds; ``--quick`` is a smoke test of the whole path (tiny data, a few
+steps, in this process). Finished data and shards are reused when the command is run again with the same
+``--out``; the training runs start fresh each time.
+
+Units: frames at the clip's own shift, shifts in ms, seconds of audio.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from flexast.model.config import load_config
-from flexast.model.evaluate import GridSpec, eval_grid, markdown_tables, plot_sweeps, write_csv
-from flexast.model.metrics import chance_metrics
+from flexast.model.config import Config, PhaseConfig, load_config, save_config
 from flexast.model.recipes_registry import builtin_recipe
-from flexast.model.report import human_flops
-from flexast.model.train import remove_run
 
 CONFIG = builtin_recipe("demo")
 SHIFTS_MS = (10.0, 20.0, 40.0)
-BASELINE = [
-    "recipe.name=ast",
-    "recipe.patch=32,32",
-    "data.resolution=fixed",
-    "model.pos=grid",
-    "model.pool=cls",
-    "model.token_dropout=0",
-]
+BASE_PATCH = 32
+SWEEP_SECONDS = 2.56  # every shift of the shift sweep sees this much audio: 256 / 128 / 64 frames
+TRAIN_SEED, HELD_OUT_SEED = 0, 1
+
+_FIXED = ["data.resolution=fixed", "model.pos=grid", "model.pool=cls", "model.token_dropout=0"]
+_ELASTIC = ["data.resolution=random", "model.pos=factorised", "model.pool=attention", "model.token_dropout=0.1"]
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "ast": ("AST (fixed patch, shift, length)", ["recipe.name=ast", *_FIXED]),
+    "flexiast": ("FlexiAST only", ["recipe.name=flexiast", *_FIXED]),
+    "elasticast": ("ElasticAST only", ["recipe.name=elasticast", *_ELASTIC]),
+    "flexi_elastic": ("FlexiAST+ElasticAST", ["recipe.name=flexiast", *_ELASTIC]),
+    "c2f": ("coarse-to-fine (pool 4 → 1)", ["recipe.name=coarse_to_fine", *_FIXED]),
+    "ast_short": ("AST, FLOP-matched to c2f", ["recipe.name=ast", *_FIXED]),
+}
+"""Row name → (display name, overrides of ``configs/demo.yaml``)."""
+WARM_START = {"flexiast": "ast", "flexi_elastic": "elasticast"}
+"""FlexiAST rows start from their parent row's weights at half its steps and train the other half with random
+patches (the paper fine-tunes a trained AST); so every row still totals the same number of steps."""
+PADDED_ROWS = ("ast", "ast_short", "c2f")  # fixed-length models: evaluated padded (or cut) to their one length
 
 
-def _data(out: Path, log, n_clips: int) -> tuple[str, str]:
+@dataclass(frozen=True)
+class DemoPlan:
+    """How big the demo is: data, steps, seeds, sweep grids."""
+
+    n_train_collection: int = 576  # seed 0: 5/6 train, 1/6 valid
+    n_held_out: int = 816  # seed 1: all held out (68 per class)
+    steps: int = 2400  # optimizer steps of every row but c2f and its FLOP-matched baseline
+    c2f_factor: int = 4  # phase 1 pools frames by R: 256 → 64 frames, 2 token columns at patch 32
+    c2f_phase1: float = 0.5  # share of the baseline's clips that c2f sees pooled (in 1/R of the steps)
+    flex_lr: float = 1e-3  # peak lr of the FlexiAST half (a fine-tuning of the parent's weights)
+    seeds: tuple[int, ...] = (0,)
+    patches: tuple[int, ...] = (16, 24, 32, 40, 48)
+    lengths: tuple[int, ...] = (64, 128, 256, 512)  # frames at 10 ms
+    in_process: bool = False  # train in this process (no subprocess start-up: the quick smoke test)
+
+    @property
+    def c2f_steps(self) -> tuple[int, int]:
+        """Steps of c2f's two phases: a pooled step packs R times the clips for the same tokens."""
+        return round(self.steps * self.c2f_phase1 / self.c2f_factor), round(self.steps * (1 - self.c2f_phase1))
+
+    @property
+    def short_steps(self) -> int:
+        """Steps of the FLOP-matched baseline: as many as c2f takes (every step packs the same token budget)."""
+        return sum(self.c2f_steps)
+
+
+PLANS = {
+    "quick": DemoPlan(
+        n_train_collection=72,
+        n_held_out=48,
+        steps=8,
+        seeds=(0,),
+        patches=(16, 32),
+        lengths=(128, 256),
+        in_process=True,
+    ),
+    "default": DemoPlan(),
+    "full": DemoPlan(seeds=(0, 1)),
+}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def make_data(out: Path, plan: DemoPlan, jobs: int = 1, log=print) -> dict[str, str]:
+    """Audio and shards of the train/valid (seed 0) and held-out (seed 1) sets; returns shard folders by split."""
     from flexast.pipeline.build import build_shards
     from flexast.pipeline.build_config import BuildConfig
     from flexast.pipeline.demo import write_demo
 
-    audio = out / "audio"
-    manifest = audio / "all.csv"
-    if not manifest.exists():
-        t = time.perf_counter()
-        write_demo(str(audio), n_clips=n_clips)
-        log(f"[1/5] demo audio written to {audio} ({time.perf_counter() - t:.0f} s)")
+    n_mels = load_config(CONFIG).model.n_mels  # the shards carry the bins the demo model expects
+    t = time.perf_counter()
+    collections = {
+        "train": (out / "audio" / "train", plan.n_train_collection, TRAIN_SEED, 1 / 6, "valid"),
+        "held_out": (out / "audio" / "held_out", plan.n_held_out, HELD_OUT_SEED, 1.0, "eval"),
+    }
+    missing = [
+        (str(f), n, seed, frac, held) for f, n, seed, frac, held in collections.values() if not (f / "all.csv").exists()
+    ]
+    if jobs > 1 and len(missing) > 1:  # the two collections side by side (numpy and soundfile work only)
+        with ProcessPoolExecutor(min(jobs, len(missing))) as pool:
+            list(pool.map(write_demo, *zip(*missing, strict=True)))
     else:
-        log(f"[1/5] demo audio already in {audio}")
+        for args in missing:
+            write_demo(*args)
+    manifests = {name: folder / "all.csv" for name, (folder, *_) in collections.items()}
+    vocabulary = str(collections["train"][0] / "classes.txt")
+    log(f"[1/5] demo audio in {out / 'audio'} ({time.perf_counter() - t:.0f} s)")
     shards = {}
-    for split in ("train", "eval"):
+    for split, manifest in (("train", "train"), ("valid", "train"), ("eval", "held_out")):
         dest = out / "shards" / split
         t = time.perf_counter()
         build_shards(
-            str(manifest),
+            str(manifests[manifest]),
             str(dest),
-            BuildConfig(name=f"demo-{split}", shifts_ms=SHIFTS_MS, split=split),
+            BuildConfig(name=f"demo-{split}", shifts_ms=SHIFTS_MS, split=split, features={"num_mel_bins": n_mels}),
+            labels=vocabulary,
             only_split=split,
-            workers=min(2, os.cpu_count() or 1),
+            workers=1,
             progress=False,
+            log=lambda *a, **k: None,
         )
         shards[split] = str(dest)
         log(f"[2/5] {split} shards in {dest} ({time.perf_counter() - t:.0f} s)")
-    return shards["train"], shards["eval"]
+    return shards
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, log=print) -> dict:
-    """Run the demo into ``out``; returns the final metrics, chance level and timings."""
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_dir, eval_dir = _data(out, log, 48 if quick else 480)
-    t_data = time.perf_counter() - t_start
-
-    common = [f"data.train={train_dir}", f"data.valid={eval_dir}"]
-    if quick:  # a smoke test of the whole path: tiny data, a few steps
-        common += ["optim.epochs=3", "optim.warmup_steps=2", "run.progress=false"]
-    runs = _train_both(out, common, log)
-
-    from flexast.model import adapter
-    from flexast.model.data import open_data
-    from flexast.model.evaluate import label_targets
-
-    log("[4/5] evaluating both models over patch sizes, frame shifts and lengths")
-    t = time.perf_counter()
-    data = open_data(eval_dir, "eval shards", "memory")
-    models = {
-        "FlexiAST+ElasticAST": adapter.load_model(runs["flexi_elastic"]["dir"] / "final"),
-        "AST (fixed patch 32)": adapter.load_model(runs["baseline_p32"]["dir"] / "final"),
-    }
-    spec = GridSpec(
-        patch_sizes=(16, 32, 48) if quick else (16, 20, 24, 32, 40, 48),
-        shifts_ms=SHIFTS_MS,
-        max_lengths=(100, 400) if quick else (50, 100, 200, 400, 800),
-        base_max_frames=200,
-    )
-    infos = {
-        "FlexiAST+ElasticAST": adapter.label_info(runs["flexi_elastic"]["dir"] / "final"),
-        "AST (fixed patch 32)": adapter.label_info(runs["baseline_p32"]["dir"] / "final"),
-    }
-    rows = eval_grid(models, data, spec, progress=False, infos=infos)
-    t_eval = time.perf_counter() - t
-    chance = chance_metrics(*label_targets(data, True))["top1"]
-    write_csv(rows, out / "results.csv")
-    tables = markdown_tables(rows, "top1", chance)
-    plots = plot_sweeps(rows, "top1", out, chance)
-    total = time.perf_counter() - t_start
-    summary = _write_report(out, runs, rows, tables, plots, chance, data, t_data, t_eval, total)
-    log(f"[5/5] results (top-1 accuracy on the held-out clips; chance is {chance:.3f})\n")
-    log(tables)
-    log(f"report: {out / 'report.md'}   plots: {', '.join(str(p) for p in plots)}   total {total:.0f} s")
-    return summary
+# ---- training -----------------------------------------------------------------------------------
 
 
-def _train_both(out: Path, common: list[str], log) -> dict:
-    """Train the two models at the same time, one process and one torch thread each (2 cores, 2 runs)."""
-    procs = {}
-    for name, extra in (("flexi_elastic", []), ("baseline_p32", BASELINE)):
-        run_dir = out / "runs" / name
-        remove_run(run_dir)
-        sets = [*common, *extra, f"run.out_dir={run_dir}", "run.progress=false"]
-        load_config(CONFIG, sets)  # fail here, with the config error, before starting anything
-        run_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed below when the process ends
-        cmd = [sys.executable, "-m", "flexast.model.cli", "train", "--config", str(CONFIG), "--set", *sets]
-        procs[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf, run_dir, time.perf_counter())
-        log(f"[3/5] training {name} in the background → {run_dir} (log: {run_dir / 'train.log'})")
-    runs = {}
-    for name, (proc, logf, run_dir, t0) in procs.items():
-        code = proc.wait()
-        logf.close()
+def row_config(row: str, plan: DemoPlan, seed: int, shards: dict[str, str], run_dir: Path) -> Config:
+    """The resolved config of one row: ``configs/demo.yaml`` + the row's overrides + the plan's steps."""
+    steps = plan.short_steps if row == "ast_short" else plan.steps
+    half = plan.steps // 2
+    extra = []
+    if row in WARM_START.values():
+        extra = [f"run.ckpt_every={half}"]  # the weights at half the steps start the FlexiAST row
+    if row in WARM_START:
+        steps = plan.steps - half
+        parent = run_dir.parent / f"{WARM_START[row]}_s{seed}" / "half"
+        extra = [f"model.init={parent}", f"optim.lr={plan.flex_lr}"]
+    sets = [
+        *ROWS[row][1],
+        f"data.train={shards['train']}",
+        f"data.valid={shards['valid']}",
+        f"run.out_dir={run_dir}",
+        f"run.seed={seed}",
+        "run.progress=false",
+        f"optim.steps={steps}",
+        f"recipe.patch={BASE_PATCH},{BASE_PATCH}",
+        *extra,
+    ]
+    if row != "c2f":
+        return load_config(CONFIG, sets)
+    cfg = load_config(CONFIG, ["recipe.name=ast", *sets[1:]])  # phases are set below (--set cannot list them)
+    s1, s2 = plan.c2f_steps
+    cfg.recipe.name = "coarse_to_fine"
+    cfg.recipe.phases = [
+        PhaseConfig(method="pool", factor=plan.c2f_factor, pool_mode="avg", steps=s1, recipe="ast"),
+        PhaseConfig(method="none", factor=1, steps=s2, recipe="ast"),
+    ]
+    return cfg
+
+
+def _train_one(row: str, cfg: Config, data: dict, log) -> dict:
+    run_dir = Path(cfg.run.out_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if data:  # in this process, on the clip sets already in memory
+        from flexast.model.train import train
+
+        train(cfg, train_data=data["train"], valid_data=data["valid"])
+    else:
+        save_config(cfg, run_dir / "recipe.yaml")
+        cmd = [sys.executable, "-m", "flexast.model.cli", "train", "--config", str(run_dir / "recipe.yaml")]
+        with open(run_dir / "train.log", "w") as logf:
+            code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_child_env()).returncode
         if code != 0:
             tail = (run_dir / "train.log").read_text()[-2000:]
-            raise RuntimeError(f"training {name} failed with exit status {code}; end of its log:\n{tail}")
-        result = json.loads((run_dir / "result.json").read_text())
-        runs[name] = {**result, "wall_s": time.perf_counter() - t0, "dir": run_dir}
-        top1 = result.get("valid", {}).get("top1", float("nan"))
-        log(f"      {name} done after {runs[name]['wall_s']:.0f} s: top-1 {top1:.3f} on held-out clips")
+            raise RuntimeError(f"training {row} failed with exit status {code}; end of its log:\n{tail}")
+    half = run_dir / "checkpoints" / f"step_{cfg.run.ckpt_every:08d}"
+    if cfg.run.ckpt_every and half.exists():  # the start of a FlexiAST row (WARM_START)
+        shutil.move(str(half), str(run_dir / "half"))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # per-epoch weights: not needed by the demo
+    result = json.loads((run_dir / "result.json").read_text())
+    result["wall_s"] = time.perf_counter() - t0
+    log(
+        f"      {row} (seed {cfg.run.seed}) done after {result['wall_s']:.0f} s, {result['steps']} steps: "
+        f"validation top-1 {result.get('valid', {}).get('top1', float('nan')):.3f}"
+    )
+    return result
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def train_rows(out: Path, plan: DemoPlan, shards: dict[str, str], jobs: int, log=print) -> dict:
+    """Train every (row, seed); returns ``{(row, seed): result}`` with ``dir`` added."""
+    data = {}
+    if plan.in_process:
+        from flexast.model.data import open_data
+
+        data = {"train": open_data(shards["train"], "data.train"), "valid": open_data(shards["valid"], "data.valid")}
+    # Parents first, dependents last: with ``jobs`` workers taking runs in order, a dependent only waits on a
+    # parent that is already running or done.
+    order = sorted(ROWS, key=lambda r: (r in WARM_START, r not in WARM_START.values()))
+    todo = []
+    for row in order:
+        for seed in plan.seeds:
+            run_dir = out / "runs" / f"{row}_s{seed}"
+            todo.append(((row, seed), row_config(row, plan, seed, shards, run_dir)))
+    done = {key: threading.Event() for key, _ in todo}
+    log(f"[3/5] training {len(todo)} runs ({len(ROWS)} rows × {len(plan.seeds)} seed(s)), {jobs} at a time")
+    runs = {}
+
+    def work(item):
+        key, cfg = item
+        if key[0] in WARM_START:
+            done[(WARM_START[key[0]], key[1])].wait()
+        try:
+            res = _train_one(key[0], cfg, data, log)
+        finally:
+            done[key].set()
+        res["start_step"] = 0
+        if key[0] in WARM_START:  # count the parent's first half too: every row's total is plan.steps
+            state = json.loads((Path(cfg.model.init) / "state.json").read_text())
+            res["start_step"] = int(state["step"])
+            res["steps"] += int(state["step"])
+            res["flops"] += float(state["flops"])
+        return key, {**res, "dir": Path(cfg.run.out_dir), "config": cfg}
+
+    if plan.in_process or jobs <= 1:
+        for item in todo:
+            key, res = work(item)
+            runs[key] = res
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            for key, res in pool.map(work, todo):
+                runs[key] = res
     return runs
 
 
-def _at(rows, model, sweep, value, metric="top1"):
-    hit = [r for r in rows if r["model"] == model and r["sweep"] == sweep and r["value"] == value]
-    return hit[0][metric] if hit else float("nan")
+# ---- evaluation ---------------------------------------------------------------------------------
 
 
-def _write_report(out, runs, rows, tables, plots, chance, data, t_data, t_eval, total) -> dict:
-    flexi, base = "FlexiAST+ElasticAST", "AST (fixed patch 32)"
-    patch_vals = sorted({r["value"] for r in rows if r["sweep"] == "patch"})
-    f_mean = float(np.mean([_at(rows, flexi, "patch", p) for p in patch_vals]))
-    b_mean = float(np.mean([_at(rows, base, "patch", p) for p in patch_vals]))
-    f32, b32 = _at(rows, flexi, "patch", 32), _at(rows, base, "patch", 32)
-    lines = [
-        "# flexast demo report",
-        "",
-        "This folder was written by `model demo`. It trained two tiny Audio Spectrogram Transformers on the",
-        f"built-in demo sounds ({len(data.label_names)} classes: "
-        f"{', '.join(data.index['labels'].get('display_names', data.label_names))}) and measured how well",
-        "each one copes when you change the patch size, the time resolution or the clip length at test time.",
-        "",
-        "## What happened",
-        "- Data: procedural audio was generated and turned into log-mel shards at "
-        f"{', '.join(f'{s:g}' for s in SHIFTS_MS)} ms frame shifts ({t_data:.0f} s). "
-        f"Held-out set: {data.n_clips} clips.",
-    ]
-    for name, r in runs.items():
-        v = r.get("valid", {})
-        lines.append(
-            f"- `{name}`: {r['steps']} optimizer steps in {r['wall_s']:.0f} s (both trained at once), "
-            f"{human_flops(r['flops'])} of "
-            f"training compute; held-out top-1 {v.get('top1', float('nan')):.3f} (its own operating point). "
-            f"Folder: `runs/{name}/`."
-        )
-    lines += [
-        f"- Evaluation of both models over the grids took {t_eval:.0f} s. Whole demo: {total:.0f} s.",
-        "",
-        "## The two models",
-        "- **FlexiAST+ElasticAST** saw a different patch size at every step (16–48, one weight PI-resized),",
-        "  each clip at a random frame shift (10, 20 or 40 ms), packed at its own length with no padding.",
-        "- **AST (fixed patch 32)** is the classic recipe: one patch size (32×32), one frame shift (10 ms).",
-        "",
-        "## Results (top-1 accuracy; higher is better)",
-        f"Chance level is {chance:.3f} (always guessing the most common class).",
-        "",
-        f"At the baseline's own patch size 32 the two models score {f32:.3f} (flexible) and {b32:.3f} (fixed).",
-        f"Averaged over all patch sizes they score {f_mean:.3f} and {b_mean:.3f}. "
-        + (
-            "The fixed-patch model is good mainly where it was trained; the flexible one keeps working when you "
-            "trade accuracy for speed with a larger patch (fewer tokens) or spend more compute with a smaller one."
-            if f_mean > b_mean + 0.03
-            else "On this run the gap between them is small; the per-patch table below shows where each one stands."
-        ),
-        "",
-        tables,
-        "",
-        "Columns of the first table are patch sizes (like Table 1 of the FlexiAST paper); the others",
-        "vary the frame shift (coarser = fewer frames) and the maximum clip length in frames (longer clips",
-        "are cut, shorter ones are never padded).",
-        "",
-        "## Plots",
-        *[f"- [{p.name}]({p.name})" for p in plots],
-        "",
-        "## Files",
-        "- `results.csv`: every evaluated point with mAP, AUC, d-prime, top-1, tokens and seconds.",
-        "- `runs/*/report.md`, `runs/*/metrics.jsonl`: per-run training logs; `runs/*/final/`: the weights.",
-        "- Try one: `model predict --checkpoint "
-        + str(runs["flexi_elastic"]["dir"] / "final")
-        + " "
-        + str(out / "audio" / "audio" / "tone")
-        + "/*.wav --patch 48`.",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(lines))
-    return {
-        "chance": chance,
-        "flexi_top1_at_32": f32,
-        "baseline_top1_at_32": b32,
-        "flexi_mean_over_patches": f_mean,
-        "baseline_mean_over_patches": b_mean,
-        "total_s": total,
-        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "dir"} for k, v in runs.items()},
-    }
+def _trim(n: int, p: int) -> int:
+    return (n // p) * p
+
+
+def cut_set(source, shift_ms: float, n_frames: int):
+    """An in-memory copy of ``source`` with only the ``shift_ms`` features, each centre-cut to at most
+    ``n_frames`` (the sweeps' caps, applied before a fixed-length model pads its input)."""
+    from flexast.pipeline.datasource import MemorySource
+    from flexast.pipeline.units import shift_name
+
+    name = shift_name(shift_ms)
+    data = {}
+    for shard in source.shards:
+        recs = []
+        for r in source.records(shard):
+            x = source.fetch([(r["url"], r["loc"][name])])[0]  # (T, F)
+            start = max(0, (x.shape[0] - n_frames) // 2)
+            x = np.asarray(x[start : start + n_frames])  # (min(T, n_frames), F)
+            meta = {**r["meta"], "frames": {name: int(x.shape[0])}}
+            recs.append({**r, "meta": meta, "loc": {name: x}})
+        data[shard.url] = recs
+    return MemorySource(source.spec, source.index, data)
+
+
+def _lengths(source, shift_ms: float) -> np.ndarray:
+    """``(N,)`` frames of every clip at ``shift_ms``."""
+    from flexast.pipeline.units import shift_name
+
+    name = shift_name(shift_ms)
+    return np.array([r["meta"]["frames"][name] for sh in source.shards for r in source.records(sh)])
+
+
+def eval_points(plan: DemoPlan, row: str) -> list[tuple[str, float, int, float, int]]:
+    """``(sweep, value, patch, shift_ms, frames)`` of a row: its operating point, or all three sweeps."""
+    base = [("operating", BASE_PATCH, BASE_PATCH, 10.0, 256)]
+    if row in ("c2f", "ast_short"):
+        return base
+    pts = [("patch", p, p, 10.0, 256) for p in plan.patches]
+    pts += [("shift", s, BASE_PATCH, s, round(SWEEP_SECONDS * 1000 / s)) for s in SHIFTS_MS]
+    pts += [("length", n, BASE_PATCH, 10.0, n) for n in plan.lengths]
+    return base + pts
+
+
+def evaluate_runs(runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, log=print) -> tuple[list[dict], dict]:
+    """One row per (row, seed, sweep point): top-1 with its 95% Wilson interval and the seconds of audio seen."""
+    from flexast.model import adapter
+    from flexast.model.data import open_data, training_stats
+    from flexast.model.evaluate import score_source
+    from flexast.model.metrics import wilson_interval
+    from flexast.pipeline.datasource import open_source
+    from flexast.pipeline.resolution import TimeScale
+
+    train = open_source(train_dir)  # index only: the vocabulary and the training statistics
+    stats, vocab = training_stats(train), train.label_names
+    data = open_data(eval_dir, "held-out set")
+    cache: dict[tuple[float, int], object] = {}
+    results = []
+    for (row, seed), run in runs.items():
+        model = adapter.load_model(run["dir"] / "final")
+        scored: dict[tuple, dict] = {}
+        for sweep, value, p, shift, frames in eval_points(plan, row):
+            padded = row in PADDED_ROWS
+            key = (p, shift, frames)
+            if key not in scored:
+                if (shift, frames) not in cache:
+                    cache[(shift, frames)] = cut_set(data, shift, frames)
+                clips = cache[(shift, frames)]
+                out = score_source(
+                    model,
+                    clips,
+                    patch=(p, p),
+                    resolution=TimeScale(shift),
+                    max_frames=frames,
+                    norm=tuple(stats[str(float(shift))]),  # the training statistics, as prediction uses
+                    vocab=vocab,  # held-out labels matched to the training vocabulary by name
+                    single=True,
+                    pad_to=256 if padded and p == BASE_PATCH else 0,
+                    budget=8192,
+                )
+                correct = int((out["scores"].argmax(1) == out["targets"]).sum())
+                n = len(out["keys"])
+                lo, hi = wilson_interval(correct, n)
+                lengths = _lengths(clips, shift)  # (N,) frames after the cut
+                kept = np.minimum(lengths, 256) if padded and p == BASE_PATCH else _trim_all(lengths, p)
+                scored[key] = {
+                    "top1": correct / n,
+                    "lo": lo,
+                    "hi": hi,
+                    "n_clips": n,
+                    "seconds": float(np.mean(kept) * shift / 1000),
+                    "tokens": out["tokens"],
+                }
+            results.append(
+                {
+                    "row": row,
+                    "model": ROWS[row][0],
+                    "seed": seed,
+                    "sweep": sweep,
+                    "value": value,
+                    "patch": p,
+                    "shift_ms": shift,
+                    "max_frames": frames,
+                    "padded": padded and p == BASE_PATCH,
+                    **scored[key],
+                }
+            )
+        log(f"      evaluated {row} (seed {seed}) at {len(scored)} points")
+    return results, {"chance": 1.0 / len(vocab), "n_eval": data.n_clips, "classes": list(vocab)}
+
+
+def _trim_all(lengths: np.ndarray, p: int) -> np.ndarray:
+    """Frames a packed model sees: cut to a multiple of the patch, one patch at least (eval pads a short clip)."""
+    return np.maximum((lengths // p) * p, p)
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def run_demo(out: str | Path = "demo_out", quick: bool = False, full: bool = False, jobs: int = 0, log=print) -> dict:
+    """Run the demo into ``out``; returns the claims and timings (also written to ``claims.json``)."""
+    from flexast.model.demo_report import write_report
+
+    plan = PLANS["quick" if quick else "full" if full else "default"]
+    jobs = jobs or min(2, os.cpu_count() or 1)
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = make_data(out, plan, jobs, log)
+    t_data = time.perf_counter() - t_start
+    t = time.perf_counter()
+    runs = train_rows(out, plan, shards, jobs, log)
+    t_train = time.perf_counter() - t
+    log("[4/5] evaluating on the held-out set (training statistics, labels by name)")
+    t = time.perf_counter()
+    rows, info = evaluate_runs(runs, plan, shards["eval"], shards["train"], log)
+    t_eval = time.perf_counter() - t
+    timings = {"data_s": t_data, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t_start}
+    summary = write_report(out, plan, runs, rows, info, timings)
+    log(f"[5/5] {out / 'report.md'}, {out / 'claims.json'}; whole demo {timings['total_s']:.0f} s\n")
+    log(summary["table"])
+    return summary

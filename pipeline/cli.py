@@ -161,7 +161,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="folder to write the audio files and manifests into")
-    p.add_argument("--clips", type=int, default=240, help="number of clips (240: 200 train + 40 eval)")
+    p.add_argument("--clips", type=int, default=240, help="number of clips (240: 192 train + 48 eval)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same audio)")
 
 

@@ -1,34 +1,54 @@
-"""The one-command demo end to end at smoke-test size: data → shards → two trainings → sweeps → report."""
+"""The one-command demo end to end at smoke-test size: data → shards → six trainings → sweeps → claims and report."""
 
 from __future__ import annotations
 
 import csv
-
-import pytest
+import json
 
 from flexast.model.cli import main
+from flexast.model.demo import PLANS, ROWS, eval_points
+
+CLAIM_FIELDS = {
+    "flexiast_base_patch": {"fixed", "flexible", "patch"},
+    "flexiast_other_patches": {"patches", "fixed", "flexible", "flexible_lo", "fixed_hi"},
+    "elastic_shifts": {"shifts_ms", "elastic", "fixed"},
+    "elastic_lengths": {"frames", "elastic", "fixed"},
+    "c2f_flops": {"baseline_flops", "c2f_flops", "baseline", "c2f"},
+}
 
 
-@pytest.mark.slow
-def test_demo_quick_writes_the_report(tmp_path, capsys):
+def test_demo_quick_writes_claims_report_and_plots(tmp_path, capsys):
+    plan = PLANS["quick"]
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
     out = capsys.readouterr().out
-    assert "top1 by patch size" in out and "chance" in out
-    report = (tmp_path / "report.md").read_text()
-    for needle in (
-        "# flexast demo report",
-        "FlexiAST+ElasticAST",
-        "AST (fixed patch 32)",
-        "metric_vs_patch.png",
-        "GFLOP",
-        "Whole demo",
-    ):
-        assert needle in report, needle
+    assert "flexiast_base_patch" in out and "whole demo" in out
+
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert claims["n_eval_clips"] == plan.n_held_out and claims["seeds"] == list(plan.seeds)
+    by_id = {c["id"]: c for c in claims["claims"]}
+    assert set(by_id) == set(CLAIM_FIELDS)
+    for cid, fields in CLAIM_FIELDS.items():
+        assert set(by_id[cid]["measured"]) == fields, cid
+        assert isinstance(by_id[cid]["holds"], bool)
+    other = by_id["flexiast_other_patches"]["measured"]
+    assert other["patches"] == [p for p in plan.patches if p != 32]
+    assert by_id["elastic_shifts"]["measured"]["shifts_ms"] == [10.0, 20.0, 40.0]
+    # The FLOP-matched baseline and coarse-to-fine both spend less than the full baseline.
+    c2f = by_id["c2f_flops"]
+    assert c2f["measured"]["c2f_flops"] < c2f["measured"]["baseline_flops"]
+    assert c2f["flop_matched_baseline"]["flops"] < c2f["measured"]["baseline_flops"]
+
     rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
-    assert {r["sweep"] for r in rows} == {"patch", "shift", "length"}
-    assert len(rows) == 2 * (3 + 3 + 2)
-    for name in ("metric_vs_patch.png", "metric_vs_resolution.png", "metric_vs_length.png"):
-        assert (tmp_path / name).stat().st_size > 2000
-    for run in ("flexi_elastic", "baseline_p32"):
-        assert (tmp_path / "runs" / run / "final" / "model.safetensors").exists()
-        assert (tmp_path / "runs" / run / "report.md").exists()
+    assert len(rows) == sum(len(eval_points(plan, r)) for r in ROWS) * len(plan.seeds)
+    for r in rows:
+        assert float(r["lo"]) <= float(r["top1"]) <= float(r["hi"]) and int(r["n_clips"]) == plan.n_held_out
+    shift_secs = {float(r["seconds"]) for r in rows if r["sweep"] == "shift" and r["row"] == "elasticast"}
+    assert len(shift_secs) == 1  # every frame shift sees the same seconds of audio
+
+    report = (tmp_path / "report.md").read_text()
+    for needle in ("# flexast demo report", "## Claims", "equal steps", "loss_curves.png", "Wilson", "FlexiAST only"):
+        assert needle in report, needle
+    for name in ("top1_vs_patch", "top1_vs_shift", "top1_vs_length", "loss_curves", "c2f_flops"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 2000, name
+    for row in ROWS:
+        assert (tmp_path / "runs" / f"{row}_s0" / "final" / "model.safetensors").exists()

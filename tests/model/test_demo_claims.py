@@ -1,0 +1,84 @@
+"""95% intervals against textbook values, the demo's claims decided from hand-made results, the sweep cuts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexast.model.demo import _lengths, cut_set
+from flexast.model.demo_report import claims, verdict
+from flexast.model.metrics import bootstrap_interval, top1_accuracy, wilson_interval
+from flexast.pipeline.datasource import MemorySource
+
+
+def test_wilson_interval_textbook_values():
+    # Wilson (1927) score interval, z = 1.96: 8 of 10 → (0.4902, 0.9433); 0 of 10 → (0, z²/(n + z²)).
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(1.96**2 / (10 + 1.96**2), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0 and np.isnan(wilson_interval(0, 0)[0])
+    with pytest.raises(ValueError, match="k=11"):
+        wilson_interval(11, 10)
+
+
+def test_bootstrap_agrees_with_wilson_for_a_proportion():
+    rng = np.random.default_rng(0)
+    n = 800
+    targets = rng.integers(0, 4, n)
+    scores = np.eye(4)[np.where(rng.random(n) < 0.85, targets, (targets + 1) % 4)]  # (n, 4), ~85% right
+    k = round(top1_accuracy(scores, targets) * n)
+    w = wilson_interval(k, n)
+    b = bootstrap_interval(top1_accuracy, scores, targets, n_boot=400)
+    assert b[0] == pytest.approx(w[0], abs=0.01) and b[1] == pytest.approx(w[1], abs=0.01)
+
+
+def _row(row, sweep, value, top1, n=800, seed=0):
+    lo, hi = wilson_interval(round(top1 * n), n)
+    return {"row": row, "seed": seed, "sweep": sweep, "value": value, "top1": top1, "lo": lo, "hi": hi,
+            "n_clips": n, "seconds": 2.56, "padded": False}  # fmt: skip
+
+
+def _results(flex32=0.89, elastic40=0.88):
+    rows = []
+    for p, fixed, flex in ((16, 0.30, 0.80), (32, 0.90, flex32), (48, 0.20, 0.75)):
+        rows += [_row("ast", "patch", p, fixed), _row("flexiast", "patch", p, flex)]
+    for s, fixed, el in ((10.0, 0.90, 0.90), (20.0, 0.50, 0.89), (40.0, 0.30, elastic40)):
+        rows += [_row("ast", "shift", s, fixed), _row("elasticast", "shift", s, el)]
+    for n, fixed, el in ((128, 0.60, 0.89), (256, 0.90, 0.90), (512, 0.90, 0.90)):
+        rows += [_row("ast", "length", n, fixed), _row("elasticast", "length", n, el)]
+    rows += [
+        _row("ast", "operating", 32, 0.90),
+        _row("c2f", "operating", 32, 0.89),
+        _row("ast_short", "operating", 32, 0.85),
+    ]
+    runs = {("ast", 0): {"flops": 100.0}, ("c2f", 0): {"flops": 60.0}, ("ast_short", 0): {"flops": 61.0}}
+    return rows, runs
+
+
+def test_claims_hold_and_fail_where_the_numbers_say():
+    rows, runs = _results()
+    c = claims(rows, runs, {"n_eval": 800}, [0])
+    by = {x["id"]: x for x in c["claims"]}
+    assert c["n_eval_clips"] == 800 and c["seeds"] == [0]
+    assert all(x["holds"] for x in c["claims"]), [verdict(x) for x in c["claims"]]
+    assert by["flexiast_other_patches"]["measured"]["patches"] == [16, 48]
+    assert by["elastic_shifts"]["elastic_spread"] == pytest.approx(0.02)
+    assert by["elastic_shifts"]["fixed_worst_drop"] == pytest.approx(0.60)
+    assert by["c2f_flops"]["measured"] == {"baseline_flops": 100.0, "c2f_flops": 60.0, "baseline": 0.9, "c2f": 0.89}
+
+    rows, runs = _results(flex32=0.85, elastic40=0.80)  # 5 points below at the base patch; 10 points of spread
+    by = {x["id"]: x for x in claims(rows, runs, {"n_eval": 800}, [0])["claims"]}
+    assert not by["flexiast_base_patch"]["holds"] and not by["elastic_shifts"]["holds"]
+    assert "-0.050" in verdict(by["flexiast_base_patch"]) and "lowest at 40" in verdict(by["elastic_shifts"])
+
+
+def test_cut_set_keeps_the_centre_of_one_shift():
+    x = np.arange(20, dtype=np.float16).reshape(10, 2)  # (T=10, F=2)
+    rec = {"key": "k", "url": "u", "meta": {"label_ids": [0], "frames": {"s10": 10, "s20": 5}},
+           "loc": {"s10": x, "s20": x[:5]}}  # fmt: skip
+    cut = cut_set(MemorySource("mem", {}, {"u": [rec]}), 10.0, 4)
+    out = cut.records(cut.shards[0])[0]
+    assert set(out["loc"]) == {"s10"} and out["meta"]["frames"] == {"s10": 4}
+    np.testing.assert_array_equal(out["loc"]["s10"], x[3:7])
+    np.testing.assert_array_equal(_lengths(cut, 10.0), [4])
