@@ -38,7 +38,7 @@ from flexast.model.evaluate import evaluate_source
 from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.recipes import Stage, plan_stages
 from flexast.model.schedule import lr_at
-from flexast.model.weights import EMA, average_checkpoints
+from flexast.model.averaging import EMA, average_checkpoints
 from flexast.pipeline.datasource import Source, label_map
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.loader import make_loader

@@ -134,7 +134,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from flexast.pipeline.inspect import load_index, plot_durations, summary
+    from flexast.pipeline.shard_report import load_index, plot_durations, summary
 
     index = load_index(args.dir, _storage_options(args.storage_options))
     print(json.dumps(index, indent=1) if args.json else summary(index))
@@ -149,7 +149,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from flexast.pipeline.inspect import verify
+    from flexast.pipeline.shard_report import verify
 
     report = verify(args.dir, _storage_options(args.storage_options))
     for problem in report.problems:

@@ -10,7 +10,7 @@ import torch
 from flexast.model import adapter
 from flexast.model.checkpointing import latest_step_checkpoint
 from flexast.model.train import Trainer
-from flexast.model.weights import EMA, average_checkpoints
+from flexast.model.averaging import EMA, average_checkpoints
 from tests.factories import synthetic_clipset
 from tests.model.model_helpers import tiny_config as tiny_model_config
 from tests.model.train_helpers import tiny_config

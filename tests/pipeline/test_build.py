@@ -256,7 +256,7 @@ def test_plan_shards_by_size_and_by_split():
 
 
 def test_zarr_only_build_verifies(tmp_path):
-    from flexast.pipeline.inspect import verify
+    from flexast.pipeline.shard_report import verify
 
     manifest, _ = write_collection(tmp_path, n=3)
     report = build_shards(manifest, str(tmp_path / "z"), BuildConfig(format="zarr", shard_samples=2), workers=1,

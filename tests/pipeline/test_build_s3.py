@@ -8,7 +8,7 @@ import s3fs
 from flexast.pipeline.audio import load_audio
 from flexast.pipeline.build import build_shards
 from flexast.pipeline.build_config import BuildConfig
-from flexast.pipeline.inspect import load_index, verify
+from flexast.pipeline.shard_report import load_index, verify
 from tests.factories import write_collection
 from tests.pipeline.test_build import tree_bytes
 

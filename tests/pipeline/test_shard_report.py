@@ -10,7 +10,7 @@ import pytest
 
 from flexast.pipeline.cli import main
 from flexast.pipeline.errors import ShardError
-from flexast.pipeline.inspect import load_index, plot_durations, summary, verify
+from flexast.pipeline.shard_report import load_index, plot_durations, summary, verify
 from tests.factories import build_small_shards
 
 
