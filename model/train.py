@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from flexast.model import adapter
 from flexast.model import step as step_io
+from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpointing import (
     TrainState,
     latest_step_checkpoint,
@@ -38,7 +39,6 @@ from flexast.model.evaluate import evaluate_source
 from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.recipes import Stage, plan_stages
 from flexast.model.schedule import lr_at
-from flexast.model.averaging import EMA, average_checkpoints
 from flexast.pipeline.datasource import Source, label_map
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.loader import make_loader

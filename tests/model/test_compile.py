@@ -17,7 +17,7 @@ from flexast.model import step as step_io
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
 from tests.model import varlen_standin
-from tests.model.train_helpers import tiny_config
+from tests.model.train_helpers import tiny_run_config
 
 PATCHES = [8, 12, 16]
 
@@ -42,7 +42,7 @@ def test_compiled_flexiast_twenty_steps_compile_at_most_once_per_patch_size(back
     sections = {"run": {"compile": True, "attention": backend}}
     if backend == "varlen":  # the stand-in is bf16/fp16 only, as flash is: the GPU's bf16 autocast, on the CPU
         sections["model"] = {"pool": "attention", "pos": "factorised", "token_dropout": 0.1}
-    cfg = tiny_config(tmp_path, {"name": "flexiast", "patch_sizes": PATCHES}, steps=20, **sections)
+    cfg = tiny_run_config(tmp_path, {"name": "flexiast", "patch_sizes": PATCHES}, steps=20, **sections)
     tr = _GraphsPerStep(cfg, train_data=synthetic_clipset(n_clips=40, seed=3))
     tr.graphs = []
     tr.setup()

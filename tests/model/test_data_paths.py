@@ -21,15 +21,15 @@ from flexast.model.train import Trainer
 from flexast.pipeline.datasource import MemorySource
 from flexast.pipeline.errors import ConfigError
 from tests.factories import build_small_shards, synthetic_clipset, write_shard_folder
-from tests.model.model_helpers import tiny_config as tiny_model_config
-from tests.model.train_helpers import tiny_config
+from tests.model.model_helpers import tiny_config
+from tests.model.train_helpers import tiny_run_config
 from tests.tolerances import EPS16, assert_close_ulps
 
 SMALL = {"n_mels": 16, "base_patch": [4, 4]}
 
 
 def run_cfg(out, train, **data):
-    return tiny_config(
+    return tiny_run_config(
         out,
         {"name": "ast", "patch": [4, 4]},
         steps=2,
@@ -99,7 +99,7 @@ def relabelled(source: MemorySource, names: list[str], keep, rename=None) -> Mem
 def test_held_out_labels_are_matched_by_name():
     full = synthetic_clipset(n_clips=16, n_classes=4, n_mels=32, seed=3)
     torch.manual_seed(0)
-    model = ASTModel(tiny_model_config(num_classes=4, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
+    model = ASTModel(tiny_config(num_classes=4, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
     vocab = full.label_names  # class0 … class3
     subset = relabelled(full, ["class3", "class1", "class2"], lambda n: n != "class0")  # no class0, other ids
     a = score_source(model, full, patch=(8, 8), max_frames=64, vocab=vocab, single=True)
@@ -112,7 +112,7 @@ def test_held_out_labels_are_matched_by_name():
     unknown = relabelled(full, ["class9", "class1", "class2", "class3"], lambda n: True, {"class0": "class9"})
     with pytest.raises(ConfigError, match="class9"):
         score_source(model, unknown, patch=(8, 8), max_frames=64, vocab=vocab, single=True)
-    tr = Trainer(tiny_config("/tmp/unused", {"name": "ast", "patch": [8, 8]}), train_data=full, valid_data=unknown)
+    tr = Trainer(tiny_run_config("/tmp/unused", {"name": "ast", "patch": [8, 8]}), train_data=full, valid_data=unknown)
     with pytest.raises(ConfigError, match=r"data.valid=.*\['class9'\]"):
         tr.setup()  # before any step
 
@@ -130,7 +130,7 @@ def zarr_only(tmp_path_factory):
 
 def test_a_zarr_only_build_trains_evaluates_and_predicts_alike(zarr_only, tmp_path):
     root, report = zarr_only
-    cfg = tiny_config(
+    cfg = tiny_run_config(
         tmp_path / "run",
         {"name": "ast", "patch": [16, 16]},
         steps=3,

@@ -13,14 +13,14 @@ from flexast.model.ast import ASTModel
 from flexast.model.cli import main
 from flexast.model.predict import Predictor, format_table
 from tests.factories import write_audio
-from tests.model.model_helpers import tiny_config as tiny_model_config
+from tests.model.model_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    model = ASTModel(tiny_model_config(num_classes=3, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
+    model = ASTModel(tiny_config(num_classes=3, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
     folder = root / "final"
     adapter.save_weights(model, folder)
     info = {

@@ -12,7 +12,7 @@ from flexast.model import adapter
 from flexast.model.ast import ASTModel
 from flexast.model.cli import main
 from tests.factories import tone_array, write_audio
-from tests.model.model_helpers import tiny_config as tiny_model_config
+from tests.model.model_helpers import tiny_config
 
 
 def refuse(name):
@@ -28,7 +28,7 @@ def save(model, folder):
 
 def test_predict_json_has_no_bare_nan(tmp_path, capsys):
     torch.manual_seed(0)
-    model = ASTModel(tiny_model_config(num_classes=2, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
+    model = ASTModel(tiny_config(num_classes=2, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
     good = save(model, tmp_path / "good")
     with torch.no_grad():
         for p in model.parameters():

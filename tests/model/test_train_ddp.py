@@ -21,10 +21,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from flexast.model.train import Trainer
     from tests.factories import synthetic_clipset
-    from tests.model.train_helpers import tiny_config
+    from tests.model.train_helpers import tiny_run_config
 
     data = synthetic_clipset(n_clips=24, seed=2)
-    cfg = tiny_config(
+    cfg = tiny_run_config(
         out,
         {"name": "flexiast", "patch_sizes": [8, 16]},
         steps=6,
@@ -93,7 +93,7 @@ def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> N
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     from flexast.model.train import Trainer
     from tests.factories import synthetic_clipset
-    from tests.model.train_helpers import tiny_config
+    from tests.model.train_helpers import tiny_run_config
 
     class ShortTrainer(Trainer):
         def _make_loader(self, stage):
@@ -102,7 +102,7 @@ def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> N
             return loader
 
     data = synthetic_clipset(n_clips=40, seed=3)
-    cfg = tiny_config(
+    cfg = tiny_run_config(
         out,
         {"name": "flexiast", "patch_sizes": [8, 16]},
         steps=14,

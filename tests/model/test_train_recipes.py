@@ -12,8 +12,8 @@ from flexast.model.ast import ASTModel
 from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
-from tests.model.model_helpers import tiny_config as tiny_model_config
-from tests.model.train_helpers import mean_loss, tiny_config
+from tests.model.model_helpers import tiny_config
+from tests.model.train_helpers import mean_loss, tiny_run_config
 
 RECIPES = {
     "ast_packed": ({"name": "ast", "patch": [8, 8]}, {}),
@@ -51,7 +51,7 @@ def run(cfg, data, valid=None):
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_lowers_the_loss(name, data, tmp_path):
     recipe, sections = RECIPES[name]
-    cfg = tiny_config(tmp_path, recipe, steps=20, **sections)
+    cfg = tiny_run_config(tmp_path, recipe, steps=20, **sections)
     tr, before, after, result = run(cfg, data, valid=synthetic_clipset(n_clips=8, seed=5))
     assert after < before - 0.2, (name, before, after)
     assert result["steps"] == 20 and result["flops"] > 0
@@ -73,7 +73,7 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
         {"method": "fshift", "factor": 2, "steps": 6, "recipe": "flexiast"},
         {"method": "none", "factor": 1, "steps": 8},
     ]
-    cfg = tiny_config(
+    cfg = tiny_run_config(
         tmp_path,
         {"name": "coarse_to_fine", "patch": [8, 8], "patch_sizes": [8], "phases": phases},
         data={"shift_ms": 10.0},
@@ -109,8 +109,8 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
 def test_kernel_transfer_is_exact_for_pi_upsampling():
     """Moving the kernel 8×8 → 8×16 with PI-resize keeps ⟨x, w⟩ = ⟨resize(x), ŵ⟩ (FlexiAST identity)."""
 
-    src = ASTModel(tiny_model_config(num_classes=3, embed_dim=16, depth=1, pool="mean"))
-    dst = ASTModel(tiny_model_config(num_classes=3, embed_dim=16, depth=1, base_patch=(8, 16), tstride=16, pool="mean"))
+    src = ASTModel(tiny_config(num_classes=3, embed_dim=16, depth=1, pool="mean"))
+    dst = ASTModel(tiny_config(num_classes=3, embed_dim=16, depth=1, base_patch=(8, 16), tstride=16, pool="mean"))
     adapter.transfer(src, dst, "pi")
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     up = torch.nn.functional.interpolate(x, size=(8, 16), mode="bilinear", align_corners=False)
@@ -121,11 +121,11 @@ def test_kernel_transfer_is_exact_for_pi_upsampling():
 
 
 def test_kd_with_a_frozen_teacher(data, tmp_path):
-    teacher_cfg = tiny_config(tmp_path / "teacher", {"name": "ast", "patch": [8, 8]}, steps=15)
+    teacher_cfg = tiny_run_config(tmp_path / "teacher", {"name": "ast", "patch": [8, 8]}, steps=15)
     Trainer_run = run(teacher_cfg, data)
     teacher_dir = tmp_path / "teacher" / "final"
     teacher_before = adapter.load_model(teacher_dir).state_dict()
-    cfg = tiny_config(
+    cfg = tiny_run_config(
         tmp_path / "student",
         {
             "name": "flexiast",
@@ -161,7 +161,7 @@ def test_loss_identities():
 def test_cuda_bf16_autocast_training(data, tmp_path):
     """On CUDA the loop runs under bf16 autocast (varlen attention when available) and still learns."""
     recipe, sections = RECIPES["elasticast_random"]
-    cfg = tiny_config(tmp_path, recipe, steps=20, run={"device": "cuda"}, **sections)
+    cfg = tiny_run_config(tmp_path, recipe, steps=20, run={"device": "cuda"}, **sections)
     tr = Trainer(cfg, train_data=data)
     tr.setup()
     assert tr.device.type == "cuda"

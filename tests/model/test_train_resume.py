@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from flexast.model import adapter
+from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpointing import latest_step_checkpoint
 from flexast.model.train import Trainer
-from flexast.model.averaging import EMA, average_checkpoints
 from tests.factories import synthetic_clipset
-from tests.model.model_helpers import tiny_config as tiny_model_config
-from tests.model.train_helpers import tiny_config
+from tests.model.model_helpers import tiny_config
+from tests.model.train_helpers import tiny_run_config
 
 PHASES = [
     {"method": "pool", "factor": 2, "steps": 5},
@@ -22,7 +22,7 @@ PHASES = [
 
 
 def make_cfg(out):
-    return tiny_config(
+    return tiny_run_config(
         out,
         {"name": "coarse_to_fine", "patch": [8, 8], "patch_sizes": [8, 16], "phases": PHASES},
         run={"ckpt_every": 2, "keep_last": 2},
@@ -68,7 +68,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_files_load_without_pickle(tmp_path):
     data = synthetic_clipset(n_clips=12, seed=1)
-    cfg = tiny_config(tmp_path, {"name": "ast", "patch": [8, 8]}, steps=2, run={"ckpt_every": 2})
+    cfg = tiny_run_config(tmp_path, {"name": "ast", "patch": [8, 8]}, steps=2, run={"ckpt_every": 2})
     tr = Trainer(cfg, train_data=data)
     tr.setup()
     tr.train()
@@ -86,7 +86,7 @@ def test_weight_averaging_and_ema_math(tmp_path):
 
     def make(seed):
         torch.manual_seed(seed)
-        return ASTModel(tiny_model_config(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean"))
+        return ASTModel(tiny_config(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean"))
 
     models = [make(s) for s in range(3)]
     for i, m in enumerate(models):
@@ -103,14 +103,14 @@ def test_weight_averaging_and_ema_math(tmp_path):
     torch.testing.assert_close(ema.shadow[k], expected)
     with pytest.raises(ValueError, match="cannot average"):
         small = dict(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean")
-        other = ASTModel(tiny_model_config(**small, base_patch=(8, 16), tstride=16))
+        other = ASTModel(tiny_config(**small, base_patch=(8, 16), tstride=16))
         adapter.save_weights(other, tmp_path / "odd")
         average_checkpoints(target, [tmp_path / "epoch_0", tmp_path / "odd"])
 
 
 def test_epoch_checkpoints_are_averaged_at_the_end(tmp_path):
     data = synthetic_clipset(n_clips=12, seed=1)
-    cfg = tiny_config(tmp_path, {"name": "ast", "patch": [8, 8]}, steps=0, optim={"epochs": 3, "average": [2, 3]})
+    cfg = tiny_run_config(tmp_path, {"name": "ast", "patch": [8, 8]}, steps=0, optim={"epochs": 3, "average": [2, 3]})
     tr = Trainer(cfg, train_data=data, valid_data=synthetic_clipset(n_clips=6, seed=2))
     tr.setup()
     result = tr.train()

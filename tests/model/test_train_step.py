@@ -16,7 +16,7 @@ from flexast.model.config import save_config
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset, write_shard_folder
 from tests.model.sync_counter import SyncCounter
-from tests.model.train_helpers import tiny_config
+from tests.model.train_helpers import tiny_run_config
 
 RECIPES = {
     "flexiast": ({"name": "flexiast", "patch_sizes": [8, 16]}, {}),
@@ -47,7 +47,7 @@ def test_one_host_sync_per_optimizer_step(name, tmp_path, monkeypatch):
     """A step of several micro-steps reads back from the device exactly once (loss and gradient norm together):
     no read per micro-step."""
     recipe, sections = RECIPES[name]
-    cfg = tiny_config(
+    cfg = tiny_run_config(
         tmp_path, recipe, steps=4, **{**sections, "data": {"token_budget": 96}, "optim": {"grad_accum_tokens": 250}}
     )
     tr = Trainer(cfg, train_data=synthetic_clipset(n_clips=40, seed=3))
@@ -99,7 +99,7 @@ def _poison_shard(folder, key: str) -> None:
 
 
 def _stream_cfg(shards, out, **optim):
-    return tiny_config(
+    return tiny_run_config(
         out,
         {"name": "ast", "patch": [4, 4]},
         steps=30,

@@ -7,7 +7,7 @@ import torch
 
 from flexast.model.train import Trainer
 from tests.factories import write_shard_folder
-from tests.model.train_helpers import tiny_config
+from tests.model.train_helpers import tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def shards(tmp_path_factory):
 
 
 def cfg_for(shards, out):
-    return tiny_config(
+    return tiny_run_config(
         out,
         {"name": "flexiast", "patch_sizes": [4, 8]},
         steps=8,

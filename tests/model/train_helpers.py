@@ -13,7 +13,7 @@ from flexast.pipeline.resolution import TimeScale
 TINY_MODEL = {"preset": "custom", "embed_dim": 32, "depth": 2, "heads": 2, "n_mels": 32, "base_patch": [8, 8]}
 
 
-def tiny_config(out_dir, recipe: dict, steps: int = 30, **sections) -> object:
+def tiny_run_config(out_dir, recipe: dict, steps: int = 30, **sections) -> object:
     raw = {
         "run": {
             "out_dir": str(out_dir),

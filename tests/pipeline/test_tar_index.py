@@ -13,8 +13,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from flexast.pipeline.inspect import verify
 from flexast.pipeline.loader import make_stream
+from flexast.pipeline.shard_report import verify
 from flexast.pipeline.stream_config import StreamConfig
 from flexast.pipeline.tar_index import MEMBERS_SUFFIX, read_member_index
 from tests.factories import build_small_shards, write_shard_folder
