@@ -29,7 +29,7 @@ from flexast.model.heads import POOLS, ClassifierHead, build_pool, prefix_tokens
 from flexast.model.patch_embed import RESIZE_MODES, FlexiPatchEmbed
 from flexast.model.pos_embed import FactorizedPosEmbed, GridPosEmbed
 from flexast.pipeline.batch import PackedBatch, token_count
-from flexast.pipeline.errors import check_known_keys
+from flexast.pipeline.config_schema import from_mapping
 
 
 @dataclass
@@ -139,8 +139,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are reported all at once."""
-        check_known_keys(cls, d, "ModelConfig keys", ModelConfigError)
-        return cls(**d)
+        return from_mapping(cls, d, "ModelConfig keys", ModelConfigError)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

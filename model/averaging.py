@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from flexast.model import adapter
+from flexast.model.errors import CheckpointError
 
 
 class EMA:
@@ -42,7 +43,9 @@ def average_checkpoints(model: nn.Module, paths: list[Path]) -> None:
         state = adapter.read_state_dict(path)
         for k, v in state.items():
             if k in total and total[k].shape != v.shape:
-                raise ValueError(f"cannot average {path}: {k} has shape {tuple(v.shape)} vs {tuple(total[k].shape)}")
+                raise CheckpointError(
+                    f"cannot average {path}: {k} has shape {tuple(v.shape)} vs {tuple(total[k].shape)}"
+                )
             total[k] = total.get(k, 0) + v.double()
     current = model.state_dict()
     model.load_state_dict(

@@ -291,13 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point ``model COMMAND ...``; config and data errors print one message and exit 2."""
-    from flexast.model.errors import ModelError
-    from flexast.pipeline.errors import PipelineError
+    from flexast.pipeline.errors import FlexastError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args))
-    except (PipelineError, ModelError) as exc:
+    except FlexastError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

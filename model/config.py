@@ -4,9 +4,10 @@ Sections: ``run`` (where and how), ``data`` (shards, resolution, length, augment
 ``model`` (size, patch, positions, pooling), ``recipe`` (ast | flexiast | elasticast | coarse_to_fine),
 ``optim`` (optimizer, schedule, steps) and ``eval`` (what to measure while training).
 
-Loading collects every problem (unknown keys, wrong types, bad values) with its dotted key path and
-raises one :class:`ConfigError` listing them all. ``--set a.b=value`` overrides are coerced to the
-field's declared type (``optim.lr=1e-4`` becomes a float even though YAML 1.1 reads it as a string).
+Loading (through :mod:`pipeline.config_schema`, the engine every config uses) collects every problem
+(unknown keys, wrong types, bad values) with its dotted key path and raises one :class:`ConfigError`
+listing them all. ``--set a.b=value`` overrides are coerced to the field's declared type (``optim.lr=1e-4``
+becomes a float even though YAML 1.1 reads it as a string).
 
 Units: lengths in frames, frame shifts in milliseconds, learning rates per optimizer step.
 """
@@ -14,15 +15,13 @@ Units: lengths in frames, frame shifts in milliseconds, learning rates per optim
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
+from flexast.pipeline.config_schema import apply_override, build, parse_overrides, raise_all
 from flexast.pipeline.errors import ConfigError
 
 
@@ -171,92 +170,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading and coercion
-
-
-def _coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool) -> Any:
-    """``value`` converted to type ``tp``; problems are appended to ``errors`` with ``path``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-            return tp()
-        return _build(tp, value, path, errors)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path, errors, from_text)
-    if origin is Literal:
-        if value not in args:
-            errors.append(f"{path}: {value!r} is not one of {list(args)}")
-            return args[0]
-        return value
-    if origin is list:
-        if from_text and isinstance(value, str):
-            value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
-        elif from_text and value is None:  # `--set data.shifts_ms=`: the empty list
-            value = []
-        elif from_text and not isinstance(value, (list, tuple, dict)):  # `--set data.shifts_ms=10`: one element
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-            return []
-        return [_coerce(v, args[0], f"{path}[{i}]", errors, from_text) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        errors.append(f"{path}: expected true/false, got {value!r}")
-        return False
-    if tp is int:
-        if isinstance(value, bool):
-            errors.append(f"{path}: expected an integer, got {value!r}")
-            return 0
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-            if f.is_integer():
-                return int(f)
-        except (TypeError, ValueError):
-            pass
-        errors.append(f"{path}: expected an integer, got {value!r}")
-        return 0
-    if tp is float:
-        if isinstance(value, bool):
-            errors.append(f"{path}: expected a number, got {value!r}")
-            return 0.0
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            errors.append(f"{path}: expected a number, got {value!r}")
-            return 0.0
-        if not math.isfinite(number):  # nan passes every range check below; inf trains to a NaN loss
-            errors.append(f"{path}: expected a finite number, got {value!r}")
-            return 0.0
-        return number
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            errors.append(f"{path}: expected a string, got {type(value).__name__} {value!r}")
-            return ""
-        return "" if value is None else str(value)
-    return value
-
-
-def _build(cls, raw: dict, path: str, errors: list[str]):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            errors.append(f"{where}: unknown key (valid keys of {path or 'the top level'}: {sorted(names)})")
-            continue
-        kwargs[key] = _coerce(value, hints[key], where, errors, from_text=False)
-    return cls(**kwargs)
+# Loading: the one config engine (:mod:`pipeline.config_schema`) plus the run config's cross-field checks
 
 
 def _validate(cfg: Config, errors: list[str]) -> None:
@@ -308,44 +222,6 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append(f"data.pool_factors: factors must be >= 1, got {cfg.data.pool_factors!r}")
 
 
-def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
-    """``["optim.lr=1e-4", …]`` as ``[(path, text), …]``; a pair without ``=`` is a ConfigError."""
-    out, bad = [], []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            bad.append(pair)
-        else:
-            out.append((key.strip(), value.strip()))
-    if bad:
-        raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-4); got {bad}")
-    return out
-
-
-def _apply_override(cfg: Config, path: str, text: str, errors: list[str]) -> None:
-    parts = path.split(".")
-    obj = cfg
-    for i, part in enumerate(parts):
-        where = ".".join(parts[: i + 1])
-        if not dataclasses.is_dataclass(obj):
-            errors.append(f"--set {path}: {'.'.join(parts[:i])} is not a section")
-            return
-        names = {f.name for f in dataclasses.fields(obj)}
-        if part not in names:
-            errors.append(f"--set {where}: unknown key (valid keys: {sorted(names)})")
-            return
-        if i == len(parts) - 1:
-            tp = typing.get_type_hints(type(obj))[part]
-            try:
-                raw = text if tp is str else yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                errors.append(f"--set {where}: cannot parse {text!r}: {exc}")
-                return
-            setattr(obj, part, _coerce(raw, tp, where, errors, from_text=True))
-        else:
-            obj = getattr(obj, part)
-
-
 def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
     """A validated :class:`Config` from a plain mapping plus ``key=value`` overrides.
 
@@ -357,18 +233,14 @@ def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    cfg = _build(Config, raw, "", errors)
+    cfg = build(Config, raw, "", errors)
     for path, text in parse_overrides(overrides or []):
-        _apply_override(cfg, path, text, errors)
+        apply_override(cfg, path, text, errors)
     checks: list[str] = []
     _validate(cfg, checks)
     bad_keys = {e.split(":", 1)[0].removeprefix("--set ") for e in errors}  # a value already refused: say it once
     errors += [e for e in checks if e.split(":", 1)[0] not in bad_keys]
-    if len(errors) == 1:  # one problem, one line
-        raise ConfigError(f"{source}: config error: {errors[0]}")
-    if errors:
-        lines = "\n  - ".join(errors)
-        raise ConfigError(f"{source}: {len(errors)} config error(s):\n  - {lines}")
+    raise_all(errors, source)
     return cfg
 
 

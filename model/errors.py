@@ -1,13 +1,18 @@
-"""Typed errors of the model package. Every message carries the offending value: key, shape, size, name."""
+"""Typed errors of the model package. Every message carries the offending value: key, shape, size, name.
+
+They derive from :class:`pipeline.errors.FlexastError`, the root both halves raise (see there for the tree).
+"""
 
 from __future__ import annotations
 
+from flexast.pipeline.errors import ConfigError, FlexastError
 
-class ModelError(Exception):
+
+class ModelError(FlexastError):
     """Base class of every error raised on purpose by :mod:`model`."""
 
 
-class ModelConfigError(ModelError, ValueError):
+class ModelConfigError(ModelError, ConfigError):
     """A bad :class:`model.ast.ModelConfig`; the message lists every offending field at once."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexast.pipeline.errors import ConfigError
+
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean BCE-with-logits over clips and classes (``bce``), or mean cross-entropy over clips (``ce``)."""
@@ -22,7 +24,7 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> to
             target = target / target.sum(1, keepdim=True).clamp_min(1e-12)
             return torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
         return F.cross_entropy(logits, labels)
-    raise ValueError(f"unknown loss {kind!r} (expected bce or ce)")
+    raise ConfigError(f"unknown loss {kind!r} (expected bce or ce)")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from flexast.pipeline.errors import ConfigError
+
 
 def lr_at(
     step: int,
@@ -46,4 +48,4 @@ def lr_at(
             return base_lr
         k = (epoch - decay_start_epoch) // max(1, decay_every) + 1
         return max(min_lr, base_lr * decay_factor**k)
-    raise ValueError(f"unknown lr schedule {schedule!r} (expected step, cosine or constant)")
+    raise ConfigError(f"unknown lr schedule {schedule!r} (expected step, cosine or constant)")

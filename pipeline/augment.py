@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flexast.pipeline.errors import BatchError
+
 
 def normalise(x, mean: float, std: float, out: torch.Tensor | None = None):
     """AST normalisation ``(x − mean) / (2·std)``; the only copy of it (the model's predict uses it too).
@@ -96,7 +98,7 @@ def mixup(
     """
     n = len(clips)
     if labels.dim() != 2 or not labels.is_floating_point():
-        raise ValueError(f"mixup needs (N, C) float labels, got {tuple(labels.shape)} {labels.dtype}")
+        raise BatchError(f"mixup needs (N, C) float labels, got {tuple(labels.shape)} {labels.dtype}")
     out_x = list(clips)
     if n < 2 or prob <= 0:
         return out_x, labels.clone()

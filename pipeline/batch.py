@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexast.pipeline.errors import BatchError
+
 
 def token_count(n_frames, n_mels: int, patch: tuple[int, int], stride: tuple[int, int] | None = None):
     """Tokens a clip of ``n_frames`` frames and ``n_mels`` bins makes at patch ``(p_f, p_t)``.
@@ -83,20 +85,20 @@ class PackedBatch:
         self.patch = (int(self.patch[0]), int(self.patch[1]))
         n = len(self.keys)
         if self.frames.dim() != 2:
-            raise ValueError(f"PackedBatch.frames must be (ΣT, F), got shape {tuple(self.frames.shape)}")
+            raise BatchError(f"PackedBatch.frames must be (ΣT, F), got shape {tuple(self.frames.shape)}")
         if self.n_frames.shape != (n,) or self.frame_shift_ms.shape != (n,) or self.labels.shape[0] != n:
-            raise ValueError(
+            raise BatchError(
                 f"PackedBatch fields disagree on clip count: keys={n}, n_frames={tuple(self.n_frames.shape)}, "
                 f"frame_shift_ms={tuple(self.frame_shift_ms.shape)}, labels={tuple(self.labels.shape)}"
             )
         n_frames_cpu = self.n_frames.detach().to("cpu", torch.int64)
         total = int(n_frames_cpu.sum())
         if total != self.frames.shape[0]:
-            raise ValueError(f"PackedBatch: sum(n_frames)={total} but frames has {self.frames.shape[0]} rows")
+            raise BatchError(f"PackedBatch: sum(n_frames)={total} but frames has {self.frames.shape[0]} rows")
         bad = n_frames_cpu % self.patch[1]
         if bool((bad != 0).any()):
             i = int(torch.nonzero(bad)[0])
-            raise ValueError(
+            raise BatchError(
                 f"PackedBatch: clip {self.keys[i]!r} has {int(n_frames_cpu[i])} frames, "
                 f"not a multiple of p_t={self.patch[1]}; trim with trim_frames() first"
             )
@@ -108,10 +110,10 @@ class PackedBatch:
         self.max_tokens = int(tokens.max()) if n else 0
         if self.rows is not None:
             if self.row_len is None:
-                raise ValueError("PackedBatch: rows given without row_len")
+                raise BatchError("PackedBatch: rows given without row_len")
             per_row = torch.zeros(self.n_rows, dtype=torch.int64).index_add_(0, self.rows.cpu(), tokens)
             if bool((per_row > self.row_len).any()):
-                raise ValueError(f"PackedBatch: a row holds {int(per_row.max())} tokens > row_len={self.row_len}")
+                raise BatchError(f"PackedBatch: a row holds {int(per_row.max())} tokens > row_len={self.row_len}")
 
     @property
     def n_clips(self) -> int:
@@ -180,7 +182,7 @@ class PackedBatch:
         for clip, key in zip(clips, keys, strict=True):
             t = trim_frames(clip.shape[0], p_t)
             if t == 0:
-                raise ValueError(f"clip {key!r} has {clip.shape[0]} frames, fewer than one patch (p_t={p_t})")
+                raise BatchError(f"clip {key!r} has {clip.shape[0]} frames, fewer than one patch (p_t={p_t})")
             kept.append(clip[:t])
         n_frames = torch.tensor([c.shape[0] for c in kept], dtype=torch.int64)
         if frame_shift_ms is None:

@@ -211,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: ``pipeline COMMAND ...``; typed pipeline errors print one line and exit 2."""
-    from flexast.pipeline.errors import PipelineError
+    """Console-script entry point: ``pipeline COMMAND ...``; typed flexast errors print one line and exit 2."""
+    from flexast.pipeline.errors import FlexastError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args))
-    except PipelineError as exc:
+    except FlexastError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

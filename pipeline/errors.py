@@ -1,9 +1,29 @@
-"""Typed errors of the data pipeline. Every message carries the offending value: file, key, shard, shape."""
+"""Typed errors of flexast, rooted here. Every message carries the offending value: file, key, shard, shape.
+
+Hierarchy (``pipeline`` is the lower layer, so the root lives here and ``model.errors`` derives from it)::
+
+    FlexastError                  every error raised on purpose, by either half: catch this one
+    ├── ConfigError (ValueError)  a bad config value or key, any config (run, model, build, stream, fbank)
+    ├── PipelineError             the data pipeline: AudioError, ManifestError, LabelError, ShardError,
+    │                             FeatureError, BatchError (the PackedBatch seam), PackingError (the packer)
+    └── model.errors.ModelError   the model: ModelConfigError (also a ConfigError), ShapeError, ...
+
+Typed errors that replace a bare ``ValueError`` also derive from ``ValueError``, so callers that caught it
+still do.
+"""
 
 from __future__ import annotations
 
 
-class PipelineError(Exception):
+class FlexastError(Exception):
+    """Root of every error raised on purpose by flexast (:mod:`pipeline` and :mod:`model`)."""
+
+
+class ConfigError(FlexastError, ValueError):
+    """Bad options or config keys, of any config; the message lists every offending key at once."""
+
+
+class PipelineError(FlexastError):
     """Base class of every error raised on purpose by :mod:`pipeline`."""
 
 
@@ -32,19 +52,23 @@ class ShardError(PipelineError):
     """A shard that is missing, truncated or inconsistent with ``index.json``; the message names the shard."""
 
 
-class ConfigError(PipelineError):
-    """Bad options or config keys; the message lists every offending key at once."""
-
-
 class FeatureError(PipelineError):
     """Bad input to the featurizer (shapes, lengths, options)."""
 
 
-def check_known_keys(cls, given, what: str, error: type[Exception] = ConfigError) -> None:
-    """Raise ``error`` naming every key of ``given`` that is not a field of dataclass ``cls``, and the known ones."""
-    import dataclasses
+class BatchError(PipelineError, ValueError):
+    """A :class:`~pipeline.batch.PackedBatch` whose fields disagree, or a clip that cannot enter one (named)."""
 
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise error(f"unknown {what}: {unknown} (known: {known})")
+
+class PackingError(PipelineError, ValueError):
+    """Packer settings or clips the packer cannot place: budget, mode, row length, a clip over the budget."""
+
+
+def __getattr__(name: str):
+    # ``check_known_keys`` moved to :mod:`pipeline.config_schema` (the one config engine); importable from
+    # here too until every caller imports it from there.
+    if name == "check_known_keys":
+        from flexast.pipeline.config_schema import check_known_keys
+
+        return check_known_keys
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,8 @@ from functools import lru_cache
 
 import torch
 
-from flexast.pipeline.errors import ConfigError, check_known_keys
+from flexast.pipeline.config_schema import check_known_keys
+from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.units import ms_to_samples
 
 WINDOW_TYPES = ("hamming", "hanning", "povey", "rectangular", "blackman")

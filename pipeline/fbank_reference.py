@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from flexast.pipeline.errors import ConfigError, FeatureError
+
 _MS = 0.001
 
 
@@ -59,7 +61,7 @@ def _window(window_type: str, size: int, blackman_coeff: float, dtype: torch.dty
         a = 2 * math.pi / (size - 1)
         n = torch.arange(size, dtype=dtype)
         return blackman_coeff - 0.5 * torch.cos(a * n) + (0.5 - blackman_coeff) * torch.cos(2 * a * n)
-    raise ValueError(f"unknown window_type {window_type!r}")
+    raise ConfigError(f"unknown window_type {window_type!r}")
 
 
 def _log_energy(frames: torch.Tensor, eps: torch.Tensor, energy_floor: float) -> torch.Tensor:
@@ -103,7 +105,7 @@ def reference_fbank(
     size = int(sample_frequency * frame_length * _MS)
     padded = 1 << (size - 1).bit_length() if round_to_power_of_two else size
     if not 2 <= size <= waveform.numel():
-        raise ValueError(f"window of {size} samples does not fit a clip of {waveform.numel()} samples")
+        raise FeatureError(f"window of {size} samples does not fit a clip of {waveform.numel()} samples")
     if waveform.numel() < min_duration * sample_frequency:
         return torch.empty(0, dtype=dtype)
     n_frames = 1 + (waveform.numel() - size) // shift

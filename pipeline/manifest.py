@@ -210,7 +210,7 @@ def _number(value, name: str) -> float | None:
     try:
         return float(value)
     except ValueError as exc:
-        raise ValueError(f"{name}={value!r} is not a number of seconds") from exc
+        raise ManifestError(f"{name}={value!r} is not a number of seconds") from exc
 
 
 def _row_from_record(i: int, rec: dict, base: str, path_field: str = "path") -> ManifestRow | InvalidRow:
@@ -223,7 +223,7 @@ def _row_from_record(i: int, rec: dict, base: str, path_field: str = "path") -> 
     try:
         start_s = _number(rec.get("start"), "start")
         end_s = _number(rec.get("end"), "end")
-    except ValueError as exc:
+    except ManifestError as exc:
         return InvalidRow(i, source, key, str(exc))
     if (start_s is not None and start_s < 0) or (end_s is not None and end_s <= (start_s or 0.0)):
         return InvalidRow(i, source, key, f"bad segment start={start_s} end={end_s}")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flexast.pipeline.batch import token_count, trim_frames
+from flexast.pipeline.errors import PackingError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _check(token_counts: Sequence[int], cap: int, what: str) -> list[int]:
     counts = [int(t) for t in token_counts]
     for i, t in enumerate(counts):
         if t <= 0 or t > cap:
-            raise ValueError(f"clip {i} has {t} tokens; each clip needs 1..{cap} tokens ({what}); crop first")
+            raise PackingError(f"clip {i} has {t} tokens; each clip needs 1..{cap} tokens ({what}); crop first")
     return counts
 
 
@@ -90,14 +91,14 @@ def plan_packs(
         listed row by row.
     """
     if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
+        raise PackingError(f"budget must be positive, got {budget}")
     if mode == "flat":
         counts = _check(token_counts, budget, f"budget {budget}")
         return [PackStep(clips=b, tokens=sum(counts[i] for i in b)) for b in _best_fit_decreasing(counts, budget)]
     if mode != "rows":
-        raise ValueError(f"mode must be 'flat' or 'rows', got {mode!r}")
+        raise PackingError(f"mode must be 'flat' or 'rows', got {mode!r}")
     if not row_len or budget % row_len:
-        raise ValueError(f"row mode needs budget ({budget}) to be a positive multiple of row_len ({row_len})")
+        raise PackingError(f"row mode needs budget ({budget}) to be a positive multiple of row_len ({row_len})")
     counts = _check(token_counts, row_len, f"row_len {row_len}")
     rows = _best_fit_decreasing(counts, row_len)
     per_step = budget // row_len
@@ -228,7 +229,7 @@ def pack_stage(
         p_f, p_t = patch
         per_token_frames = n_mels // p_f
         if per_token_frames <= 0:
-            raise ValueError(f"patch {patch} is taller than the {n_mels} mel bins")
+            raise PackingError(f"patch {patch} is taller than the {n_mels} mel bins")
         max_frames = (cap // per_token_frames) * p_t
         counts, kept, step_stats = [], [], {"dropped_short": 0, "dropped_keys": []}
         alive = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from flexast.pipeline.errors import ConfigError
+
 MS_TO_S = 0.001  # the constant torchaudio.compliance.kaldi uses; kept so int() truncation matches it bit for bit
 
 
@@ -51,7 +53,7 @@ def shift_name(shift_ms: float) -> str:
     """
     value = float(shift_ms)
     if value <= 0 or not math.isfinite(value):
-        raise ValueError(f"frame shift must be a positive number of milliseconds, got {shift_ms!r}")
+        raise ConfigError(f"frame shift must be a positive number of milliseconds, got {shift_ms!r}")
     text = f"{value:g}"
     return "s" + text.replace(".", "p")
 
@@ -59,11 +61,11 @@ def shift_name(shift_ms: float) -> str:
 def parse_shift_name(name: str) -> float:
     """Inverse of :func:`shift_name`: 's12p5' -> 12.5."""
     if not name.startswith("s"):
-        raise ValueError(f"not a frame-shift name (expected like 's10' or 's12p5'): {name!r}")
+        raise ConfigError(f"not a frame-shift name (expected like 's10' or 's12p5'): {name!r}")
     try:
         return float(name[1:].replace("p", "."))
     except ValueError as exc:
-        raise ValueError(f"not a frame-shift name (expected like 's10' or 's12p5'): {name!r}") from exc
+        raise ConfigError(f"not a frame-shift name (expected like 's10' or 's12p5'): {name!r}") from exc
 
 
 ELASTICAST_SHIFTS_MS: tuple[float, ...] = tuple(float(s) for s in range(10, 41, 2))

@@ -10,6 +10,7 @@ import torch
 from flexast.model import adapter
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpointing import latest_step_checkpoint
+from flexast.model.errors import CheckpointError
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
 from tests.model.model_helpers import tiny_config
@@ -101,7 +102,7 @@ def test_weight_averaging_and_ema_math(tmp_path):
     k = "head.fc.weight"
     expected = 0.75 * models[0].state_dict()[k] + 0.25 * models[1].state_dict()[k]
     torch.testing.assert_close(ema.shadow[k], expected)
-    with pytest.raises(ValueError, match="cannot average"):
+    with pytest.raises(CheckpointError, match="cannot average"):
         small = dict(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean")
         other = ASTModel(tiny_config(**small, base_patch=(8, 16), tstride=16))
         adapter.save_weights(other, tmp_path / "odd")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flexast.pipeline.augment import mixup, normalise, spec_augment
+from flexast.pipeline.errors import BatchError
 from flexast.pipeline.sampling import clip_weights, label_weights, mean_clip_weight, reweight_stage
 
 
@@ -53,7 +54,7 @@ def test_mixup_mixes_features_and_labels_with_the_same_lambda():
     torch.testing.assert_close(y.sum(1), torch.ones(2))
     same, y2 = mixup(clips, labels, 10.0, 0.0, np.random.default_rng(0))
     assert all(torch.equal(a, b) for a, b in zip(same, clips, strict=True)) and torch.equal(y2, labels)
-    with pytest.raises(ValueError, match="float labels"):
+    with pytest.raises(BatchError, match="float labels"):
         mixup(clips, torch.tensor([0, 1]), 10.0, 1.0, np.random.default_rng(0))
 
 

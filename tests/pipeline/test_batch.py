@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flexast.pipeline.batch import PackedBatch, token_count, trim_frames
+from flexast.pipeline.errors import BatchError
 
 
 def test_token_count_is_the_patch_grid():
@@ -40,14 +41,14 @@ def test_rows_capacity_and_padding():
     assert b.n_rows == 2
     # 3 clips x 2 tokens = 6 tokens in 2 rows of 4.
     assert b.padding_fraction() == pytest.approx(1 - 6 / 8)
-    with pytest.raises(ValueError, match="row_len=3"):
+    with pytest.raises(BatchError, match="row_len=3"):
         PackedBatch.from_clips(clips, torch.zeros(3), ["a", "b", "c"], (16, 16), rows=[0, 0, 1], row_len=3)
 
 
 def test_errors_name_the_offending_clip():
-    with pytest.raises(ValueError, match="'short'"):
+    with pytest.raises(BatchError, match="'short'"):
         PackedBatch.from_clips([torch.randn(5, 128)], torch.zeros(1), ["short"], (16, 16))
-    with pytest.raises(ValueError, match="not a multiple of p_t=16"):
+    with pytest.raises(BatchError, match="not a multiple of p_t=16"):
         PackedBatch(
             frames=torch.randn(20, 128),
             n_frames=torch.tensor([20]),

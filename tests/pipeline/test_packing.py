@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexast.pipeline.batch import token_count, trim_frames
+from flexast.pipeline.errors import PackingError
 from flexast.pipeline.packing import PackStats, next_fit, pack_stage, plan_packs
 
 counts_strategy = st.lists(st.integers(1, 300), min_size=0, max_size=120)
@@ -49,11 +50,11 @@ def test_plan_is_deterministic_and_matches_hand_example():
 
 
 def test_plan_rejects_oversize_and_bad_modes():
-    with pytest.raises(ValueError, match="clip 1 has 11 tokens"):
+    with pytest.raises(PackingError, match="clip 1 has 11 tokens"):
         plan_packs([3, 11], 10)
-    with pytest.raises(ValueError, match="multiple of row_len"):
+    with pytest.raises(PackingError, match="multiple of row_len"):
         plan_packs([3], 10, mode="rows", row_len=4)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(PackingError, match="mode"):
         plan_packs([3], 10, mode="diagonal")
 
 
