@@ -87,11 +87,8 @@ def padded_flops(
 ) -> FlopCount:
     """FLOPs of one classic padded step: ``batch_size`` inputs of ``n_frames`` frames, overlapping strides."""
     p_f, p_t = config.base_patch
-    fs, ts = fstride or config.fstride, tstride or config.tstride
-    if (fs, ts) == (p_f, p_t):
-        per_clip = token_count(n_frames, config.n_mels, (p_f, p_t))
-    else:
-        per_clip = ((config.n_mels - p_f) // fs + 1) * ((n_frames - p_t) // ts + 1)
+    stride = (fstride or config.fstride, tstride or config.tstride)
+    per_clip = int(token_count(n_frames, config.n_mels, (p_f, p_t), stride=stride))
     return model_flops(config, [per_clip] * batch_size, (p_f, p_t), backward)
 
 

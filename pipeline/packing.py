@@ -226,11 +226,11 @@ def pack_stage(
         if not buffer:
             return
         patch = tuple(patches[int(rng.integers(len(patches)))]) if len(patches) > 1 else tuple(patches[0])
-        p_f, p_t = patch
-        per_token_frames = n_mels // p_f
-        if per_token_frames <= 0:
+        p_t = patch[1]
+        per_column = int(token_count(p_t, n_mels, patch))  # tokens of one patch column (p_t frames)
+        if per_column <= 0:
             raise PackingError(f"patch {patch} is taller than the {n_mels} mel bins")
-        max_frames = (cap // per_token_frames) * p_t
+        max_frames = (cap // per_column) * p_t
         counts, kept, step_stats = [], [], {"dropped_short": 0, "dropped_keys": []}
         alive = []
         for item in buffer:
