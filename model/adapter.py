@@ -12,22 +12,18 @@ are listed in the returned report.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from flexast.model.ast import ASTModel, ModelConfig
-from flexast.model.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
+from flexast.model.checkpoint import WEIGHTS, load_checkpoint, load_init, save_checkpoint
 from flexast.model.config import Config
 from flexast.model.data import padded_view
-from flexast.model.errors import CheckpointError
 from flexast.model.pos_embed import resize_grid, resize_table
 from flexast.pipeline.batch import PackedBatch
 
-WEIGHTS = "model.safetensors"
 POOL_NAMES = {"cls": "cls", "cls_dist": "cls_dist", "attention": "attn", "mean": "mean"}
 POS_NAMES = {"grid": "grid", "factorised": "factorized"}
 
@@ -121,18 +117,6 @@ def build_model(cfg: Config, n_classes: int, n_mels: int) -> ASTModel:
     return model
 
 
-def load_init(path: str, fmt: str) -> ASTModel:
-    """A model from our checkpoint folder/file, an official AST ``.pth`` or an HF state dict."""
-    if fmt == "flexast":
-        return load_model(path, "cpu")
-    from flexast.model import convert  # the model engineer's converters
-
-    state = load_state_dict(path)
-    if fmt == "official":
-        return convert.from_official_ast(state)
-    return convert.from_hf(state)
-
-
 def move_to_stage(model: ASTModel, stage, cfg: Config) -> ASTModel:
     """``model`` rebuilt at ``stage``'s kernel and grid (the same object when nothing changes)."""
     c = model.config
@@ -172,90 +156,13 @@ def teacher_logits(teacher: ASTModel, batch: PackedBatch, cfg: Config) -> torch.
     )
 
 
-def train_flops(model: ASTModel, batch, cfg: Config) -> float:
-    """Forward + backward FLOPs of one micro-step (3× the forward), from :mod:`model.flops` when available."""
-    try:
-        from flexast.model import flops as fl
-    except ImportError:
-        fl = None
-    if fl is not None and hasattr(fl, "train_flops"):
-        try:
-            return float(fl.train_flops(model.config, batch))
-        except TypeError:
-            pass
-    return 3.0 * forward_flops_estimate(model.config, batch)
+# Kept for callers outside issue 15's files until they move (evaluate, demo, their tests): the run folder's
+# reads and writes belong to model.run_dir, the checkpoint format's to model.checkpoint.
 
 
-def forward_flops_estimate(c: ModelConfig, batch) -> float:
-    """Fallback analytic forward FLOPs (2·MACs): patch embedding, attention per clip, MLP, head."""
-    d = c.embed_dim
-    lengths = batch.tokens.tolist()
-    p_f, p_t = batch.patch
-    total = 0.0
-    for n in lengths:
-        n_all = n + c.n_prefix
-        per_block = 2 * n_all * (4 * d * d + 2 * c.mlp_ratio * d * d) + 4 * n_all * n_all * d
-        total += 2 * n * p_f * p_t * d + c.depth * per_block + 2 * d * c.num_classes
-    return total
+def save_weights(model: ASTModel, folder: str | Path) -> Path:
+    """``folder/model.safetensors`` (+ ``.json`` config sidecar)."""
+    return save_checkpoint(model, Path(folder) / WEIGHTS)
 
 
-def save_weights(model: ASTModel, folder: str | Path, cfg: Config | None = None, extra: dict | None = None) -> Path:
-    """``folder/model.safetensors`` (+ ``.json`` config sidecar) and the run config next to it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = save_checkpoint(model, folder / WEIGHTS, extra)
-    if cfg is not None:
-        from flexast.model.config import save_config
-
-        save_config(cfg, folder / "config.yaml")
-    return path
-
-
-def weights_path(path: str | Path) -> Path:
-    """The ``model.safetensors`` inside a checkpoint folder, or the file itself."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS
-    if not path.exists():
-        raise CheckpointError(f"no model weights at {path} (expected a run's final/ folder or a .safetensors file)")
-    return path
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> ASTModel:
-    """Rebuild a model from a checkpoint folder (or ``.safetensors`` file), weights included."""
-    return load_checkpoint(weights_path(path), device)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_state_dict(weights_path(path))
-
-
-def stored_model_config(path: str | Path) -> ModelConfig:
-    return read_config(weights_path(path))
-
-
-def label_info(path: str | Path) -> dict:
-    """The ``labels.json`` saved beside a checkpoint's weights (vocabulary, label mode, training statistics),
-    or ``{}`` when there is none."""
-    folder = weights_path(path).parent
-    for candidate in (folder / "labels.json", folder.parent / "labels.json"):
-        if candidate.exists():
-            return json.loads(candidate.read_text())
-    return {}
-
-
-def label_names(path: str | Path) -> tuple[list[str], list[str]]:
-    """Class names and display names saved with a run (``labels.json`` beside the weights), or numbers."""
-    folder = weights_path(path).parent
-    for candidate in (folder / "labels.json", folder.parent / "labels.json"):
-        if candidate.exists():
-            data = json.loads(candidate.read_text())
-            return list(data["names"]), list(data.get("display_names", data["names"]))
-    n = stored_model_config(path).num_classes
-    names = [str(i) for i in range(n)]
-    return names, names
-
-
-def describe(model: ASTModel) -> dict:
-    """A small JSON-able summary of a model."""
-    return {**dataclasses.asdict(model.config), "params": model.num_params()}
+load_model = load_checkpoint

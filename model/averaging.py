@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexast.model import adapter
+from flexast.model.checkpoint import load_state_dict
 from flexast.model.errors import CheckpointError
 
 
@@ -40,7 +40,7 @@ def average_checkpoints(model: nn.Module, paths: list[Path]) -> None:
     """Load the element-wise mean of the weights saved at ``paths`` into ``model`` (shapes must agree)."""
     total: dict[str, torch.Tensor] = {}
     for path in paths:
-        state = adapter.read_state_dict(path)
+        state = load_state_dict(path)
         for k, v in state.items():
             if k in total and total[k].shape != v.shape:
                 raise CheckpointError(

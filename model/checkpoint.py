@@ -5,6 +5,9 @@ Layout of ``PATH.safetensors``:
     metadata  ``{"format": "flexast", "format_version": "1", "model_config": <ModelConfig JSON>, ...extra}``
 and ``PATH.json`` beside it holds the same config (and extra) for people and tools.
 
+Every reader takes the file itself or a checkpoint folder holding ``model.safetensors`` (a run's
+``final/``, ``ema/``, ``checkpoints/step_*``; the rest of such a folder belongs to :mod:`model.run_dir`).
+
 Loading executes no code: safetensors is a plain tensor container and the config is JSON. Foreign files
 (``.pth``/``.pt``/``.bin``) are read by :func:`load_state_dict` with ``torch.load(weights_only=True)``.
 """
@@ -21,6 +24,21 @@ from flexast.model.errors import CheckpointError
 
 FORMAT = "flexast"
 FORMAT_VERSION = "1"
+WEIGHTS = "model.safetensors"  # the file's name inside a checkpoint folder
+
+
+def weights_path(path: str | Path) -> Path:
+    """The ``model.safetensors`` inside a checkpoint folder, or the file itself.
+
+    Raises:
+        CheckpointError: naming the path, when there is nothing there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a run's final/ folder or a weights file)")
+    return path
 
 
 def save_checkpoint(model: ASTModel, path: str | Path, extra: dict[str, str] | None = None) -> Path:
@@ -57,9 +75,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of one of our checkpoints (config JSON included), without reading tensors."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = weights_path(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -76,6 +92,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> AST
     """Rebuild the model from its stored config and load its weights (strict), on ``device``."""
     from safetensors.torch import load_file
 
+    path = weights_path(path)
     config = read_config(path)
     model = ASTModel(config)
     state = load_file(str(path), device="cpu")
@@ -90,9 +107,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"weights file not found: {path}")
+    path = weights_path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -104,3 +119,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def load_init(path: str | Path, fmt: str) -> ASTModel:
+    """A model to initialise from: our checkpoint (``flexast``), an official AST ``.pth`` or an HF state dict."""
+    if fmt == "flexast":
+        return load_checkpoint(path, "cpu")
+    from flexast.model import convert
+
+    state = load_state_dict(path)
+    if fmt == "official":
+        return convert.from_official_ast(state)
+    return convert.from_hf(state)

@@ -31,6 +31,7 @@ from flexast.model import adapter
 from flexast.model.config import Config
 from flexast.model.data import eval_config, norm_table, open_data, shifts_of
 from flexast.model.metrics import chance_metrics, classification_metrics
+from flexast.model.run_dir import read_labels
 from flexast.pipeline.datasource import Source
 from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
@@ -296,7 +297,7 @@ def run_eval(
     if len(names) != len(checkpoints):
         raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
     models = {n: adapter.load_model(c, dev) for n, c in zip(names, checkpoints, strict=True)}
-    infos = {n: adapter.label_info(c) for n, c in zip(names, checkpoints, strict=True)}
+    infos = {n: read_labels(c) for n, c in zip(names, checkpoints, strict=True)}
     rows = eval_grid(models, source, spec, dev, infos=infos)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexast.model import adapter
+from flexast.model.checkpoint import load_checkpoint
 from flexast.model.data import norm_from_info
+from flexast.model.run_dir import read_labels
 from flexast.pipeline.augment import normalise
 from flexast.pipeline.batch import PackedBatch, trim_frames
 from flexast.pipeline.errors import PipelineError
@@ -61,9 +62,11 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = adapter.load_model(checkpoint, self.device).eval()
-        self.names, self.display = adapter.label_names(checkpoint)
-        self.info = adapter.label_info(checkpoint)
+        self.model = load_checkpoint(checkpoint, self.device).eval()
+        self.info = read_labels(checkpoint)
+        numbers = [str(i) for i in range(self.model.config.num_classes)]  # a checkpoint saved without labels
+        self.names = list(self.info.get("names", numbers))
+        self.display = list(self.info.get("display_names", self.names))
         self.single = self.info.get("labels", "multi") == "single"
 
     def _norm(self, shift_ms: float) -> tuple[float, float]:

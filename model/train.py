@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -26,18 +25,14 @@ import torch.distributed as dist
 from flexast.model import adapter
 from flexast.model import step as step_io
 from flexast.model.averaging import EMA, average_checkpoints
-from flexast.model.checkpointing import (
-    TrainState,
-    latest_step_checkpoint,
-    load_train_extra,
-    load_train_state,
-    save_train_state,
-)
-from flexast.model.config import Config, save_config
+from flexast.model.checkpoint import load_checkpoint
+from flexast.model.config import Config
 from flexast.model.data import open_data, shifts_of, stream_config, training_stats
 from flexast.model.evaluate import evaluate_source
+from flexast.model.flops import train_flops
 from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.recipes import Stage, plan_stages
+from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
 from flexast.model.schedule import lr_at
 from flexast.pipeline.datasource import Source, label_map
 from flexast.pipeline.errors import ConfigError
@@ -69,7 +64,7 @@ class Trainer:
     ):
         self.cfg, self.resume = cfg, resume
         self.train_data, self.valid_data = train_data, valid_data
-        self.out = Path(cfg.run.out_dir)
+        self.run = RunDir(cfg.run.out_dir)
         self.log_file = None
         self.tb = None
         self.flops_spent = 0.0
@@ -116,23 +111,22 @@ class Trainer:
         self.model = adapter.build_model(cfg, self.n_classes, n_mels).to(self.device)
         self.teacher = None
         if cfg.recipe.kd.teacher:
-            self.teacher = adapter.load_model(cfg.recipe.kd.teacher, self.device)
+            self.teacher = load_checkpoint(cfg.recipe.kd.teacher, self.device)
             self.teacher.eval().requires_grad_(False)
         self.state = TrainState()
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-        ckpt = latest_step_checkpoint(self.out / "checkpoints") if self.resume else None
+            self.run.create(cfg)
+        ckpt = self.run.latest_step() if self.resume else None
         if self.resume and ckpt is None and self.is_main:
-            print(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from scratch")
+            print(f"--resume: no checkpoint under {self.run.checkpoints}; starting from scratch")
         self._enter_stage(0 if ckpt is None else None, ckpt)
         if self.is_main:
-            self.log_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in cleanup()
+            self.log_file = open(self.run.metrics, "a")  # noqa: SIM115 - closed in cleanup()
             if cfg.run.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
-                    self.tb = SummaryWriter(str(self.out / "tb"))
+                    self.tb = SummaryWriter(str(self.run.tensorboard))
                 except ImportError:
                     self.tb = None
 
@@ -173,7 +167,7 @@ class Trainer:
         stage = self.stages[index]
         self.state.stage = index
         if ckpt is not None:  # the checkpoint's model config carries the stage's geometry
-            self.model = adapter.load_model(ckpt, self.device)
+            self.model = load_checkpoint(ckpt, self.device)
         else:  # kernel and positions interpolated to this stage's grid
             self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
         self.loader = self._make_loader(stage)
@@ -210,7 +204,7 @@ class Trainer:
             self.optimizer.load_state_dict(ts["optimizer"])
             if self.ema is not None and "ema" in ts:
                 self.ema.load_state_dict(ts["ema"])
-            self.state.restore_rng(ts, self.device)
+            restore_rng(ts, self.device)
             self.flops_spent, self.tokens_seen = self.state.flops, self.state.tokens
 
     # ---- one update -----------------------------------------------------------------------------
@@ -275,7 +269,7 @@ class Trainer:
             ddp_synced = last and g_skip == 0
             if batch is not None:
                 self._shadow = batch
-                self.flops_spent += adapter.train_flops(self.model, batch, self.cfg) * self.world
+                self.flops_spent += float(train_flops(self.model.config, batch)) * self.world
                 if not self.cfg.data.pad_to:
                     fill.append(tokens / (self.cfg.data.token_budget or tokens))
             if run is not None:
@@ -382,7 +376,7 @@ class Trainer:
                 bar = None
             done = self._last_eval[1] if self._last_eval[0] == self.state.step else self._evaluate(stage)
             last_metrics = done or last_metrics
-            self._save_weights(self.out / f"stage{self.state.stage + 1}")
+            self._save_weights(self.run.stage(self.state.stage))
             if self.state.stage + 1 < len(self.stages):
                 self.state.stage += 1
                 self.state.stage_step = 0
@@ -399,7 +393,7 @@ class Trainer:
         self.state.epoch += 1
         self.state.loader = self._loader_state()
         if self.is_main:
-            self._save_weights(self.out / "checkpoints" / f"epoch_{self.state.epoch:04d}")
+            self._save_weights(self.run.epoch(self.state.epoch))
         if not self.cfg.eval.every:
             self._evaluate(stage)
 
@@ -442,14 +436,14 @@ class Trainer:
 
     def _save_weights(self, path: Path) -> None:
         if self.is_main:
-            adapter.save_weights(self.model, path, self.cfg)
-            self._write_labels(path)
+            self.run.save_weights(path, self.model, self.cfg, self._labels())
 
-    def _write_labels(self, folder: Path) -> None:
+    def _labels(self) -> dict:
+        """What ``labels.json`` records: class names and the feature recipe of the training data."""
         index = self.train_data.index
         labels = index.get("labels", {})
         build = index.get("config", {})
-        info = {
+        return {
             "names": self.vocab,
             "display_names": list(labels.get("display_names", self.vocab)),
             "labels": self.cfg.data.labels,
@@ -458,7 +452,6 @@ class Trainer:
             "features": dict(build.get("features", {})),
             "sample_rate": int(index.get("sample_rate", build.get("sample_rate", 16000))),
         }
-        (folder / "labels.json").write_text(json.dumps(info, indent=1))
 
     def save_checkpoint(self) -> Path | None:
         """Atomic full-state checkpoint ``checkpoints/step_XXXXXXXX`` (model, optimizer, loader, RNG, step, stage)."""
@@ -470,14 +463,8 @@ class Trainer:
         extra = {"optimizer": self.optimizer.state_dict()}
         if self.ema is not None:
             extra["ema"] = self.ema.state_dict()
-        path = save_train_state(
-            self.out / "checkpoints",
-            self.state,
-            extra,
-            lambda tmp: (adapter.save_weights(self.model, tmp, self.cfg), self._write_labels(tmp)),
-            self.cfg,
-            self.device,
-            keep_last=self.cfg.run.keep_last,
+        path = self.run.save_step(
+            self.state, self.model, self.cfg, self._labels(), extra, self.device, keep_last=self.cfg.run.keep_last
         )
         if self.world > 1:
             dist.barrier()
@@ -487,24 +474,22 @@ class Trainer:
         wall = time.perf_counter() - self.wall_start
         result = {"steps": self.state.step, "wall_s": wall, "flops": self.flops_spent, "valid": metrics}
         if self.is_main:
-            self._save_weights(self.out / "final")
+            self._save_weights(self.run.final)
             o = self.cfg.optim
             if self.ema is not None:
                 self.ema.copy_to(self.model)
-                self._save_weights(self.out / "ema")
+                self._save_weights(self.run.ema)
                 result["valid_ema"] = self._evaluate(self.stages[-1])
             if o.average:
-                a, b = o.average
-                paths = [self.out / "checkpoints" / f"epoch_{e:04d}" for e in range(a, b + 1)]
-                paths = [p for p in paths if p.exists()]
+                paths = self.run.epochs(*o.average)
                 if paths:
                     average_checkpoints(self.model, paths)
-                    self._save_weights(self.out / "averaged")
+                    self._save_weights(self.run.averaged)
                     result["valid_averaged"] = self._evaluate(self.stages[-1])
             from flexast.model.report import write_train_report
 
-            write_train_report(self.out / "report.md", self.cfg, result, self.history)
-            (self.out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+            write_train_report(self.run.report, self.cfg, result, self.history)
+            self.run.write_result(result)
         return result
 
     def cleanup(self) -> None:
@@ -540,4 +525,4 @@ def train(cfg: Config, resume: bool = False, **data) -> dict:
 
 def remove_run(out_dir: str | Path) -> None:
     """Delete a run folder (used by the demo to start clean)."""
-    shutil.rmtree(out_dir, ignore_errors=True)
+    RunDir(out_dir).remove()

@@ -135,8 +135,8 @@ def test_poisoned_train_state_names_the_file(tmp_path, capsys):
     import torch
     import yaml
 
-    from flexast.model.checkpointing import latest_step_checkpoint
     from flexast.model.cli import main
+    from flexast.model.run_dir import RunDir
     from tests.factories import build_small_shards
     from tests.model.train_helpers import TINY_MODEL
 
@@ -152,7 +152,7 @@ def test_poisoned_train_state_names_the_file(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(path)]) == 0
-    ckpt = latest_step_checkpoint(out / "checkpoints")
+    ckpt = RunDir(out).latest_step()
     poisoned = ckpt / "train_state.pt"
     torch.save({"optimizer": Payload()}, poisoned)
     before = poisoned.read_bytes()

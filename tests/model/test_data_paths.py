@@ -17,6 +17,7 @@ from flexast.model.ast import ASTModel
 from flexast.model.data import norm_table, open_data, shifts_of
 from flexast.model.evaluate import GridSpec, run_eval, score_source
 from flexast.model.predict import Predictor
+from flexast.model.run_dir import read_labels
 from flexast.model.train import Trainer
 from flexast.pipeline.datasource import MemorySource
 from flexast.pipeline.errors import ConfigError
@@ -147,7 +148,7 @@ def test_a_zarr_only_build_trains_evaluates_and_predicts_alike(zarr_only, tmp_pa
     ev = run_eval([str(final)], report.out, tmp_path / "ev", GridSpec(patch_sizes=(16,)))
     assert [r["n_clips"] for r in ev["rows"]] == [6]
     # The same clip gets the same scores from eval (shards, float16) and predict (audio, float32).
-    info = adapter.label_info(final)
+    info = read_labels(final)
     source = open_data(report.out, "--data", "stream")
     model = adapter.load_model(final)
     scored = score_source(model, source, patch=(16, 16), max_frames=10**4, vocab=info["names"], single=True,

@@ -19,6 +19,7 @@ from flexast.model.cli import main
 from flexast.model.errors import CheckpointError, ConversionError
 from flexast.model.import_weights import import_checkpoint
 from flexast.model.predict import Predictor
+from flexast.model.run_dir import read_labels
 from tests.factories import write_audio, write_shard_folder
 from tests.model.model_helpers import tiny_config
 from tests.model.test_convert import _V4_TO_V5, _V5_TO_V4, _rename
@@ -98,7 +99,7 @@ def test_imported_folder_works_as_init_for_predict_and_for_eval(hf_folder, tmp_p
 
     shards = tmp_path / "shards"
     index = write_shard_folder(shards, n_shards=1, per_shard=4, shifts_ms=(10.0,), n_mels=32, n_classes=3, split="eval")
-    index["labels"]["names"] = adapter.label_names(out)[0]  # held-out labels are matched to the model's by name
+    index["labels"]["names"] = read_labels(out)["names"]  # held-out labels are matched to the model's by name
     (shards / "index.json").write_text(json.dumps(index))
     args = ["eval", "--checkpoint", str(out), "--data", str(shards), "--out", str(tmp_path / "eval")]
     code = main([*args, "--patches", "8", "--max-frames", "64"])

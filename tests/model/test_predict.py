@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexast.model import adapter
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import save_checkpoint
 from flexast.model.cli import main
 from flexast.model.predict import Predictor, format_table
 from tests.factories import write_audio
@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = ASTModel(tiny_config(num_classes=3, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
     folder = root / "final"
-    adapter.save_weights(model, folder)
+    save_checkpoint(model, folder / "model.safetensors")
     info = {
         "names": ["/m/a", "/m/b", "/m/c"],
         "display_names": ["Alpha", "Beta", "Gamma"],

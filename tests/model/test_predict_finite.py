@@ -8,8 +8,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from flexast.model import adapter
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import save_checkpoint
 from flexast.model.cli import main
 from tests.factories import tone_array, write_audio
 from tests.model.model_helpers import tiny_config
@@ -20,7 +20,7 @@ def refuse(name):
 
 
 def save(model, folder):
-    adapter.save_weights(model, folder)
+    save_checkpoint(model, folder / "model.safetensors")
     info = {"names": ["a", "b"], "display_names": ["A", "B"], "labels": "single", "stats": {"10.0": [-6.0, 4.0]}}
     (folder / "labels.json").write_text(json.dumps({**info, "norm": [], "features": {}, "sample_rate": 16000}))
     return folder

@@ -9,6 +9,7 @@ import torch
 
 from flexast.model import adapter
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import load_checkpoint
 from flexast.model.losses import kd_loss, supervised_loss
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
@@ -124,7 +125,7 @@ def test_kd_with_a_frozen_teacher(data, tmp_path):
     teacher_cfg = tiny_run_config(tmp_path / "teacher", {"name": "ast", "patch": [8, 8]}, steps=15)
     Trainer_run = run(teacher_cfg, data)
     teacher_dir = tmp_path / "teacher" / "final"
-    teacher_before = adapter.load_model(teacher_dir).state_dict()
+    teacher_before = load_checkpoint(teacher_dir).state_dict()
     cfg = tiny_run_config(
         tmp_path / "student",
         {

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from flexast.model import adapter
 from flexast.model.averaging import EMA, average_checkpoints
-from flexast.model.checkpointing import latest_step_checkpoint
+from flexast.model.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from flexast.model.errors import CheckpointError
+from flexast.model.run_dir import RunDir
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
 from tests.model.model_helpers import tiny_config
@@ -45,7 +45,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     part.setup()
     assert part.train(stop_after=9) == {"stopped_at": 9}  # step 9 is lost with the kill
     part.cleanup()
-    ckpt = latest_step_checkpoint(tmp_path / "part" / "checkpoints")
+    ckpt = RunDir(tmp_path / "part").latest_step()
     assert ckpt.name == "step_00000008"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["stage"] == 1 and state["stage_step"] == 3
@@ -74,10 +74,10 @@ def test_checkpoint_files_load_without_pickle(tmp_path):
     tr.setup()
     tr.train()
     tr.cleanup()
-    ckpt = latest_step_checkpoint(tmp_path / "checkpoints")
+    ckpt = RunDir(tmp_path).latest_step()
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert {"optimizer", "torch_rng"} <= set(state)
-    model = adapter.load_model(ckpt)
+    model = load_checkpoint(ckpt)
     assert (ckpt / "config.yaml").exists() and (ckpt / "labels.json").exists()
     torch.testing.assert_close(model.state_dict(), tr.model.state_dict())
 
@@ -91,7 +91,7 @@ def test_weight_averaging_and_ema_math(tmp_path):
 
     models = [make(s) for s in range(3)]
     for i, m in enumerate(models):
-        adapter.save_weights(m, tmp_path / f"epoch_{i}")
+        save_checkpoint(m, tmp_path / f"epoch_{i}" / "model.safetensors")
     target = make(9)
     average_checkpoints(target, [tmp_path / f"epoch_{i}" for i in range(3)])
     for k, v in target.state_dict().items():
@@ -105,7 +105,7 @@ def test_weight_averaging_and_ema_math(tmp_path):
     with pytest.raises(CheckpointError, match="cannot average"):
         small = dict(num_classes=3, n_mels=16, max_frames=32, embed_dim=8, depth=1, pool="mean")
         other = ASTModel(tiny_config(**small, base_patch=(8, 16), tstride=16))
-        adapter.save_weights(other, tmp_path / "odd")
+        save_checkpoint(other, tmp_path / "odd" / "model.safetensors")
         average_checkpoints(target, [tmp_path / "epoch_0", tmp_path / "odd"])
 
 
@@ -121,12 +121,12 @@ def test_epoch_checkpoints_are_averaged_at_the_end(tmp_path):
     assert "valid_averaged" in result and (tmp_path / "averaged" / "model.safetensors").exists()
     expected = {
         k: (
-            adapter.read_state_dict(tmp_path / "checkpoints" / "epoch_0002")[k].double()
-            + adapter.read_state_dict(tmp_path / "checkpoints" / "epoch_0003")[k].double()
+            load_state_dict(tmp_path / "checkpoints" / "epoch_0002")[k].double()
+            + load_state_dict(tmp_path / "checkpoints" / "epoch_0003")[k].double()
         )
         / 2
         for k in ("head.fc.weight", "patch_embed.proj.weight")
     }
-    averaged = adapter.read_state_dict(tmp_path / "averaged")
+    averaged = load_state_dict(tmp_path / "averaged")
     for k, v in expected.items():
         torch.testing.assert_close(averaged[k].double(), v, rtol=1e-6, atol=1e-7)
