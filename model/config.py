@@ -78,18 +78,23 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Encoder size and the flexible parts (patch, positions, pooling)."""
+class ModelSection:
+    """The ``model`` section: a preset plus the :class:`model.ast.ModelConfig` fields a run chooses, by their names.
 
-    preset: str = "tiny"  # tiny | small | base | custom (then embed_dim/depth/heads are used)
+    The other ModelConfig fields follow from the rest of the run: ``num_classes`` and ``n_mels`` from the
+    training data, ``max_frames`` from ``data``, the kernel from the recipe (``base_patch`` for flexiast,
+    ``recipe.patch`` otherwise), ``patch_resize`` / ``resize_axes`` from ``recipe``, ``attention`` from ``run``.
+    """
+
+    preset: str = "tiny"  # tiny | small | base | custom (then embed_dim/depth/num_heads are used)
     embed_dim: int = 0  # 0 = preset value
     depth: int = 0
-    heads: int = 0
+    num_heads: int = 0
     mlp_ratio: float = 4.0
     n_mels: int = 128
     base_patch: list[int] = field(default_factory=lambda: [16, 16])  # (p_f, p_t) of the stored kernel
-    pos: Literal["grid", "factorised"] = "grid"
-    pool: Literal["cls", "cls_dist", "attention", "mean"] = "cls"
+    pos_embed: Literal["grid", "factorized"] = "grid"  # AST 2D table, or ElasticAST's freq + time tables
+    pool: Literal["cls", "cls_dist", "attn", "mean"] = "cls"  # attn: ElasticAST's attention pooling
     token_dropout: float = 0.0  # fraction of tokens dropped per clip in training (ElasticAST: 0.1)
     drop_path: float = 0.0
     fstride: int = 0  # padded AST input: overlap strides (0 = patch size, no overlap; AST: 10)
@@ -163,7 +168,7 @@ class EvalConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -147,3 +147,21 @@ class FlexiPatchEmbed(nn.Module):
             raise ShapeError(f"input of shape {tuple(x.shape)} is smaller than one patch {patch}")
         w = self.kernel(patch)
         return F.conv2d(x.to(w.dtype), w, self.proj.bias, stride=tuple(stride))
+
+
+@torch.no_grad()
+def resample_patch_embed(embed: FlexiPatchEmbed, patch: tuple[int, int], method: str = "pi") -> torch.Tensor:
+    """``embed``'s kernel resized to ``patch`` by ``method`` (``pi`` or ``bilinear``), whatever its own mode.
+
+    The weight of a layer at another native patch size (a coarse-to-fine phase, initialisation from a
+    checkpoint of another geometry), as timm's ``resample_patch_embed`` beside its layer.
+
+    Returns:
+        A new ``(D, 1, p_f, p_t)`` tensor.
+    """
+    saved = embed.resize
+    embed.resize = method
+    try:
+        return embed.kernel(tuple(patch)).detach().clone()  # (D, 1, p_f, p_t)
+    finally:
+        embed.resize = saved

@@ -147,3 +147,16 @@ class FactorizedPosEmbed(nn.Module):
             return freq[:, None] + resize_table(self.time, w)[None]  # (Hf, w, D)
 
         return _packed_lookup(seg, hf, w_full, table_at)
+
+
+@torch.no_grad()
+def resample_grid_pos_embed(src: GridPosEmbed, dst: GridPosEmbed) -> torch.Tensor:
+    """``src``'s table resized bilinearly to ``dst``'s grid: a new ``weight`` ``(1, P + H'·W', D)`` for ``dst``.
+
+    The prefix rows are ``src``'s when both have the same number of prefix tokens, else ``dst``'s own. (The
+    factorised tables resize with :func:`resize_table`.) As timm's ``resample_abs_pos_embed`` beside its layer.
+    """
+    n_pre = dst.n_prefix
+    grid = resize_grid(src.table(), dst.grid).flatten(1).T  # (H'·W', D)
+    prefix = src.weight[0, :n_pre] if src.n_prefix == n_pre else dst.weight[0, :n_pre]  # (P, D)
+    return torch.cat([prefix, grid], 0)[None]  # (1, P + H'·W', D)

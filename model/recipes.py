@@ -3,7 +3,8 @@
 A *stage* fixes the patch sizes drawn per step, the per-clip resolutions, the length cap, whether a
 teacher is distilled, and the stage length. ``ast``, ``flexiast`` and ``elasticast`` are one stage;
 ``coarse_to_fine`` is one stage per phase. Between stages the trainer moves the weights to the new
-token grid (:func:`model.transfer.move_to_stage`) and resets the optimizer and lr schedule, as the
+token grid (:func:`move_to_stage`: a model for the stage's :func:`model_config`, the weights copied over by
+:func:`transfer`, each layer resizing its own) and resets the optimizer and lr schedule, as the
 coarse-to-fine paper does.
 
 Units: frames at the clip's own resolution; frame shifts in ms; R the temporal compression factor.
@@ -22,8 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.checkpoint import load_init
 from flexast.model.config import Config, PhaseConfig
 from flexast.model.data import resolutions_from
+from flexast.model.patch_embed import resample_patch_embed
+from flexast.model.pos_embed import resample_grid_pos_embed, resize_table
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.resolution import TimeScale
 
@@ -116,3 +123,99 @@ def plan_stages(cfg: Config, stored_shifts: list[float]) -> list[Stage]:
                 st.kernel = tuple(int(v) for v in cfg.recipe.patch)
         return stages
     raise ConfigError(f"recipe.name: unknown recipe {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model at each stage's geometry
+
+
+def stage_kernel(cfg: Config, stage=None) -> tuple[int, int]:
+    """Native kernel size: the stage's (coarse-to-fine), the fixed patch (ast/elasticast) or the base (flexiast)."""
+    if stage is not None and stage.kernel is not None:
+        return tuple(stage.kernel)
+    kind = stage.kind if stage is not None else cfg.recipe.name
+    if kind == "flexiast":
+        return tuple(int(v) for v in cfg.model.base_patch)
+    return tuple(int(v) for v in cfg.recipe.patch)
+
+
+def model_config(cfg: Config, n_classes: int, n_mels: int, stage=None) -> ModelConfig:
+    """The :class:`ModelConfig` of a run (at a stage's geometry when given)."""
+    m = cfg.model
+    kernel = stage_kernel(cfg, stage)
+    max_frames = stage.max_frames if stage is not None else cfg.data.max_frames
+    if cfg.data.pad_to:
+        max_frames = cfg.data.pad_to
+    over = {
+        "num_classes": n_classes,
+        "n_mels": n_mels,
+        "max_frames": max_frames,
+        "mlp_ratio": m.mlp_ratio,
+        "base_patch": kernel,
+        "fstride": m.fstride or kernel[0],
+        "tstride": m.tstride or kernel[1],
+        "patch_resize": cfg.recipe.resize,
+        "resize_axes": "time" if cfg.recipe.time_only else "both",
+        "pos_embed": m.pos_embed,
+        "pool": m.pool,
+        "drop_path": m.drop_path,
+        "token_dropout": m.token_dropout,
+        "attention": cfg.run.attention,
+    }
+    if m.preset == "custom":
+        return ModelConfig(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, **over)
+    extra = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth), ("num_heads", m.num_heads)) if v}
+    return ModelConfig.preset(m.preset, **over, **extra)
+
+
+@torch.no_grad()
+def transfer(src: ASTModel, dst: ASTModel, method: str = "pi") -> list[str]:
+    """Copy ``src``'s weights into ``dst``, resizing the patch kernel and positional tables to ``dst``'s grid.
+
+    Each layer resizes its own weight (:func:`model.patch_embed.resample_patch_embed`,
+    :func:`model.pos_embed.resample_grid_pos_embed`, :func:`model.pos_embed.resize_table`).
+
+    Returns:
+        Names of ``dst`` tensors left at their initialisation (no counterpart of a relatable shape).
+    """
+    src_state = src.state_dict()
+    out = dst.state_dict()
+    skipped = []
+    for name, value in out.items():
+        old = src_state.get(name)
+        if old is None:
+            skipped.append(name)
+        elif old.shape == value.shape:
+            out[name] = old.clone()
+        elif name == "patch_embed.proj.weight":
+            out[name] = resample_patch_embed(src.patch_embed, tuple(value.shape[-2:]), method)  # (D, 1, p_f, p_t)
+        elif name == "pos_embed.weight":
+            out[name] = resample_grid_pos_embed(src.pos_embed, dst.pos_embed)  # (1, P + H'·W', D)
+        elif name in ("pos_embed.freq", "pos_embed.time"):
+            out[name] = resize_table(old, value.shape[0])  # (n, D)
+        else:
+            skipped.append(name)
+    dst.load_state_dict(out)
+    return skipped
+
+
+def build_model(cfg: Config, n_classes: int, n_mels: int) -> ASTModel:
+    """A fresh model for ``cfg``, initialised from ``model.init`` when given (resized to this geometry)."""
+    model = ASTModel(model_config(cfg, n_classes, n_mels))
+    if cfg.model.init:
+        src = load_init(cfg.model.init, cfg.model.init_format)
+        skipped = transfer(src, model, cfg.recipe.resize)
+        if skipped:
+            print(f"init from {cfg.model.init}: kept fresh {skipped}")
+    return model
+
+
+def move_to_stage(model: ASTModel, stage, cfg: Config) -> ASTModel:
+    """``model`` rebuilt at ``stage``'s kernel and grid (the same object when nothing changes)."""
+    c = model.config
+    new = model_config(cfg, c.num_classes, c.n_mels, stage)
+    if (new.base_patch, new.max_frames, new.fstride, new.tstride) == (c.base_patch, c.max_frames, c.fstride, c.tstride):
+        return model
+    dst = ASTModel(new).to(next(model.parameters()).device)
+    transfer(model, dst, stage.transfer)
+    return dst

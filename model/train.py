@@ -31,7 +31,7 @@ from flexast.model.data import open_data, shifts_of, stream_config, training_sta
 from flexast.model.evaluate import evaluate_source
 from flexast.model.flops import train_flops
 from flexast.model.losses import kd_loss, supervised_loss
-from flexast.model.recipes import Stage, plan_stages
+from flexast.model.recipes import Stage, build_model, move_to_stage, plan_stages
 from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
 from flexast.model.schedule import lr_at
 from flexast.pipeline.datasource import Source, label_map
@@ -108,7 +108,7 @@ class Trainer:
             raise ConfigError(f"data.train={self.train_data.spec!r}: no statistics in its index.json; set data.norm")
         self.stages = plan_stages(cfg, shifts_of(self.train_data))
         n_mels = int(self.train_data.index.get("n_mels", cfg.model.n_mels))
-        self.model = adapter.build_model(cfg, self.n_classes, n_mels).to(self.device)
+        self.model = build_model(cfg, self.n_classes, n_mels).to(self.device)
         self.teacher = None
         if cfg.recipe.kd.teacher:
             self.teacher = load_checkpoint(cfg.recipe.kd.teacher, self.device)
@@ -169,7 +169,7 @@ class Trainer:
         if ckpt is not None:  # the checkpoint's model config carries the stage's geometry
             self.model = load_checkpoint(ckpt, self.device)
         else:  # kernel and positions interpolated to this stage's grid
-            self.model = adapter.move_to_stage(self.model, stage, self.cfg).to(self.device)
+            self.model = move_to_stage(self.model, stage, self.cfg).to(self.device)
         self.loader = self._make_loader(stage)
         first_epoch = self.state.epoch
         self._shadow = None  # a batch of this stage's geometry (model.step)

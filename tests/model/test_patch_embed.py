@@ -131,3 +131,16 @@ def test_overlapping_stride_shape():
     pe = _embed(base=(16, 16))
     out = pe(torch.randn(2, 1, 128, 1024, dtype=torch.float64), stride=(10, 10))
     assert out.shape == (2, 6, 12, 101)
+
+
+def test_resample_patch_embed_uses_the_asked_method_and_keeps_the_layer_mode():
+    from flexast.model.patch_embed import resample_patch_embed
+
+    pe = _embed(base=(8, 8), resize="none")
+    w = pe.proj.weight.detach().clone()  # (D, 1, 8, 8)
+    bil = resample_patch_embed(pe, (12, 4), "bilinear")
+    torch.testing.assert_close(bil, F.interpolate(w, size=(12, 4), mode="bilinear", align_corners=False))
+    pi = resample_patch_embed(pe, (16, 16), "pi")
+    expect = (w.reshape(w.shape[0], -1) @ pi_resize_matrix((8, 8), (16, 16)).T.to(w.dtype)).view(-1, 1, 16, 16)
+    torch.testing.assert_close(pi, expect)
+    assert pe.resize == "none" and not pi.requires_grad

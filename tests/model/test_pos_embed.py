@@ -39,3 +39,18 @@ def test_factorized_lookup_interpolates_long_clips():
     time9 = torch.nn.functional.interpolate(pe.time.T[None], size=9, mode="linear", align_corners=False)[0].T
     j = torch.arange(18)
     torch.testing.assert_close(out[6:], pe.freq[j % 2] + time9[j // 2])
+
+
+def test_resample_grid_pos_embed_keeps_matching_prefix_rows():
+    from flexast.model.pos_embed import resample_grid_pos_embed
+
+    torch.manual_seed(0)
+    src, same_prefix, other_prefix = GridPosEmbed(4, (3, 5), 2), GridPosEmbed(4, (6, 2), 2), GridPosEmbed(4, (6, 2), 1)
+    grid = src.weight[0, 2:].T.reshape(4, 3, 5)  # (D, H, W): frequency-major rows
+    expect = torch.nn.functional.interpolate(grid[None], size=(6, 2), mode="bilinear", align_corners=False)[0]
+    out = resample_grid_pos_embed(src, same_prefix)
+    assert out.shape == same_prefix.weight.shape == (1, 2 + 12, 4)
+    torch.testing.assert_close(out[0, 2:], expect.flatten(1).T)
+    torch.testing.assert_close(out[0, :2], src.weight[0, :2].detach())
+    out = resample_grid_pos_embed(src, other_prefix)  # [CLS] only: the destination keeps its own prefix row
+    torch.testing.assert_close(out[0, :1], other_prefix.weight[0, :1].detach())

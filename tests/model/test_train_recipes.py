@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from flexast.model import adapter
 from flexast.model.ast import ASTModel
 from flexast.model.checkpoint import load_checkpoint
 from flexast.model.losses import kd_loss, supervised_loss
+from flexast.model.recipes import transfer
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
 from tests.model.model_helpers import tiny_config
@@ -25,12 +25,15 @@ RECIPES = {
         {"name": "elasticast", "patch": [8, 8]},
         {
             "data": {"resolution": "random", "shifts_ms": [10, 20, 40]},
-            "model": {"pos": "factorised", "pool": "attention", "token_dropout": 0.1},
+            "model": {"pos_embed": "factorized", "pool": "attn", "token_dropout": 0.1},
         },
     ),
     "elasticast_pool": (
         {"name": "elasticast", "patch": [8, 8]},
-        {"data": {"resolution": "pool", "pool_factors": [1, 2], "pool_mode": "max"}, "model": {"pos": "factorised"}},
+        {
+            "data": {"resolution": "pool", "pool_factors": [1, 2], "pool_mode": "max"},
+            "model": {"pos_embed": "factorized"},
+        },
     ),
 }
 
@@ -112,7 +115,7 @@ def test_kernel_transfer_is_exact_for_pi_upsampling():
 
     src = ASTModel(tiny_config(num_classes=3, embed_dim=16, depth=1, pool="mean"))
     dst = ASTModel(tiny_config(num_classes=3, embed_dim=16, depth=1, base_patch=(8, 16), tstride=16, pool="mean"))
-    adapter.transfer(src, dst, "pi")
+    transfer(src, dst, "pi")
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
     up = torch.nn.functional.interpolate(x, size=(8, 16), mode="bilinear", align_corners=False)
     w0 = src.patch_embed.proj.weight.double()

@@ -9,8 +9,17 @@ from flexast.model.config import from_dict
 from flexast.model.data import eval_config
 from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
+from tests.model.model_helpers import tiny_config
 
-TINY_MODEL = {"preset": "custom", "embed_dim": 32, "depth": 2, "heads": 2, "n_mels": 32, "base_patch": [8, 8]}
+_TINY = tiny_config()  # the one tiny model of the tests, as a run config's model section
+TINY_MODEL = {
+    "preset": "custom",
+    "embed_dim": _TINY.embed_dim,
+    "depth": _TINY.depth,
+    "num_heads": _TINY.num_heads,
+    "n_mels": _TINY.n_mels,
+    "base_patch": list(_TINY.base_patch),
+}
 
 
 def tiny_run_config(out_dir, recipe: dict, steps: int = 30, **sections) -> object:
