@@ -17,7 +17,7 @@ from torch import nn
 
 from flexast.model.ast import ASTModel
 from flexast.model.checkpoint import WEIGHTS, load_checkpoint, save_checkpoint
-from flexast.model.config import Config
+from flexast.model.config import Config, save_config
 from flexast.model.data import padded_view
 from flexast.pipeline.batch import PackedBatch
 
@@ -50,13 +50,16 @@ def teacher_logits(teacher: ASTModel, batch: PackedBatch, cfg: Config) -> torch.
     )
 
 
-# Kept for callers outside issue 15's files until they move (evaluate, demo, their tests): the run folder's
-# reads and writes belong to model.run_dir, the checkpoint format's to model.checkpoint.
+# Kept for callers outside issue 15's files until they move (evaluate, demo, import, their tests): the run
+# folder's reads and writes belong to model.run_dir, the checkpoint format's to model.checkpoint.
 
 
-def save_weights(model: ASTModel, folder: str | Path) -> Path:
-    """``folder/model.safetensors`` (+ ``.json`` config sidecar)."""
-    return save_checkpoint(model, Path(folder) / WEIGHTS)
+def save_weights(model: ASTModel, folder: str | Path, cfg: Config | None = None, extra: dict | None = None) -> Path:
+    """``folder/model.safetensors`` (+ ``.json`` config sidecar), and the run config beside it when given."""
+    path = save_checkpoint(model, Path(folder) / WEIGHTS, extra)
+    if cfg is not None:
+        save_config(cfg, Path(folder) / "config.yaml")
+    return path
 
 
 load_model = load_checkpoint
