@@ -44,9 +44,9 @@ from tests.factories import synthetic_clipset  # noqa: E402
 
 def make_config(args, out_dir: str, compile_: bool, device: str):
     cpu = device == "cpu"
-    model = {"preset": args.preset, "n_mels": 128, "base_patch": [16, 16], "pool": "attention", "pos": "factorised"}
+    model = {"preset": args.preset, "n_mels": 128, "base_patch": [16, 16], "pool": "attn", "pos_embed": "factorized"}
     if cpu:  # --dry-run: a model the CPU runs in seconds
-        model = {**model, "preset": "custom", "embed_dim": 64, "depth": 2, "heads": 2}
+        model = {**model, "preset": "custom", "embed_dim": 64, "depth": 2, "num_heads": 2}
     return from_dict(
         {
             "run": {

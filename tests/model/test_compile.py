@@ -41,7 +41,7 @@ def test_compiled_flexiast_twenty_steps_compile_at_most_once_per_patch_size(back
     torch._dynamo.utils.counters.clear()
     sections = {"run": {"compile": True, "attention": backend}}
     if backend == "varlen":  # the stand-in is bf16/fp16 only, as flash is: the GPU's bf16 autocast, on the CPU
-        sections["model"] = {"pool": "attention", "pos": "factorised", "token_dropout": 0.1}
+        sections["model"] = {"pool": "attn", "pos_embed": "factorized", "token_dropout": 0.1}
     cfg = tiny_run_config(tmp_path, {"name": "flexiast", "patch_sizes": PATCHES}, steps=20, **sections)
     tr = _GraphsPerStep(cfg, train_data=synthetic_clipset(n_clips=40, seed=3))
     tr.graphs = []

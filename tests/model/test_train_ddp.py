@@ -96,8 +96,8 @@ def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> N
     from tests.model.train_helpers import tiny_run_config
 
     class ShortTrainer(Trainer):
-        def _make_loader(self, stage):
-            loader = super()._make_loader(stage)
+        def _setup_loader(self, d, stage):
+            loader = super()._setup_loader(d, stage)
             loader.__class__ = _ShortOnRank1
             return loader
 

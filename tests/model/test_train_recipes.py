@@ -85,14 +85,14 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
     tr = Trainer(cfg, train_data=data)
     tr.setup()
     shapes = []
-    real_enter = tr._enter_stage
+    real_enter = tr._start_stage
 
     def spy(index, ckpt):
         real_enter(index, ckpt)
         m = tr.model
         shapes.append((tuple(m.patch_embed.proj.weight.shape[-2:]), m.config.max_frames, tuple(m.pos_embed.grid)))
 
-    tr._enter_stage = spy
+    tr._start_stage = spy
     shapes.append(
         (tuple(tr.model.patch_embed.proj.weight.shape[-2:]), tr.model.config.max_frames, tuple(tr.model.pos_embed.grid))
     )

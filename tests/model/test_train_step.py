@@ -22,7 +22,7 @@ RECIPES = {
     "flexiast": ({"name": "flexiast", "patch_sizes": [8, 16]}, {}),
     "elasticast": (  # attention pooling, token dropout, a factorised table, long clips beyond max_frames
         {"name": "elasticast", "patch": [8, 8]},
-        {"model": {"pos": "factorised", "pool": "attention", "token_dropout": 0.1}},
+        {"model": {"pos_embed": "factorized", "pool": "attn", "token_dropout": 0.1}},
     ),
 }
 
