@@ -174,7 +174,7 @@ def import_checkpoint(fmt: str, src: str | Path, out: str | Path, labels: str | 
         ConversionError: weights that do not fit the format, naming the file and the first missing or
             unexpected key.
     """
-    from flexast.model.adapter import save_weights
+    from flexast.model.run_dir import save_weights
 
     src = Path(src)
     if not src.exists():
@@ -189,7 +189,4 @@ def import_checkpoint(fmt: str, src: str | Path, out: str | Path, labels: str | 
         raise ConversionError(f"unknown import format {fmt!r}; choose one of {FORMATS}")
     if labels:
         info["names"], info["display_names"] = read_label_file(Path(labels), model.config.num_classes)
-    out = Path(out)
-    path = save_weights(model, out, extra={"imported_from": str(src), "import_format": fmt})
-    (out / "labels.json").write_text(json.dumps(info, indent=1))
-    return path
+    return save_weights(out, model, info, extra={"imported_from": str(src), "import_format": fmt})

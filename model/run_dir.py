@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexast.model.checkpoint import save_checkpoint, weights_path
+from flexast.model.checkpoint import WEIGHTS, save_checkpoint, weights_path
 from flexast.model.config import Config, save_config
 from flexast.model.errors import CheckpointError
 
@@ -81,6 +81,20 @@ def read_labels(checkpoint: str | Path) -> dict:
     return {}
 
 
+def save_weights(
+    folder: str | Path, model: nn.Module, labels: dict, cfg: Config | None = None, extra: dict | None = None
+) -> Path:
+    """A weights folder: ``model.safetensors`` (+ ``.json``, with ``extra`` metadata), ``labels.json``, and
+    ``config.yaml`` when the run config is given. Returns the safetensors path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = save_checkpoint(model, folder / WEIGHTS, extra)
+    if cfg is not None:
+        save_config(cfg, folder / "config.yaml")
+    (folder / LABELS).write_text(json.dumps(labels, indent=1))
+    return path
+
+
 class RunDir:
     """Paths, reads and writes of one run folder (see the module docstring for the layout)."""
 
@@ -114,12 +128,8 @@ class RunDir:
         save_config(cfg, self.config)
 
     def save_weights(self, folder: Path, model: nn.Module, cfg: Config, labels: dict) -> Path:
-        """A weights folder: ``model.safetensors`` (+ ``.json``), ``config.yaml`` and ``labels.json``."""
-        folder.mkdir(parents=True, exist_ok=True)
-        path = save_checkpoint(model, folder / "model.safetensors")
-        save_config(cfg, folder / "config.yaml")
-        (folder / LABELS).write_text(json.dumps(labels, indent=1))
-        return path
+        """A weights folder of this run (see :func:`save_weights`)."""
+        return save_weights(folder, model, labels, cfg)
 
     def save_step(
         self,

@@ -15,8 +15,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from flexast.model import adapter, from_hf
+from flexast.model import from_hf
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import load_checkpoint, save_checkpoint
 from flexast.model.cli import main
 from flexast.model.convert import to_hf
 from flexast.model.errors import ConversionError
@@ -38,7 +39,7 @@ def _checkpoint(folder, pos="grid", pool="cls_dist", features=None, seed=0):
     )
     with torch.no_grad():
         model.head.fc.weight.mul_(50.0)  # spread the logits: a top-1 decided by more than rounding
-    adapter.save_weights(model, folder)
+    save_checkpoint(model, folder / "model.safetensors")
     info = {
         "names": ["/m/a", "/m/b", "/m/c", "/m/d"],
         "display_names": DISPLAY,
@@ -90,7 +91,7 @@ def test_hf_logits_equal_the_packed_forward_on_the_same_fbank(tmp_path, hf_ast, 
     assert sorted(f.name for f in files) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     hf = hf_ast.ASTForAudioClassification.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.id2label == dict(enumerate(DISPLAY))
-    ours = adapter.load_model(ckpt).eval()
+    ours = load_checkpoint(ckpt).eval()
     p = (patch, patch) if patch else ours.config.base_patch
     x = torch.randn(3, MAX_FRAMES, 32, generator=torch.Generator().manual_seed(1))  # (B, T, F) normalised fbank
     batch = PackedBatch.from_clips(list(x), torch.zeros(3, 4), ["a", "b", "c"], p)

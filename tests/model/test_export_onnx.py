@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexast.model import adapter
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import load_checkpoint, save_checkpoint
 from flexast.model.cli import main
 from flexast.model.export_onnx import export_onnx
 from flexast.model.predict import Predictor
@@ -30,7 +30,7 @@ MAX_FRAMES = 64
 def _checkpoint(folder, pos, pool, seed=0):
     torch.manual_seed(seed)
     model = ASTModel(tiny_config(num_classes=4, max_frames=MAX_FRAMES, pos_embed=pos, pool=pool))
-    adapter.save_weights(model, folder)
+    save_checkpoint(model, folder / "model.safetensors")
     info = {
         "names": ["a", "b", "c", "d"],
         "display_names": ["A", "B", "C", "D"],
@@ -55,7 +55,7 @@ def _packed_logits(model, x: torch.Tensor, patch) -> np.ndarray:
 def _check(tmp_path, pos, pool, patch=None):
     ckpt = _checkpoint(tmp_path / "final", pos, pool)
     onnx_path, meta_path = export_onnx(ckpt, tmp_path / "onnx", patch)
-    model = adapter.load_model(ckpt).eval()
+    model = load_checkpoint(ckpt).eval()
     patch = patch or model.config.base_patch
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)

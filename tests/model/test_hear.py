@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexast.model import adapter, hear
+from flexast.model import hear
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import save_checkpoint
 from flexast.model.errors import ModelConfigError, ShapeError
 from flexast.model.predict import Predictor
 from flexast.pipeline.audio import load_audio
@@ -31,7 +32,7 @@ def checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hear") / "final"
     torch.manual_seed(0)
     model = ASTModel(tiny_config(num_classes=3, max_frames=128, pos_embed=pos, pool=pool))
-    adapter.save_weights(model, folder)
+    save_checkpoint(model, folder / "model.safetensors")
     info = {"names": ["a", "b", "c"], "labels": "multi", "stats": {"10.0": [-6.0, 4.0]}, "norm": [], "features": {}}
     (folder / "labels.json").write_text(json.dumps({**info, "sample_rate": 16000}))
     return folder

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexast.model import adapter, to_official_ast
+from flexast.model import to_official_ast
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import load_checkpoint, load_init
 from flexast.model.cli import main
 from flexast.model.errors import CheckpointError, ConversionError
 from flexast.model.import_weights import import_checkpoint
@@ -59,7 +60,7 @@ def hf_folder(hf_ast, tmp_path_factory):
 def test_hf_import_gives_the_same_logits_and_the_labels(hf_folder, tmp_path):
     folder, hf = hf_folder
     assert main(["import", "--from", "hf", str(folder), "--out", str(tmp_path / "init")]) == 0
-    ours = adapter.load_model(tmp_path / "init").eval()
+    ours = load_checkpoint(tmp_path / "init").eval()
     x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))  # (B, T, F)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(input_values=x).logits, atol=1e-5, rtol=0)
@@ -89,8 +90,8 @@ def test_imported_folder_works_as_init_for_predict_and_for_eval(hf_folder, tmp_p
     folder, _ = hf_folder
     out = tmp_path / "run" / "init"
     import_checkpoint("hf", folder, out)
-    init = adapter.load_init(str(out), "flexast")  # what model.init=RUN/init loads
-    want = adapter.load_model(out).state_dict()
+    init = load_init(str(out), "flexast")  # what model.init=RUN/init loads
+    want = load_checkpoint(out).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in init.state_dict().items())
 
     wav = write_audio(tmp_path / "a.wav", seconds=0.7)
@@ -115,7 +116,7 @@ def test_official_import_round_trips_the_official_layout(tmp_path):
     args = ["import", "--from", "official", str(tmp_path / "audioset.pth"), "--out", str(tmp_path / "init")]
     args += ["--n-mels", "32", "--max-frames", "60", "--fstride", "6", "--tstride", "5", "--labels", str(names)]
     assert main(args) == 0
-    back = adapter.load_model(tmp_path / "init").state_dict()
+    back = load_checkpoint(tmp_path / "init").state_dict()
     assert all(torch.equal(v, back[k]) for k, v in model.state_dict().items())
     info = json.loads((tmp_path / "init" / "labels.json").read_text())
     assert info["names"] == ["/m/09x0r", "/m/0bt9lr", "/m/04rlf"] and info["display_names"][2] == "Music"
@@ -133,7 +134,7 @@ def test_timm_import_takes_the_encoder_and_makes_a_new_head(tmp_path):
     save_file({k: v.contiguous() for k, v in timm.items()}, tmp_path / "deit.safetensors")
     args = ["import", "--from", "timm", str(tmp_path / "deit.safetensors"), "--out", str(tmp_path / "init")]
     assert main([*args, "--num-classes", "7", "--n-mels", "32", "--max-frames", "32", "--patch", "8"]) == 0
-    got = adapter.load_model(tmp_path / "init")
+    got = load_checkpoint(tmp_path / "init")
     assert got.config.num_classes == 7 and got.config.embed_dim == 32 and got.config.depth == 2
     for k, v in got.state_dict().items():
         if not k.startswith("head."):
