@@ -291,14 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point ``model COMMAND ...``; config and data errors print one message and exit 2."""
-    from flexast.pipeline.errors import FlexastError
+    from flexast.pipeline.errors import run_command
 
     args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args))
-    except FlexastError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args._run, args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flexast.pipeline.errors import run_command
+
 
 @dataclass(frozen=True)
 class Command:
@@ -192,6 +194,12 @@ register("demo-data", "generate the small built-in demo audio collection (8 clas
          _run_demo)  # fmt: skip
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: ``pipeline COMMAND ...``; typed flexast errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    return run_command(args._run, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with one subparser per registered :class:`Command`."""
     parser = argparse.ArgumentParser(
@@ -208,18 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: ``pipeline COMMAND ...``; typed flexast errors print one line and exit 2."""
-    from flexast.pipeline.errors import FlexastError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args))
-    except FlexastError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -64,6 +64,17 @@ class PackingError(PipelineError, ValueError):
     """Packer settings or clips the packer cannot place: budget, mode, row length, a clip over the budget."""
 
 
+def run_command(run, args) -> int:
+    """Exit status of a CLI command ``run(args)``: its own, or 2 after one line naming a :class:`FlexastError`."""
+    import sys
+
+    try:
+        return int(run(args))
+    except FlexastError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
 def __getattr__(name: str):
     # ``check_known_keys`` moved to :mod:`pipeline.config_schema` (the one config engine); importable from
     # here too until every caller imports it from there.
