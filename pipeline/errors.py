@@ -73,13 +73,3 @@ def run_command(run, args) -> int:
     except FlexastError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-
-
-def __getattr__(name: str):
-    # ``check_known_keys`` moved to :mod:`pipeline.config_schema` (the one config engine); importable from
-    # here too until every caller imports it from there.
-    if name == "check_known_keys":
-        from flexast.pipeline.config_schema import check_known_keys
-
-        return check_known_keys
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flexast.pipeline.errors import ConfigError, check_known_keys
+from flexast.pipeline.config_schema import check_known_keys
+from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.resolution import PhaseSchedule, ResolutionPolicy
 
 
