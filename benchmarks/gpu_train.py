@@ -58,7 +58,14 @@ def make_config(args, out_dir: str, compile_: bool, device: str):
                 "compile": compile_,
                 "attention": "padded" if cpu else "auto",
             },
-            "data": {"labels": "single", "max_frames": 1024, "token_budget": args.budget, "shift_ms": 10.0},
+            "data": {
+                "loader": {
+                    "label_mode": "index",
+                    "max_frames": 1024,
+                    "budget_tokens": args.budget,
+                    "resolution": {"kind": "fixed", "shift_ms": 10.0},
+                }
+            },
             "model": model,
             "recipe": {"name": "flexiast", "patch_sizes": [16, 24, 32]},
             "optim": {"lr": 1e-4, "steps": 10**6, "warmup_steps": 0, "grad_accum_tokens": 2 * args.budget - 1},

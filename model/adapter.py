@@ -23,13 +23,14 @@ from flexast.pipeline.batch import PackedBatch
 
 
 def model_input(batch: PackedBatch, padded: bool):
-    """The model's input: the packed batch, or its ``(B, T, F)`` view for the classic padded AST (``data.pad_to``)."""
+    """The model's input: the packed batch, or its ``(B, T, F)`` view for the classic padded AST
+    (``data.loader.target_frames``)."""
     return padded_view(batch) if padded else batch
 
 
 def logits(model: nn.Module, batch: PackedBatch, cfg: Config) -> torch.Tensor:
-    """``(N, C)`` logits of a batch (packed, or padded when ``data.pad_to``)."""
-    return model(model_input(batch, bool(cfg.data.pad_to)))
+    """``(N, C)`` logits of a batch (packed, or padded when ``data.loader.target_frames``)."""
+    return model(model_input(batch, bool(cfg.data.loader.target_frames)))
 
 
 def embeddings(model: ASTModel, batch: PackedBatch, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,7 @@ def embeddings(model: ASTModel, batch: PackedBatch, padded: bool = False) -> tup
 
 def teacher_logits(teacher: ASTModel, batch: PackedBatch, cfg: Config) -> torch.Tensor:
     """The frozen teacher on the same clips, at ``recipe.kd.teacher_patch`` or the teacher's own kernel."""
-    if cfg.data.pad_to:
+    if cfg.data.loader.target_frames:
         return teacher(padded_view(batch))
     patch = tuple(cfg.recipe.kd.teacher_patch) or teacher.config.base_patch
     if tuple(patch) == batch.patch:

@@ -1,6 +1,7 @@
 """One config schema for every training recipe: dataclasses loaded from YAML, validated all at once.
 
-Sections: ``run`` (where and how), ``data`` (shards, resolution, length, augmentation, token budget),
+Sections: ``run`` (where and how), ``data`` (shards, and the loader's own config: resolution, length,
+augmentation, token budget),
 ``model`` (size, patch, positions, pooling), ``recipe`` (ast | flexiast | elasticast | coarse_to_fine),
 ``optim`` (optimizer, schedule, steps) and ``eval`` (what to measure while training).
 
@@ -21,8 +22,9 @@ from typing import Literal
 
 import yaml
 
-from flexast.pipeline.config_schema import apply_override, build, parse_overrides, raise_all
+from flexast.pipeline.config_schema import apply_override, build, parse_overrides, raise_all, revalidate
 from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.stream_config import StreamConfig
 
 
 @dataclass
@@ -43,38 +45,29 @@ class RunConfig:
     find_unused: bool = False  # DDP find_unused_parameters (needed only if some parameters get no gradient)
 
 
-@dataclass
-class SpecAugConfig:
-    freq_mask: int = 0  # max width in mel bins (AST AudioSet: 48)
-    time_mask: int = 0  # max width in 10 ms frames, scaled by 1/C at coarser resolutions (AST AudioSet: 192)
+def _run_loader_defaults() -> StreamConfig:
+    """The loader options a run starts from (the rest are :class:`StreamConfig`'s own defaults)."""
+    return StreamConfig(pack_buffer=64, shuffle_buffer=256, max_frames=1024)
 
 
 @dataclass
 class DataConfig:
-    """Shards and the per-clip data path (resolution, length, augmentation, packing)."""
+    """Where the shards are, and the loader's options by the loader's own names.
+
+    ``loader`` is :class:`pipeline.stream_config.StreamConfig` (see docs/streaming.md): ``budget_tokens``,
+    ``mode``/``row_len``, ``label_mode`` (``multi_hot`` → BCE, ``index`` → CE), ``resolution`` (a
+    :class:`pipeline.resolution.ResolutionPolicy` as a mapping: ``kind`` fixed/random/pool, ``shift_ms``,
+    ``shifts_ms``, ``pool_factors``, ``pool_mode``), ``max_frames`` or ``target_frames`` (the classic fixed-length
+    AST input), ``freq_mask``/``time_mask``, ``mixup_prob``/``mixup_alpha``, ``balanced``,
+    ``norm_mean``/``norm_std``, ``pack_buffer``, ``shuffle_buffer``, ``num_workers``, ... Each stage of a recipe
+    sets ``patches``, ``seed``, and (coarse-to-fine) its own ``resolution`` and length cap on a copy.
+    """
 
     train: str = ""  # index.json, folder, glob, brace pattern or URL of training shards
-    loader: Literal["memory", "stream"] = "memory"  # memory: read once (small sets); stream: pipeline.loader
     valid: str = ""  # same for the held-out set ('' = no evaluation during training)
-    labels: Literal["multi", "single"] = "multi"  # multi-hot + BCE, or class index + CE
-    resolution: Literal["fixed", "random", "pool"] = "fixed"
-    shift_ms: float = 10.0  # fixed policy, and the base shift of the pool policy
-    shifts_ms: list[float] = field(default_factory=list)  # random policy: draw per clip ([] = every stored shift)
-    pool_factors: list[int] = field(default_factory=lambda: [1])  # pool policy: R drawn per clip
-    pool_mode: Literal["avg", "max"] = "avg"
-    max_frames: int = 1024  # length cap in frames at the clip's own shift (random crop in training)
-    pad_to: int = 0  # >0: classic AST fixed length (pad or cut to this many frames, padded model input)
-    token_budget: int = 4096  # tokens per optimizer micro-step (flat mode)
-    row_len: int = 0  # >0: ElasticAST rows of this many tokens (row mode), token_budget = rows × row_len
-    pack_buffer: int = 64  # clips the packer looks ahead over
-    shuffle_buffer: int = 256
-    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
-    mixup: float = 0.0  # probability that a clip is mixed with a partner (AST: 0.5), λ ~ Beta(mixup_alpha, mixup_alpha)
-    mixup_alpha: float = 10.0
-    balanced: bool = False  # AST balanced sampling weights
-    norm: list[float] = field(default_factory=list)  # [mean, std]; [] = per-shift stats from index.json
-    workers: int = 0
-    eval_max_frames: int = 0  # cap for held-out clips (0: max_frames); cut only, never padded
+    source: Literal["memory", "stream"] = "memory"  # memory: read once (small sets); stream: read on the fly
+    eval_max_frames: int = 0  # cap for held-out clips (0: the training cap); cut only, never padded
+    loader: StreamConfig = field(default_factory=_run_loader_defaults)
 
 
 @dataclass
@@ -186,8 +179,8 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
     positive("optim.lr", cfg.optim.lr)
-    positive("data.max_frames", cfg.data.max_frames)
-    positive("data.token_budget", cfg.data.token_budget)
+    if cfg.data.loader.max_frames is not None:
+        positive("data.loader.max_frames", cfg.data.loader.max_frames)
     positive("optim.warmup_steps", cfg.optim.warmup_steps, allow_zero=True)
     positive("optim.steps", cfg.optim.steps, allow_zero=True)
     positive("optim.epochs", cfg.optim.epochs, allow_zero=True)
@@ -221,10 +214,6 @@ def _validate(cfg: Config, errors: list[str]) -> None:
         errors.append(f"recipe.phases: only used by coarse_to_fine, but recipe.name is {cfg.recipe.name!r}")
     if cfg.recipe.kd.teacher and cfg.recipe.kd.temperature <= 0:
         errors.append(f"recipe.kd.temperature: must be > 0, got {cfg.recipe.kd.temperature}")
-    if cfg.data.norm and len(cfg.data.norm) != 2:
-        errors.append(f"data.norm: expected [mean, std], got {cfg.data.norm!r}")
-    if cfg.data.resolution == "pool" and any(r < 1 for r in cfg.data.pool_factors):
-        errors.append(f"data.pool_factors: factors must be >= 1, got {cfg.data.pool_factors!r}")
 
 
 def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
@@ -241,6 +230,7 @@ def from_dict(raw: dict | None, overrides: list[str] | None = None, source: str 
     cfg = build(Config, raw, "", errors)
     for path, text in parse_overrides(overrides or []):
         apply_override(cfg, path, text, errors)
+    revalidate(cfg, "", errors)
     checks: list[str] = []
     _validate(cfg, checks)
     bad_keys = {e.split(":", 1)[0].removeprefix("--set ") for e in errors}  # a value already refused: say it once

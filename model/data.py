@@ -5,16 +5,17 @@ shift 10·R ms), ``p = (p_f, p_t)`` the patch of a step.
 
 Every reader of the model side (training, in-training validation, ``model eval``, the demo) goes
 through :class:`pipeline.loader.StreamLoader` over a :mod:`pipeline.datasource` source:
-``data.loader: memory`` caches the shards in memory once (small and medium sets), ``stream`` reads
-them on the fly (local, http(s)://, s3://). Tar and Zarr builds are both accepted. The only
-translation of ``data``'s YAML names to the loader's options is :func:`stream_config`.
+``data.source: memory`` caches the shards in memory once (small and medium sets), ``stream`` reads
+them on the fly (local, http(s)://, s3://). Tar and Zarr builds are both accepted. ``data.loader`` is the
+loader's own config; :func:`stream_config` only sets a stage's patches, seed, resolution and length on it.
 
-The classic padded AST input (``data.pad_to``) is the same :class:`~pipeline.batch.PackedBatch` with
-every clip cut or zero-padded to ``pad_to`` frames; :func:`padded_view` gives it as ``(B, T, F)``.
+The classic padded AST input (``data.loader.target_frames``) is the same :class:`~pipeline.batch.PackedBatch`
+with every clip cut or zero-padded to ``target_frames`` frames; :func:`padded_view` gives it as ``(B, T, F)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -63,8 +64,9 @@ def training_stats(source: Source) -> dict[str, list[float]]:
 
 
 def norm_from_info(info: dict, shift_ms: float) -> tuple[float, float]:
-    """``(mean, std)`` a checkpoint normalises ``shift_ms`` features with: its ``data.norm``, else its
-    training statistics at the nearest stored shift, else AST's AudioSet values."""
+    """``(mean, std)`` a checkpoint normalises ``shift_ms`` features with: its ``norm`` (the run's
+    ``data.loader.norm_mean/norm_std``), else its training statistics at the nearest stored shift, else
+    AST's AudioSet values."""
     if info.get("norm"):
         return tuple(float(v) for v in info["norm"])
     stats = {float(k): v for k, v in info.get("stats", {}).items()}
@@ -90,34 +92,23 @@ def policy_of(resolutions: Sequence[TimeScale], pool_mode: str = "avg") -> dict:
 
 
 def stream_config(cfg: Config, stage, seed: int, stride: tuple[int, int] | None = None) -> dict:
-    """The :class:`~pipeline.stream_config.StreamConfig` fields of one training stage of a run."""
-    d = cfg.data
-    if d.pad_to and d.pad_to % stage.patches[0][1]:
-        raise ConfigError(f"data.pad_to={d.pad_to} must be a multiple of the patch's time size {stage.patches[0][1]}")
-    out = {
-        "budget_tokens": d.token_budget,
-        "mode": "rows" if d.row_len else "flat",
-        "row_len": d.row_len or None,
+    """The loader options of one training stage: ``data.loader`` (already the loader's config) with the stage's
+    patches, seed, resolution and length cap set on a copy."""
+    lc = cfg.data.loader
+    if lc.target_frames and lc.target_frames % stage.patches[0][1]:
+        raise ConfigError(
+            f"data.loader.target_frames={lc.target_frames} must be a multiple of the patch's time size "
+            f"{stage.patches[0][1]}"
+        )
+    over = {
         "patches": [list(p) for p in stage.patches],
-        "pack_buffer": d.pack_buffer,
-        "shuffle_buffer": d.shuffle_buffer,
         "train": True,
         "seed": seed,
         "resolution": policy_of(stage.resolutions, stage.pool_mode),
-        "max_frames": None if d.pad_to else stage.max_frames,
-        "target_frames": d.pad_to or None,
-        "freq_mask": d.specaug.freq_mask,
-        "time_mask": d.specaug.time_mask,
-        "mixup_prob": d.mixup,
-        "mixup_alpha": d.mixup_alpha,
-        "label_mode": "index" if d.labels == "single" else "multi_hot",
-        "balanced": d.balanced,
-        "num_workers": d.workers,
-        "stride": list(stride) if d.pad_to and stride else None,
+        "max_frames": None if lc.target_frames else stage.max_frames,
+        "stride": list(stride) if lc.target_frames and stride else None,
     }
-    if d.norm:
-        out["norm_mean"], out["norm_std"] = float(d.norm[0]), float(d.norm[1])
-    return out
+    return dataclasses.asdict(dataclasses.replace(lc, **over))
 
 
 def eval_config(

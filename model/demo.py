@@ -57,8 +57,18 @@ BASE_PATCH = 32
 SWEEP_SECONDS = 2.56  # every shift of the shift sweep sees this much audio: 256 / 128 / 64 frames
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
 
-_FIXED = ["data.resolution=fixed", "model.pos_embed=grid", "model.pool=cls", "model.token_dropout=0"]
-_ELASTIC = ["data.resolution=random", "model.pos_embed=factorized", "model.pool=attn", "model.token_dropout=0.1"]
+_FIXED = [
+    "data.loader.resolution={kind: fixed, shift_ms: 10}",
+    "model.pos_embed=grid",
+    "model.pool=cls",
+    "model.token_dropout=0",
+]
+_ELASTIC = [
+    "data.loader.resolution={kind: random, shifts_ms: [10, 20, 40]}",
+    "model.pos_embed=factorized",
+    "model.pool=attn",
+    "model.token_dropout=0.1",
+]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "ast": ("AST (fixed patch, shift, length)", ["recipe.name=ast", *_FIXED]),
     "flexiast": ("FlexiAST only", ["recipe.name=flexiast", *_FIXED]),

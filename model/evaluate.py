@@ -101,6 +101,7 @@ def score_source(
 
 def evaluate_source(model, source: Source, cfg: Config, *, patch, resolution, max_frames, device, vocab, norm) -> dict:
     """Metrics dict (mAP, AUC, d_prime, top1, n_clips, tokens, seconds) of ``model`` on ``source``."""
+    lc = cfg.data.loader
     out = score_source(
         model,
         source,
@@ -109,10 +110,10 @@ def evaluate_source(model, source: Source, cfg: Config, *, patch, resolution, ma
         max_frames=max_frames,
         norm=norm,
         vocab=vocab,
-        single=cfg.data.labels == "single",
-        pool_mode=cfg.data.pool_mode,
+        single=lc.label_mode == "index",
+        pool_mode=lc.policy(0).pool_mode,
         device=device,
-        pad_to=cfg.data.pad_to,
+        pad_to=lc.target_frames or 0,
     )
     m = classification_metrics(out["scores"], out["targets"]) if len(out["keys"]) else {}
     return {**m, "n_clips": len(out["keys"]), "tokens": out["tokens"], "seconds": round(out["seconds"], 3)}

@@ -10,7 +10,7 @@ coarse-to-fine paper does.
 Units: frames at the clip's own resolution; frame shifts in ms; R the temporal compression factor.
 
 Recipe → stage mapping:
-    ast            patch fixed; resolution from ``data``; padded input when ``data.pad_to > 0``.
+    ast            patch fixed; resolution from ``data``; padded input with ``data.loader.target_frames``.
     flexiast       patch drawn uniformly per step from ``recipe.patch_sizes`` (square, or
                    ``(base_f, p)`` with ``time_only``), resized by ``recipe.resize``; optional KD.
     elasticast     packed native lengths, resolution from ``data`` (random shifts or pool), fixed patch.
@@ -63,8 +63,13 @@ def _patches(cfg: Config, kind: str) -> list[tuple[int, int]]:
 
 
 def _base_resolutions(cfg: Config, stored: list[float]) -> list[TimeScale]:
-    d = cfg.data
-    return resolutions_from(d.resolution, d.shift_ms, d.shifts_ms, d.pool_factors, stored)
+    p = cfg.data.loader.policy(0)
+    return resolutions_from(p.kind, p.shift_ms, p.shifts_ms, p.pool_factors, stored)
+
+
+def length_cap(cfg: Config) -> int:
+    """Frames a training clip keeps: the loader's ``max_frames``, or ``target_frames`` (classic fixed length)."""
+    return int(cfg.data.loader.target_frames or cfg.data.loader.max_frames)
 
 
 def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
@@ -74,8 +79,8 @@ def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
         kind=kind,
         patches=_patches(cfg, kind),
         resolutions=_base_resolutions(cfg, stored),
-        pool_mode=cfg.data.pool_mode,
-        max_frames=cfg.data.max_frames,
+        pool_mode=cfg.data.loader.policy(0).pool_mode,
+        max_frames=length_cap(cfg),
         epochs=cfg.optim.epochs,
         steps=cfg.optim.steps,
         kd=bool(cfg.recipe.kd.teacher),
@@ -92,16 +97,16 @@ def _phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Stage:
     inner.transfer = ph.transfer
     inner.meta = {"method": ph.method, "factor": r}
     if ph.method in ("fshift", "pool") and r > 1:
-        inner.max_frames = max(1, cfg.data.max_frames // r)
+        inner.max_frames = max(1, length_cap(cfg) // r)
     if ph.method == "fshift":
-        shift = cfg.data.shift_ms * r
+        shift = cfg.data.loader.policy(0).shift_ms * r
         if stored and shift not in stored:
             raise ConfigError(
                 f"recipe.phases[{i}]: fshift x{r} needs frame shift {shift:g} ms in the shards (stored: {stored})"
             )
         inner.resolutions = [TimeScale(shift, 1)]
     elif ph.method == "pool":
-        inner.resolutions = [TimeScale(cfg.data.shift_ms, r)]
+        inner.resolutions = [TimeScale(cfg.data.loader.policy(0).shift_ms, r)]
         inner.pool_mode = ph.pool_mode
     elif ph.method == "patch":
         inner.patches = [(p_f, p_t * r)]
@@ -143,9 +148,7 @@ def model_config(cfg: Config, n_classes: int, n_mels: int, stage=None) -> ModelC
     """The :class:`ModelConfig` of a run (at a stage's geometry when given)."""
     m = cfg.model
     kernel = stage_kernel(cfg, stage)
-    max_frames = stage.max_frames if stage is not None else cfg.data.max_frames
-    if cfg.data.pad_to:
-        max_frames = cfg.data.pad_to
+    max_frames = cfg.data.loader.target_frames or (stage.max_frames if stage is not None else length_cap(cfg))
     over = {
         "num_classes": n_classes,
         "n_mels": n_mels,

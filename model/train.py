@@ -91,7 +91,7 @@ class Trainer:
     def _setup_data(self, d: DataConfig) -> None:
         """The training and held-out sources, checked before any step, and the recipe's stages."""
         if self.train_data is None:
-            self.train_data = open_data(d.train, "data.train", d.loader)
+            self.train_data = open_data(d.train, "data.train", d.source)
         if self.valid_data is None and d.valid:
             self.valid_data = open_data(d.valid, "data.valid", "memory", self.cfg.eval.max_clips)
         self.vocab = self.train_data.label_names
@@ -100,8 +100,9 @@ class Trainer:
         if self.valid_data is not None:  # held-out labels matched by name: an unknown one fails here, before any step
             counts = self.valid_data.index.get("labels", {}).get("counts")
             label_map(self.valid_data.label_names, self.vocab, f"data.valid={self.valid_data.spec!r}", counts)
-        if not d.norm and not self.train_data.index.get("stats"):
-            raise ConfigError(f"data.train={self.train_data.spec!r}: no statistics in its index.json; set data.norm")
+        if d.loader.norm_mean is None and not self.train_data.index.get("stats"):
+            where = f"data.train={self.train_data.spec!r}"
+            raise ConfigError(f"{where}: no statistics in its index.json; set data.loader.norm_mean and norm_std")
         self.stages = plan_stages(self.cfg, shifts_of(self.train_data))
 
     def _setup_model(self, m: ModelSection) -> None:
@@ -140,7 +141,7 @@ class Trainer:
         target = self.cfg.optim.grad_accum_tokens
         if not target:
             return n
-        return max(1, math.ceil(n * self.ranks.world * self.cfg.data.token_budget / target))
+        return max(1, math.ceil(n * self.ranks.world * self.cfg.data.loader.budget_tokens / target))
 
     def _setup_optimizer(self, o: OptimConfig, ckpt: Path | None) -> None:
         """A fresh optimizer (and EMA) per stage, or the checkpoint's states (RNG included)."""
@@ -281,7 +282,7 @@ class Trainer:
             logits = adapter.logits(self.compiled, batch, self.cfg)
             loss_name = self.cfg.optim.loss
             if loss_name == "auto":
-                loss_name = "ce" if self.cfg.data.labels == "single" else "bce"
+                loss_name = "ce" if self.cfg.data.loader.label_mode == "index" else "bce"
             loss = supervised_loss(logits.float(), batch.labels, loss_name)
             if stage.kd and self.teacher is not None:
                 with torch.no_grad():
@@ -322,8 +323,8 @@ class Trainer:
             if batch is not None:
                 self._shadow = batch
                 self.flops_spent += float(train_flops(self.model.config, batch)) * world
-                if not self.cfg.data.pad_to:
-                    fill.append(tokens / (self.cfg.data.token_budget or tokens))
+                if not self.cfg.data.loader.target_frames:
+                    fill.append(tokens / (self.cfg.data.loader.budget_tokens or tokens))
             if run is not None:
                 sync = nullcontext() if ddp_synced or world == 1 else self.ddp_model.no_sync()
                 with sync:
@@ -372,7 +373,12 @@ class Trainer:
             return self._last_eval[1]
         d = self.cfg.data
         stats = self.train_data.index.get("stats", {})
-        norm = tuple(d.norm) if d.norm else {k: (v["mean"], v["std"]) for k, v in stats.items()}
+        lc = d.loader
+        norm = (
+            (lc.norm_mean, lc.norm_std)
+            if lc.norm_mean is not None
+            else {k: (v["mean"], v["std"]) for k, v in stats.items()}
+        )
         metrics = evaluate_source(
             self.model,
             self.valid_data,
@@ -392,15 +398,15 @@ class Trainer:
 
     def _labels(self) -> dict:
         """What ``labels.json`` records: class names and the feature recipe of the training data."""
-        index = self.train_data.index
+        index, lc = self.train_data.index, self.cfg.data.loader
         labels = index.get("labels", {})
         build = index.get("config", {})
         return {
             "names": self.vocab,
             "display_names": list(labels.get("display_names", self.vocab)),
-            "labels": self.cfg.data.labels,
+            "labels": "single" if lc.label_mode == "index" else "multi",
             "stats": training_stats(self.train_data) if index.get("stats") else {},
-            "norm": list(self.cfg.data.norm),
+            "norm": [lc.norm_mean, lc.norm_std] if lc.norm_mean is not None else [],
             "features": dict(build.get("features", {})),
             "sample_rate": int(index.get("sample_rate", build.get("sample_rate", 16000))),
         }

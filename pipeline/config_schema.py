@@ -41,10 +41,11 @@ def check_known_keys(cls, given, what: str, error: type[Exception] = ConfigError
         raise error(f"unknown {what}: {unknown} (known: {known})")
 
 
-def coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool = False) -> Any:
+def coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool = False, base: Any = None) -> Any:
     """``value`` converted to type ``tp``; problems are appended to ``errors`` with ``path``.
 
     ``from_text`` (a ``--set`` value): a comma-separated string is a list, an empty value the empty list.
+    ``base``: for a nested dataclass, the instance whose values stand for the keys ``value`` leaves out.
     """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -52,7 +53,7 @@ def coerce(value: Any, tp: Any, path: str, errors: list[str], from_text: bool = 
         if not isinstance(value, Mapping):
             errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
             return _default(tp)
-        return build(tp, value, path, errors)
+        return build(tp, value, path, errors, base=base)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -133,7 +134,13 @@ def _default(cls):
         return None
 
 
-def build(cls, raw: Mapping, path: str, errors: list[str], what: str = ""):
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def build(cls, raw: Mapping, path: str, errors: list[str], what: str = "", base: Any = None):
     """An instance of dataclass ``cls`` from ``raw``, every problem appended to ``errors``.
 
     Args:
@@ -143,6 +150,8 @@ def build(cls, raw: Mapping, path: str, errors: list[str], what: str = ""):
         errors: where problems go.
         what: when given, unknown keys are reported in one line ``unknown {what}: [...]``; otherwise one
             line per key with its path.
+        base: an instance whose values stand for the keys ``raw`` leaves out (a section's defaults in its
+            parent, e.g. the run config's loader defaults), instead of ``cls``'s own defaults.
     """
     hints = typing.get_type_hints(cls)
     unknown, known = unknown_keys(cls, raw)
@@ -151,15 +160,17 @@ def build(cls, raw: Mapping, path: str, errors: list[str], what: str = ""):
     for key in unknown if not what else ():
         where = f"{path}.{key}" if path else str(key)
         errors.append(f"{where}: unknown key (valid keys of {path or 'the top level'}: {known})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key in known:
-            kwargs[key] = coerce(value, hints[key], f"{path}.{key}" if path else str(key), errors)
+            inner = _field_default(fields[key]) if dataclasses.is_dataclass(hints[key]) else None
+            kwargs[key] = coerce(value, hints[key], f"{path}.{key}" if path else str(key), errors, base=inner)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as exc:  # the dataclass's own checks, all at once
         errors.append(f"{path}: {exc}" if path else str(exc))
-        return _default(cls)
+        return base if base is not None else _default(cls)
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
@@ -200,6 +211,20 @@ def apply_override(obj, path: str, text: str, errors: list[str]) -> None:
             setattr(obj, part, coerce(raw, tp, where, errors, from_text=True))
         else:
             obj = getattr(obj, part)
+
+
+def revalidate(obj, path: str, errors: list[str]) -> None:
+    """Run the own checks of ``obj``'s nested dataclasses again (after ``--set`` changed fields in place)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            where = f"{path}.{f.name}" if path else f.name
+            revalidate(value, where, errors)
+            if hasattr(value, "__post_init__"):
+                try:
+                    dataclasses.replace(value)
+                except ConfigError as exc:
+                    errors.append(f"{where}: {exc}")
 
 
 def raise_all(errors: list[str], source: str = "", error: type[Exception] = ConfigError) -> None:

@@ -89,7 +89,7 @@ def test_wheel_lists_copies_and_trains_a_builtin_recipe(venv, tmp_path):
         "optim.warmup_steps=1",
         "run.out_dir=run",
         "run.progress=false",
-        "data.max_frames=96",
+        "data.loader.max_frames=96",
     ]
     _run([bin_dir / "model", "train", "--config", "demo", "--set", *sets], empty, env, 300)
     result = json.loads((empty / "run" / "result.json").read_text())

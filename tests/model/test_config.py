@@ -121,10 +121,10 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, capsys, value):
 
 
 def test_scalar_set_for_a_list_is_a_one_element_list():
-    cfg = from_dict({}, ["data.shifts_ms=10", "recipe.patch_sizes=16", "eval.patch_sizes="])
-    assert cfg.data.shifts_ms == [10.0] and cfg.recipe.patch_sizes == [16] and cfg.eval.patch_sizes == []
-    with pytest.raises(ConfigError, match=r"data.shifts_ms: expected a list"):  # a YAML file says what it means
-        from_dict({"data": {"shifts_ms": 10}})
+    cfg = from_dict({}, ["optim.average=", "recipe.patch_sizes=16", "eval.patch_sizes="])
+    assert cfg.optim.average == [] and cfg.recipe.patch_sizes == [16] and cfg.eval.patch_sizes == []
+    with pytest.raises(ConfigError, match=r"recipe.patch_sizes: expected a list"):  # a YAML file says what it means
+        from_dict({"recipe": {"patch_sizes": 16}})
 
 
 class Payload:  # not a tensor: torch.load(weights_only=True) refuses to build it
@@ -144,7 +144,7 @@ def test_poisoned_train_state_names_the_file(tmp_path, capsys):
     out = tmp_path / "run"
     raw = {
         "run": {"out_dir": str(out), "progress": False, "tensorboard": False, "threads": 1, "ckpt_every": 1},
-        "data": {"train": shards, "labels": "single", "max_frames": 64, "token_budget": 256},
+        "data": {"train": shards, "loader": {"label_mode": "index", "max_frames": 64, "budget_tokens": 256}},
         "model": dict(TINY_MODEL, pool="mean"),
         "recipe": {"name": "ast", "patch": [8, 8]},
         "optim": {"lr": 1e-3, "steps": 2, "warmup_steps": 1, "schedule": "constant", "epochs": 0},
@@ -162,3 +162,16 @@ def test_poisoned_train_state_names_the_file(tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert str(poisoned) in err and "CheckpointError" in err and "weights_only=False" not in err, err
     assert poisoned.read_bytes() == before  # left as it was, for the user to look at
+
+
+def test_the_data_section_is_the_loader_config():
+    from flexast.pipeline.stream_config import StreamConfig
+
+    cfg = from_dict({"data": {"loader": {"budget_tokens": 512, "label_mode": "index"}}})
+    assert isinstance(cfg.data.loader, StreamConfig)
+    # keys a YAML leaves out keep the run's defaults (pack_buffer 64, max_frames 1024), not only the loader's own
+    assert (cfg.data.loader.budget_tokens, cfg.data.loader.pack_buffer, cfg.data.loader.max_frames) == (512, 64, 1024)
+    with pytest.raises(ConfigError) as err:
+        from_dict({"data": {"loader": {"mode": "diag", "mixup": 0.5}}}, ["data.loader.crop=sideways"])
+    msg = str(err.value)
+    assert "data.loader.mixup: unknown key" in msg and "mode='diag'" in msg and "crop='sideways'" in msg

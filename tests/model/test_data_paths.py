@@ -34,7 +34,7 @@ def run_cfg(out, train, **data):
         out,
         {"name": "ast", "patch": [4, 4]},
         steps=2,
-        data={"train": train, "labels": "multi", "token_budget": 96, "max_frames": 40, **data},
+        data={"train": train, "loader": {"label_mode": "multi_hot", "budget_tokens": 96, "max_frames": 40}, **data},
         model=SMALL,
     )
 
@@ -135,8 +135,8 @@ def test_a_zarr_only_build_trains_evaluates_and_predicts_alike(zarr_only, tmp_pa
         tmp_path / "run",
         {"name": "ast", "patch": [16, 16]},
         steps=3,
-        data={"train": report.out, "valid": report.out, "loader": "stream", "labels": "single",
-              "token_budget": 1024, "max_frames": 128},
+        data={"train": report.out, "valid": report.out, "source": "stream",
+              "loader": {"label_mode": "index", "budget_tokens": 1024, "max_frames": 128}},
         model={"n_mels": 128, "base_patch": [16, 16]},
     )  # fmt: skip
     tr = Trainer(cfg)
@@ -172,7 +172,7 @@ def test_epoch_run_killed_mid_epoch_resumes_to_the_same_steps_and_weights(folder
     loader = "memory" if kind == "memory" else "stream"
 
     def cfg(out):
-        c = run_cfg(out, train, loader=loader, workers=0)
+        c = run_cfg(out, train, source=loader)
         c.optim.steps, c.optim.epochs, c.run.ckpt_every = 0, 2.5, 1
         return c
 

@@ -93,7 +93,7 @@ def test_padding_and_cutting_differ_by_design(extractor):
     padded = _hf(extractor(FRAMES + 30), wave)
     assert_close_ulps(padded[:FRAMES], ours, ulps=1024)
     # HF pads the log-mel with 0 before normalising: rows of -mean / (2 std) = +0.467; flexast's padded AST
-    # batches (data.pad_to) pad after normalising, with 0 (the mean); predict and eval never pad.
+    # batches (data.loader.target_frames) pad after normalising, with 0 (the mean); predict and eval never pad.
     np.testing.assert_array_equal(padded[FRAMES:], np.float32(normalise(0.0, MEAN, STD)))
     # HF keeps the first max_length frames; flexast's evaluation cuts the centre, predict runs the whole clip.
     cut = _hf(extractor(40), wave)

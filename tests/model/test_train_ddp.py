@@ -106,7 +106,7 @@ def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> N
         out,
         {"name": "flexiast", "patch_sizes": [8, 16]},
         steps=14,
-        data={"token_budget": 96},
+        data={"loader": {"budget_tokens": 96}},
         optim={"grad_accum_tokens": accum},
     )
     tr = ShortTrainer(cfg, train_data=data)

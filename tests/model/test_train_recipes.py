@@ -18,20 +18,23 @@ from tests.model.train_helpers import mean_loss, tiny_run_config
 
 RECIPES = {
     "ast_packed": ({"name": "ast", "patch": [8, 8]}, {}),
-    "ast_padded": ({"name": "ast", "patch": [8, 8]}, {"data": {"pad_to": 64}, "model": {"fstride": 4, "tstride": 4}}),
+    "ast_padded": (
+        {"name": "ast", "patch": [8, 8]},
+        {"data": {"loader": {"max_frames": None, "target_frames": 64}}, "model": {"fstride": 4, "tstride": 4}},
+    ),
     "flexiast": ({"name": "flexiast", "patch_sizes": [8, 12, 16]}, {}),
     "flexiast_time_only": ({"name": "flexiast", "patch_sizes": [8, 12, 16], "time_only": True}, {}),
     "elasticast_random": (
         {"name": "elasticast", "patch": [8, 8]},
         {
-            "data": {"resolution": "random", "shifts_ms": [10, 20, 40]},
+            "data": {"loader": {"resolution": {"kind": "random", "shifts_ms": [10, 20, 40]}}},
             "model": {"pos_embed": "factorized", "pool": "attn", "token_dropout": 0.1},
         },
     ),
     "elasticast_pool": (
         {"name": "elasticast", "patch": [8, 8]},
         {
-            "data": {"resolution": "pool", "pool_factors": [1, 2], "pool_mode": "max"},
+            "data": {"loader": {"resolution": {"kind": "pool", "pool_factors": [1, 2], "pool_mode": "max"}}},
             "model": {"pos_embed": "factorized"},
         },
     ),
@@ -80,7 +83,6 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
     cfg = tiny_run_config(
         tmp_path,
         {"name": "coarse_to_fine", "patch": [8, 8], "patch_sizes": [8], "phases": phases},
-        data={"shift_ms": 10.0},
     )
     tr = Trainer(cfg, train_data=data)
     tr.setup()

@@ -27,7 +27,7 @@ def make_cfg(out):
         out,
         {"name": "coarse_to_fine", "patch": [8, 8], "patch_sizes": [8, 16], "phases": PHASES},
         run={"ckpt_every": 2, "keep_last": 2},
-        data={"specaug": {"freq_mask": 4, "time_mask": 8}},
+        data={"loader": {"freq_mask": 4, "time_mask": 8}},
         model={"token_dropout": 0.2, "drop_path": 0.1},
         optim={"ema": 0.9, "schedule": "step", "steps_per_epoch": 3, "decay_start_epoch": 1},
     )

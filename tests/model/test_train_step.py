@@ -48,7 +48,10 @@ def test_one_host_sync_per_optimizer_step(name, tmp_path, monkeypatch):
     no read per micro-step."""
     recipe, sections = RECIPES[name]
     cfg = tiny_run_config(
-        tmp_path, recipe, steps=4, **{**sections, "data": {"token_budget": 96}, "optim": {"grad_accum_tokens": 250}}
+        tmp_path,
+        recipe,
+        steps=4,
+        **{**sections, "data": {"loader": {"budget_tokens": 96}}, "optim": {"grad_accum_tokens": 250}},
     )
     tr = Trainer(cfg, train_data=synthetic_clipset(n_clips=40, seed=3))
     tr.setup()
@@ -103,7 +106,11 @@ def _stream_cfg(shards, out, **optim):
         out,
         {"name": "ast", "patch": [4, 4]},
         steps=30,
-        data={"train": str(shards), "loader": "stream", "labels": "multi", "token_budget": 48, "max_frames": 40},
+        data={
+            "train": str(shards),
+            "source": "stream",
+            "loader": {"label_mode": "multi_hot", "budget_tokens": 48, "max_frames": 40},
+        },
         model={"n_mels": 16, "base_patch": [4, 4]},
         optim=optim,
     )

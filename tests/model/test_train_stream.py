@@ -1,4 +1,4 @@
-"""``data.loader: stream``: training from shards through pipeline.loader, with exact resume."""
+"""``data.source: stream``: training from shards through pipeline.loader, with exact resume."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def cfg_for(shards, out):
         steps=8,
         data={
             "train": shards,
-            "loader": "stream",
-            "labels": "multi",
-            "token_budget": 48,
-            "max_frames": 40,
-            "resolution": "random",
-            "shifts_ms": [10, 20],
+            "source": "stream",
+            "loader": {
+                "label_mode": "multi_hot",
+                "budget_tokens": 48,
+                "max_frames": 40,
+                "resolution": {"kind": "random", "shifts_ms": [10, 20]},
+            },
         },
         model={"n_mels": 16, "base_patch": [4, 4]},
         run={"ckpt_every": 3},

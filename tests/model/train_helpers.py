@@ -32,14 +32,30 @@ def tiny_run_config(out_dir, recipe: dict, steps: int = 30, **sections) -> objec
             "seed": 0,
             "threads": 1,
         },
-        "data": {"labels": "single", "max_frames": 64, "token_budget": 256, "shift_ms": 10.0},
+        "data": {
+            "loader": {
+                "label_mode": "index",
+                "max_frames": 64,
+                "budget_tokens": 256,
+                "resolution": {"kind": "fixed", "shift_ms": 10.0},
+            }
+        },
         "model": dict(TINY_MODEL, pool="mean"),
         "recipe": recipe,
         "optim": {"lr": 2e-3, "steps": steps, "warmup_steps": 2, "schedule": "cosine", "epochs": 0},
     }
     for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
+        _merge(raw.setdefault(name, {}), values)
     return from_dict(raw)
+
+
+def _merge(into: dict, values: dict) -> None:
+    """``values`` over ``into``, mapping by mapping (``data={"loader": {...}}`` keeps the other loader keys)."""
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict) and k != "resolution":
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 @torch.no_grad()
