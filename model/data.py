@@ -25,7 +25,7 @@ from flexast.model.config import Config
 from flexast.pipeline.batch import PackedBatch
 from flexast.pipeline.datasource import MemorySource, Source, open_source
 from flexast.pipeline.errors import ConfigError, ShardError
-from flexast.pipeline.resolution import TimeScale
+from flexast.pipeline.resolution import ResolutionPolicy, TimeScale
 from flexast.pipeline.units import parse_shift_name, shift_name
 
 
@@ -81,16 +81,6 @@ def norm_table(info: dict, shifts_ms: Sequence[float]) -> dict[str, tuple[float,
     return {shift_name(s): norm_from_info(info, s) for s in shifts_ms}
 
 
-def policy_of(resolutions: Sequence[TimeScale], pool_mode: str = "avg") -> dict:
-    """The loader's resolution policy for a stage's per-clip resolution choices."""
-    res = list(resolutions)
-    if len(res) == 1 and res[0].pool == 1:
-        return {"kind": "fixed", "shift_ms": res[0].shift_ms}
-    if all(r.pool == 1 for r in res):
-        return {"kind": "random", "shifts_ms": [r.shift_ms for r in res]}
-    return {"kind": "pool", "shift_ms": res[0].shift_ms, "pool_factors": [r.pool for r in res], "pool_mode": pool_mode}
-
-
 def stream_config(cfg: Config, stage, seed: int, stride: tuple[int, int] | None = None) -> dict:
     """The loader options of one training stage: ``data.loader`` (already the loader's config) with the stage's
     patches, seed, resolution and length cap set on a copy."""
@@ -104,7 +94,7 @@ def stream_config(cfg: Config, stage, seed: int, stride: tuple[int, int] | None 
         "patches": [list(p) for p in stage.patches],
         "train": True,
         "seed": seed,
-        "resolution": policy_of(stage.resolutions, stage.pool_mode),
+        "resolution": dataclasses.asdict(stage.resolution),
         "max_frames": None if lc.target_frames else stage.max_frames,
         "stride": list(stride) if lc.target_frames and stride else None,
     }
@@ -132,7 +122,7 @@ def eval_config(
         "budget_tokens": max(budget, room),  # room for the longest clip: nothing is cut by the budget
         "patches": [list(patch)],
         "train": False,
-        "resolution": policy_of([resolution], pool_mode),
+        "resolution": dataclasses.asdict(ResolutionPolicy.at(resolution, pool_mode)),
         "max_frames": None if pad_to else max_frames,
         "target_frames": pad_to or None,
         "label_mode": "index" if single else "multi_hot",
@@ -144,19 +134,6 @@ def padded_view(batch: PackedBatch) -> torch.Tensor:
     """``(B, T, F)`` view of a batch of equal-length clips (the classic padded AST input)."""
     t = int(batch.n_frames[0]) if batch.n_clips else 0
     return batch.frames.view(batch.n_clips, t, batch.n_mels)  # (ΣT, F) → (B, T, F): equal lengths
-
-
-def resolutions_from(
-    policy: str, shift_ms: float, shifts_ms: Sequence[float], pool_factors: Sequence[int], stored: Sequence[float]
-) -> list[TimeScale]:
-    """The per-clip resolution choices of a data policy: fixed | random (stored shifts) | pool (factors)."""
-    if policy == "fixed":
-        return [TimeScale(float(shift_ms), 1)]
-    if policy == "random":
-        return [TimeScale(float(s), 1) for s in (shifts_ms or stored)]
-    if policy == "pool":
-        return [TimeScale(float(shift_ms), int(r)) for r in pool_factors]
-    raise ConfigError(f"data.resolution: unknown policy {policy!r} (fixed, random or pool)")
 
 
 def describe_shift(shift_ms: float) -> str:

@@ -111,7 +111,7 @@ def evaluate_source(model, source: Source, cfg: Config, *, patch, resolution, ma
         norm=norm,
         vocab=vocab,
         single=lc.label_mode == "index",
-        pool_mode=lc.policy(0).pool_mode,
+        pool_mode=lc.policy().pool_mode,
         device=device,
         pad_to=lc.target_frames or 0,
     )

@@ -1,6 +1,6 @@
 """The four training recipes as plans of stages: what each stage feeds the model and for how long.
 
-A *stage* fixes the patch sizes drawn per step, the per-clip resolutions, the length cap, whether a
+A *stage* fixes the patch sizes drawn per step, the per-clip resolution policy, the length cap, whether a
 teacher is distilled, and the stage length. ``ast``, ``flexiast`` and ``elasticast`` are one stage;
 ``coarse_to_fine`` is one stage per phase. Between stages the trainer moves the weights to the new
 token grid (:func:`move_to_stage`: a model for the stage's :func:`model_config`, the weights copied over by
@@ -21,18 +21,17 @@ Recipe → stage mapping:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from flexast.model.ast import ASTModel, ModelConfig
 from flexast.model.checkpoint import load_init
 from flexast.model.config import Config, PhaseConfig
-from flexast.model.data import resolutions_from
 from flexast.model.patch_embed import resample_patch_embed
 from flexast.model.pos_embed import resample_grid_pos_embed, resize_table
 from flexast.pipeline.errors import ConfigError
-from flexast.pipeline.resolution import TimeScale
+from flexast.pipeline.resolution import ResolutionPolicy
 
 
 @dataclass
@@ -42,8 +41,7 @@ class Stage:
     name: str
     kind: str  # the recipe trained inside: ast | flexiast | elasticast
     patches: list[tuple[int, int]]  # drawn uniformly per step
-    resolutions: list[TimeScale]
-    pool_mode: str
+    resolution: ResolutionPolicy  # per-clip resolution (``random`` with its shifts filled in from the shards)
     max_frames: int
     epochs: float = 0.0
     steps: int = 0  # > 0 wins over epochs
@@ -62,9 +60,20 @@ def _patches(cfg: Config, kind: str) -> list[tuple[int, int]]:
     return [(int(p), int(p)) for p in cfg.recipe.patch_sizes]
 
 
-def _base_resolutions(cfg: Config, stored: list[float]) -> list[TimeScale]:
-    p = cfg.data.loader.policy(0)
-    return resolutions_from(p.kind, p.shift_ms, p.shifts_ms, p.pool_factors, stored)
+def _base_policy(cfg: Config, stored: list[float]) -> ResolutionPolicy:
+    """``data.loader.resolution``; ``random`` without shifts draws from every stored shift, in the index's order."""
+    policy = cfg.data.loader.policy()
+    if policy.kind == "random" and not policy.shifts_ms:
+        policy = replace(policy, shifts_ms=[float(s) for s in stored])
+    return _plain(policy)
+
+
+def _plain(policy: ResolutionPolicy) -> ResolutionPolicy:
+    """A policy with one choice at its stored resolution is ``fixed`` (no draw per clip)."""
+    (first, *more) = policy.choices() or [None]
+    if first is not None and not more and first.pool == 1:
+        return ResolutionPolicy("fixed", shift_ms=first.shift_ms)
+    return policy
 
 
 def length_cap(cfg: Config) -> int:
@@ -78,8 +87,7 @@ def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
         name=kind,
         kind=kind,
         patches=_patches(cfg, kind),
-        resolutions=_base_resolutions(cfg, stored),
-        pool_mode=cfg.data.loader.policy(0).pool_mode,
+        resolution=_base_policy(cfg, stored),
         max_frames=length_cap(cfg),
         epochs=cfg.optim.epochs,
         steps=cfg.optim.steps,
@@ -99,15 +107,15 @@ def _phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Stage:
     if ph.method in ("fshift", "pool") and r > 1:
         inner.max_frames = max(1, length_cap(cfg) // r)
     if ph.method == "fshift":
-        shift = cfg.data.loader.policy(0).shift_ms * r
+        shift = float(cfg.data.loader.policy().shift_ms * r)
         if stored and shift not in stored:
             raise ConfigError(
                 f"recipe.phases[{i}]: fshift x{r} needs frame shift {shift:g} ms in the shards (stored: {stored})"
             )
-        inner.resolutions = [TimeScale(shift, 1)]
+        inner.resolution = ResolutionPolicy("fixed", shift_ms=shift)
     elif ph.method == "pool":
-        inner.resolutions = [TimeScale(cfg.data.loader.policy(0).shift_ms, r)]
-        inner.pool_mode = ph.pool_mode
+        base = float(cfg.data.loader.policy().shift_ms)
+        inner.resolution = _plain(ResolutionPolicy("pool", shift_ms=base, pool_factors=[r], pool_mode=ph.pool_mode))
     elif ph.method == "patch":
         inner.patches = [(p_f, p_t * r)]
         inner.kernel = (p_f, p_t * r)

@@ -384,7 +384,7 @@ class Trainer:
             self.valid_data,
             self.cfg,
             patch=stage.eval_patch,
-            resolution=stage.resolutions[0],
+            resolution=stage.resolution.choices()[0],
             max_frames=d.eval_max_frames or stage.max_frames,
             device=self.device,
             vocab=self.vocab,

@@ -268,7 +268,7 @@ class StreamLoader:
             self.source,
             self.norm,
             self.n_classes,
-            self.cfg.policy(self.epoch),
+            self.cfg.policy(),
             (self.cfg.seed, self.epoch, self.rank),
         )
         ds.steps = [(pos, w, plan) for pos, (w, plan) in enumerate(steps)]

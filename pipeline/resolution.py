@@ -12,13 +12,15 @@ Policies (chosen per clip with the clip's own generator):
 * ``pool``: the stored ``shift_ms`` features pooled over time by a factor drawn from ``pool_factors``
   with ``pool_mode`` avg or max (ElasticAST's pooling ablation, coarse-to-fine's Pool method), using
   the numba kernels of :mod:`pipeline.pooling`.
-* ``phase``: a :class:`PhaseSchedule` gives the policy of each training phase (coarse-to-fine).
+
+Coarse-to-fine training changes the policy between the recipe's stages (:mod:`model.recipes`), each stage
+with its own loader; there is no schedule inside one loader.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,6 +80,21 @@ class ResolutionPolicy:
         if errors:
             raise ConfigError("bad resolution policy: " + "; ".join(errors))
 
+    @classmethod
+    def at(cls, scale: TimeScale, pool_mode: str = "avg") -> ResolutionPolicy:
+        """The policy that gives every clip the one time scale ``scale`` (evaluation sweeps)."""
+        if scale.pool == 1:
+            return cls("fixed", shift_ms=float(scale.shift_ms))
+        return cls("pool", shift_ms=float(scale.shift_ms), pool_factors=[int(scale.pool)], pool_mode=pool_mode)
+
+    def choices(self) -> list[TimeScale]:
+        """The time scales a clip may get, in draw order (``random``: its ``shifts_ms``, which must be given)."""
+        if self.kind == "fixed":
+            return [TimeScale(float(self.shift_ms), 1)]
+        if self.kind == "random":
+            return [TimeScale(float(s), 1) for s in self.shifts_ms]
+        return [TimeScale(float(self.shift_ms), int(r)) for r in self.pool_factors]
+
     def choose(self, frames: dict[str, int], rng: np.random.Generator) -> Resolution:
         """Pick a resolution for a clip whose stored frame counts are ``frames`` (``{"s10": T, ...}``)."""
         if self.kind == "random":
@@ -104,24 +121,3 @@ def apply_pool(x: np.ndarray, res: Resolution, mode: str = "avg", tail: str = "f
     if res.pool == 1:
         return x
     return np.asarray(pool_time(x, res.pool, mode=mode, tail=tail))
-
-
-@dataclass
-class PhaseSchedule:
-    """Coarse-to-fine: ``phases[k] = (first_epoch, policy)``, sorted by epoch; the last phase started wins."""
-
-    phases: list[tuple[int, ResolutionPolicy]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.phases:
-            raise ConfigError("phase schedule has no phases")
-        starts = [int(e) for e, _ in self.phases]
-        if starts != sorted(starts) or starts[0] != 0:
-            raise ConfigError(f"phase start epochs must be sorted and begin at 0, got {starts}")
-
-    def policy(self, epoch: int) -> ResolutionPolicy:
-        current = self.phases[0][1]
-        for start, pol in self.phases:
-            if epoch >= start:
-                current = pol
-        return current

@@ -274,7 +274,7 @@ def plan_slot(
     assignments = assign_shards(
         source.shards, seed=cfg.seed, epoch=epoch, shuffle=cfg.train and cfg.shuffle_shards, slot=slot, n_slots=n_slots
     )
-    policy = cfg.policy(epoch)
+    policy = cfg.policy()
     index = source.index
     src: Iterable[dict] = record_stage(assignments, source, counters, cfg.on_error)
     if cfg.balanced and cfg.train:

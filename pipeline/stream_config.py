@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from flexast.pipeline.config_schema import check_known_keys
 from flexast.pipeline.errors import ConfigError
-from flexast.pipeline.resolution import PhaseSchedule, ResolutionPolicy
+from flexast.pipeline.resolution import ResolutionPolicy
 
 
 @dataclass
@@ -31,7 +31,6 @@ class StreamConfig:
             sample exactly once, in shard order up to packing).
         seed: the run's seed; with the epoch it fixes the whole order.
         resolution: a :class:`~pipeline.resolution.ResolutionPolicy` as a dict.
-        phases: coarse-to-fine ``[[first_epoch, resolution dict], ...]``; overrides ``resolution``.
         max_frames: length cap (crop), or None for native length.
         target_frames: classic AST fixed length: crop or zero-pad every clip to it (before normalising).
         crop, eval_crop: crop window in training / evaluation: ``random``, ``center`` or ``start``.
@@ -60,7 +59,6 @@ class StreamConfig:
     train: bool = True
     seed: int = 0
     resolution: dict = field(default_factory=lambda: {"kind": "fixed", "shift_ms": 10.0})
-    phases: list | None = None
     max_frames: int | None = None
     target_frames: int | None = None
     crop: str = "random"
@@ -105,7 +103,7 @@ class StreamConfig:
         if self.max_frames is not None and self.target_frames is not None:
             errors.append("max_frames and target_frames exclude each other")
         try:
-            self.policy(0)
+            self.policy()
         except ConfigError as exc:
             errors.append(str(exc))
         if errors:
@@ -117,14 +115,12 @@ class StreamConfig:
         check_known_keys(cls, d, "stream config keys")
         return cls(**d)
 
-    def policy(self, epoch: int) -> ResolutionPolicy:
-        """The resolution policy of ``epoch`` (the phase schedule's, when there is one)."""
+    def policy(self) -> ResolutionPolicy:
+        """The resolution policy (``resolution`` as a :class:`ResolutionPolicy`)."""
         try:
-            if self.phases:
-                return PhaseSchedule([(int(e), ResolutionPolicy(**p)) for e, p in self.phases]).policy(epoch)
             return ResolutionPolicy(**self.resolution)
         except TypeError as exc:
-            raise ConfigError(f"bad resolution policy {self.resolution or self.phases}: {exc}") from exc
+            raise ConfigError(f"bad resolution policy {self.resolution}: {exc}") from exc
 
     def norm_stats(self, index: dict | None) -> dict:
         """``{shift_name: (mean, std)}``: the config's pair for every shift, else ``index.json``'s per-shift stats."""

@@ -7,7 +7,7 @@ import pytest
 
 from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.loader import make_stream
-from flexast.pipeline.resolution import PhaseSchedule, ResolutionPolicy, apply_pool
+from flexast.pipeline.resolution import ResolutionPolicy, TimeScale, apply_pool
 from flexast.pipeline.stream_config import StreamConfig
 from tests.factories import write_shard_folder
 
@@ -54,23 +54,19 @@ def test_missing_shift_and_bad_policy_are_typed_errors():
     assert "zoom" in str(err.value) and "median" in str(err.value)
 
 
-def test_phase_schedule_picks_the_policy_of_each_epoch():
-    coarse, fine = ResolutionPolicy("pool", pool_factors=[4]), ResolutionPolicy("fixed")
-    sched = PhaseSchedule([(0, coarse), (1, fine)])
-    assert sched.policy(0) is coarse and sched.policy(1) is fine and sched.policy(7) is fine
-    with pytest.raises(ConfigError):
-        PhaseSchedule([(2, fine)])
+def test_choices_list_what_a_clip_may_get_in_draw_order():
+    assert ResolutionPolicy("fixed", shift_ms=20).choices() == [TimeScale(20.0, 1)]
+    assert ResolutionPolicy("random", shifts_ms=[40, 10]).choices() == [TimeScale(40.0), TimeScale(10.0)]
+    pool = ResolutionPolicy("pool", shift_ms=10, pool_factors=[1, 4])
+    assert [t.frame_shift_ms for t in pool.choices()] == [10.0, 40.0]
 
 
-def test_stream_applies_the_phase_policy(tmp_path):
+def test_stream_applies_the_policy(tmp_path):
     write_shard_folder(tmp_path, n_shards=2, per_shard=6)
-    cfg = StreamConfig(
-        budget_tokens=512,
-        patches=[[4, 4]],
-        phases=[[0, {"kind": "pool", "pool_factors": [2], "pool_mode": "max"}], [1, {"kind": "fixed", "shift_ms": 10}]],
-    )
-    first = [float(s) for b in make_stream(cfg, str(tmp_path), epoch=0) for s in b.frame_shift_ms]
-    later = [float(s) for b in make_stream(cfg, str(tmp_path), epoch=1) for s in b.frame_shift_ms]
+    coarse = StreamConfig(budget_tokens=512, patches=[[4, 4]], resolution={"kind": "pool", "pool_factors": [2]})
+    fine = StreamConfig(budget_tokens=512, patches=[[4, 4]], resolution={"kind": "fixed", "shift_ms": 10})
+    first = [float(s) for b in make_stream(coarse, str(tmp_path), epoch=0) for s in b.frame_shift_ms]
+    later = [float(s) for b in make_stream(fine, str(tmp_path), epoch=1) for s in b.frame_shift_ms]
     assert set(first) == {20.0} and set(later) == {10.0} and len(first) == len(later) == 12
     random = StreamConfig(budget_tokens=512, patches=[[4, 4]], resolution={"kind": "random"})
     shifts = {float(s) for b in make_stream(random, str(tmp_path)) for s in b.frame_shift_ms}
