@@ -136,6 +136,12 @@ def padded_view(batch: PackedBatch) -> torch.Tensor:
     return batch.frames.view(batch.n_clips, t, batch.n_mels)  # (ΣT, F) → (B, T, F): equal lengths
 
 
+def model_input(batch: PackedBatch, padded: bool):
+    """The model's input: the packed batch, or its ``(B, T, F)`` view for the classic padded AST
+    (``data.loader.target_frames``)."""
+    return padded_view(batch) if padded else batch
+
+
 def describe_shift(shift_ms: float) -> str:
     """``'s10'``-style name of a shift, for logs and tables."""
     return shift_name(shift_ms) if math.isfinite(shift_ms) else str(shift_ms)

@@ -338,7 +338,7 @@ def eval_points(plan: DemoPlan, row: str) -> list[tuple[str, float, int, float, 
 
 def evaluate_runs(runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, log=print) -> tuple[list[dict], dict]:
     """One row per (row, seed, sweep point): top-1 with its 95% Wilson interval and the seconds of audio seen."""
-    from flexast.model import adapter
+    from flexast.model.checkpoint import load_checkpoint
     from flexast.model.data import open_data, training_stats
     from flexast.model.evaluate import score_source
     from flexast.model.metrics import wilson_interval
@@ -351,7 +351,7 @@ def evaluate_runs(runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, log
     cache: dict[tuple[float, int], object] = {}
     results = []
     for (row, seed), run in runs.items():
-        model = adapter.load_model(run["dir"] / "final")
+        model = load_checkpoint(run["dir"] / "final")
         scored: dict[tuple, dict] = {}
         for sweep, value, p, shift, frames in eval_points(plan, row):
             padded = row in PADDED_ROWS

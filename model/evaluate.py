@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexast.model import adapter
+from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config
-from flexast.model.data import eval_config, norm_table, open_data, shifts_of
+from flexast.model.data import eval_config, model_input, norm_table, open_data, shifts_of
 from flexast.model.metrics import chance_metrics, classification_metrics
 from flexast.model.run_dir import read_labels
 from flexast.pipeline.datasource import Source
@@ -82,7 +82,7 @@ def score_source(
     t0 = time.perf_counter()
     for batch in loader:
         batch = batch.to(device)
-        logits = model(adapter.model_input(batch, bool(pad_to))).float()
+        logits = model(model_input(batch, bool(pad_to))).float()
         prob = torch.softmax(logits, 1) if single else torch.sigmoid(logits)
         scores.append(prob.cpu().numpy())
         targets.append(batch.labels.cpu().numpy())
@@ -297,7 +297,7 @@ def run_eval(
     names = list(names) if names else [_default_name(c) for c in checkpoints]
     if len(names) != len(checkpoints):
         raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
-    models = {n: adapter.load_model(c, dev) for n, c in zip(names, checkpoints, strict=True)}
+    models = {n: load_checkpoint(c, dev) for n, c in zip(names, checkpoints, strict=True)}
     infos = {n: read_labels(c) for n, c in zip(names, checkpoints, strict=True)}
     rows = eval_grid(models, source, spec, dev, infos=infos)
     out = Path(out_dir)

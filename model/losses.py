@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexast.model.data import padded_view
+from flexast.pipeline.batch import PackedBatch
 from flexast.pipeline.errors import ConfigError
 
 
@@ -44,3 +46,17 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, ki
     # KL(Bern(p_t) || Bern(p_s)) with log-sigmoids for stability.
     kl = p_t * (F.logsigmoid(z) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-z) - F.logsigmoid(-s))
     return kl.mean() * t * t
+
+
+def teacher_logits(teacher: torch.nn.Module, batch: PackedBatch, patch: tuple[int, int], padded: bool) -> torch.Tensor:
+    """``(N, C)`` logits of the frozen KD teacher on the batch's clips, re-cut at the teacher's ``patch``
+    (``recipe.kd.teacher_patch`` or its own kernel) when the batch's differs; the padded view as it is."""
+    if padded:
+        return teacher(padded_view(batch))
+    if tuple(patch) == batch.patch:
+        return teacher(batch)
+    return teacher(
+        PackedBatch.from_clips(
+            batch.clip_frames(), batch.labels, batch.keys, patch, frame_shift_ms=batch.frame_shift_ms.cpu()
+        )
+    )

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 
-from flexast.model import adapter
 from flexast.model import step as step_io
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config, DataConfig, ModelSection, OptimConfig
-from flexast.model.data import open_data, shifts_of, stream_config, training_stats
+from flexast.model.data import model_input, open_data, shifts_of, stream_config, training_stats
 from flexast.model.distributed import Ranks
 from flexast.model.evaluate import evaluate_source
 from flexast.model.flops import train_flops
-from flexast.model.losses import kd_loss, supervised_loss
+from flexast.model.losses import kd_loss, supervised_loss, teacher_logits
 from flexast.model.metric_log import MetricLog
 from flexast.model.recipes import Stage, build_model, move_to_stage, plan_stages
 from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
@@ -279,14 +278,16 @@ class Trainer:
         """Mean loss over the micro-step's clips, and the ``(N, C)`` logits."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
-            logits = adapter.logits(self.compiled, batch, self.cfg)
+            padded = bool(self.cfg.data.loader.target_frames)
+            logits = self.compiled(model_input(batch, padded))
             loss_name = self.cfg.optim.loss
             if loss_name == "auto":
                 loss_name = "ce" if self.cfg.data.loader.label_mode == "index" else "bce"
             loss = supervised_loss(logits.float(), batch.labels, loss_name)
             if stage.kd and self.teacher is not None:
                 with torch.no_grad():
-                    t_logits = adapter.teacher_logits(self.teacher, batch, self.cfg)
+                    patch = tuple(self.cfg.recipe.kd.teacher_patch) or self.teacher.config.base_patch
+                    t_logits = teacher_logits(self.teacher, batch, patch, padded)
                 kd = self.cfg.recipe.kd
                 loss = (1 - kd.alpha) * loss + kd.alpha * kd_loss(
                     logits.float(), t_logits.float(), kd.temperature, loss_name

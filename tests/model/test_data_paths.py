@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexast.model import adapter
 from flexast.model.ast import ASTModel
+from flexast.model.checkpoint import load_checkpoint
 from flexast.model.data import norm_table, open_data, shifts_of
 from flexast.model.evaluate import GridSpec, run_eval, score_source
 from flexast.model.predict import Predictor
@@ -150,7 +150,7 @@ def test_a_zarr_only_build_trains_evaluates_and_predicts_alike(zarr_only, tmp_pa
     # The same clip gets the same scores from eval (shards, float16) and predict (audio, float32).
     info = read_labels(final)
     source = open_data(report.out, "--data", "stream")
-    model = adapter.load_model(final)
+    model = load_checkpoint(final)
     scored = score_source(model, source, patch=(16, 16), max_frames=10**4, vocab=info["names"], single=True,
                           norm=norm_table(info, shifts_of(source)))  # fmt: skip
     files = sorted(str(p) for p in (Path(root) / "audio").iterdir())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexast.model import adapter
 from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.checkpoint import save_checkpoint
 from flexast.model.cli import main
 from flexast.model.data import eval_config, open_data
 from flexast.model.evaluate import GridSpec, run_eval, score_source
@@ -80,7 +80,7 @@ def test_scores_do_not_depend_on_packing(shards):
 def test_run_eval_writes_csv_table_and_plots(shards, tmp_path):
     data_dir = str(shards[0])
     for name, seed in (("a", 0), ("b", 1)):
-        adapter.save_weights(tiny_model(seed=seed), tmp_path / name / "final")
+        save_checkpoint(tiny_model(seed=seed), tmp_path / name / "final" / "model.safetensors")
     spec = GridSpec(
         patch_sizes=(4, 8, 16), shifts_ms=(10.0, 20.0), pool_factors=(2,), max_lengths=(20, 50), base_max_frames=60
     )
@@ -105,7 +105,7 @@ def test_run_eval_writes_csv_table_and_plots(shards, tmp_path):
 
 
 def test_eval_cli(shards, tmp_path, capsys):
-    adapter.save_weights(tiny_model(), tmp_path / "m" / "final")
+    save_checkpoint(tiny_model(), tmp_path / "m" / "final" / "model.safetensors")
     code = main(
         [
             "eval",
