@@ -273,7 +273,7 @@ class ASTModel(nn.Module):
                 raise ShapeError(f"batch frame counts {n_frames.tolist()} are not all multiples of p_t={patch[1]}")
             seg = Segments.from_lengths(token_count(n_frames, batch.n_mels, patch), device)
         hf = batch.n_mels // patch[0]
-        seg.total = frames.shape[0] // patch[1] * hf
+        seg.total = int(token_count(frames.shape[0], batch.n_mels, patch))  # L, every clip's tokens
         x = self.patch_embed.forward_packed(frames, patch).to(self._residual_dtype())  # (L, D)
         x = x + self.pos_embed.forward_packed(seg, hf, self.config.max_frames // patch[1]).to(x.dtype)  # (L, D)
         return self._encode(x, seg, return_embeddings)
