@@ -26,6 +26,7 @@ from flexast.pipeline.batch import PackedBatch
 from flexast.pipeline.datasource import MemorySource, Source, open_source
 from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.resolution import ResolutionPolicy, TimeScale
+from flexast.pipeline.stream_config import StreamConfig
 from flexast.pipeline.units import parse_shift_name, shift_name
 
 
@@ -61,6 +62,30 @@ def shifts_of(source: Source) -> list[float]:
 def training_stats(source: Source) -> dict[str, list[float]]:
     """``{"10.0": [mean, std], ...}``: the per-shift statistics saved with a checkpoint (``labels.json``)."""
     return {str(parse_shift_name(k)): [float(v["mean"]), float(v["std"])] for k, v in source.index["stats"].items()}
+
+
+def labels_info(source: Source, loader: StreamConfig) -> dict:
+    """What ``labels.json`` records beside a checkpoint: class names, label mode, normalisation and the feature
+    recipe of the training data (``model predict`` and ``model eval`` featurise and normalise alike)."""
+    index = source.index
+    labels, build = index.get("labels", {}), index.get("config", {})
+    names = source.label_names
+    return {
+        "names": names,
+        "display_names": list(labels.get("display_names", names)),
+        "labels": "single" if loader.label_mode == "index" else "multi",
+        "stats": training_stats(source) if index.get("stats") else {},
+        "norm": [loader.norm_mean, loader.norm_std] if loader.norm_mean is not None else [],
+        "features": dict(build.get("features", {})),
+        "sample_rate": int(index.get("sample_rate", build.get("sample_rate", 16000))),
+    }
+
+
+def training_norm(source: Source, loader: StreamConfig):
+    """The loader's ``norm=`` for the held-out set: ``norm_mean/norm_std``, else the training statistics per shift."""
+    if loader.norm_mean is not None:
+        return (loader.norm_mean, loader.norm_std)
+    return {k: (v["mean"], v["std"]) for k, v in source.index.get("stats", {}).items()}
 
 
 def norm_from_info(info: dict, shift_ms: float) -> tuple[float, float]:

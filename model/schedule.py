@@ -49,3 +49,34 @@ def lr_at(
         k = (epoch - decay_start_epoch) // max(1, decay_every) + 1
         return max(min_lr, base_lr * decay_factor**k)
     raise ConfigError(f"unknown lr schedule {schedule!r} (expected step, cosine or constant)")
+
+
+def optim_lr(o, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """:func:`lr_at` with the ``optim`` section's settings (warm-up kept shorter than the stage)."""
+    return lr_at(
+        step,
+        base_lr=o.lr,
+        warmup_steps=min(o.warmup_steps, max(0, total_steps - 1)),
+        schedule=o.schedule,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        decay_start_epoch=o.decay_start_epoch,
+        decay_every=o.decay_every,
+        decay_factor=o.decay_factor,
+        min_lr=o.min_lr,
+    )
+
+
+def stage_steps(steps: int, epochs: float, epoch_steps, first_epoch: int, steps_per_epoch: int = 0) -> int:
+    """Optimizer steps of a stage: ``steps``, else ``epochs`` passes over the data counted exactly from
+    ``epoch_steps(epoch)`` (the loader plans each epoch before it starts), so the count is the same whenever
+    the run was interrupted; ``steps_per_epoch`` (``optim.steps_per_epoch``) overrides the count per epoch."""
+    if steps > 0:
+        return steps
+    if steps_per_epoch:
+        return max(1, math.ceil(epochs * steps_per_epoch))
+    whole = int(epochs)
+    total = sum(epoch_steps(first_epoch + e) for e in range(whole))
+    if epochs > whole:
+        total += math.ceil((epochs - whole) * epoch_steps(first_epoch + whole))
+    return max(1, total)

@@ -23,7 +23,7 @@ from flexast.model import step as step_io
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config, DataConfig, ModelSection, OptimConfig
-from flexast.model.data import model_input, open_data, shifts_of, stream_config, training_stats
+from flexast.model.data import labels_info, model_input, open_data, shifts_of, stream_config, training_norm
 from flexast.model.distributed import Ranks
 from flexast.model.evaluate import evaluate_source
 from flexast.model.flops import train_flops
@@ -31,7 +31,7 @@ from flexast.model.losses import kd_loss, supervised_loss, teacher_logits
 from flexast.model.metric_log import MetricLog
 from flexast.model.recipes import Stage, build_model, move_to_stage, plan_stages
 from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
-from flexast.model.schedule import lr_at
+from flexast.model.schedule import optim_lr, stage_steps
 from flexast.pipeline.datasource import Source, label_map
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.loader import make_loader
@@ -120,19 +120,6 @@ class Trainer:
         opts = stream_config(self.cfg, stage, self.cfg.run.seed + 1000 * self.state.stage, stride)
         return make_loader(opts, self.train_data, rank=self.ranks.rank, world_size=self.ranks.world)
 
-    def _stage_steps(self, stage: Stage, first_epoch: int) -> int:
-        """Optimizer steps of the stage: ``optim.steps``, else ``epochs`` passes over the data, counted exactly
-        (the loader plans each epoch's steps before it starts); the same whenever the run was interrupted."""
-        if stage.steps > 0:
-            return stage.steps
-        if self.cfg.optim.steps_per_epoch:
-            return max(1, math.ceil(stage.epochs * self.cfg.optim.steps_per_epoch))
-        whole = int(stage.epochs)
-        total = sum(self._epoch_steps(first_epoch + e) for e in range(whole))
-        if stage.epochs > whole:
-            total += math.ceil((stage.epochs - whole) * self._epoch_steps(first_epoch + whole))
-        return max(1, total)
-
     def _epoch_steps(self, epoch: int) -> int:
         """Optimizer steps of one epoch: its loader steps (equal on every rank), or with ``grad_accum_tokens``
         an estimate from them (full budgets; the same on every rank)."""
@@ -172,7 +159,10 @@ class Trainer:
             if self.state.loader:
                 self.loader.load_state_dict(self.state.loader)
         self.steps_per_epoch = self.cfg.optim.steps_per_epoch or self._epoch_steps(self.stage_first_epoch)
-        self.total_steps = self._stage_steps(stage, self.stage_first_epoch)
+        o = self.cfg.optim
+        self.total_steps = stage_steps(
+            stage.steps, stage.epochs, self._epoch_steps, self.stage_first_epoch, o.steps_per_epoch
+        )
         self.ddp_model = self.ranks.wrap(self.model, self.cfg.run.find_unused)
         if self.cfg.run.compile:  # the encoder blocks only: see model.step.compile_model
             step_io.compile_model(self.model)
@@ -259,21 +249,6 @@ class Trainer:
 
     # ---- one update -----------------------------------------------------------------------------
 
-    def _lr(self) -> float:
-        o = self.cfg.optim
-        return lr_at(
-            self.state.stage_step,
-            base_lr=o.lr,
-            warmup_steps=min(o.warmup_steps, max(0, self.total_steps - 1)),
-            schedule=o.schedule,
-            total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch,
-            decay_start_epoch=o.decay_start_epoch,
-            decay_every=o.decay_every,
-            decay_factor=o.decay_factor,
-            min_lr=o.min_lr,
-        )
-
     def _loss(self, batch, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the micro-step's clips, and the ``(N, C)`` logits."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -351,7 +326,7 @@ class Trainer:
                 p.grad.mul_(scale)
         gnorm = step_io.grad_norm(params, self.cfg.optim.grad_clip)
         loss_total, _ = step_io.read_step(self.state.step + 1, loss_sum, gnorm, micro)
-        lr = self._lr()
+        lr = optim_lr(self.cfg.optim, self.state.stage_step, self.total_steps, self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -373,13 +348,6 @@ class Trainer:
         if self._last_eval[0] == self.state.step:
             return self._last_eval[1]
         d = self.cfg.data
-        stats = self.train_data.index.get("stats", {})
-        lc = d.loader
-        norm = (
-            (lc.norm_mean, lc.norm_std)
-            if lc.norm_mean is not None
-            else {k: (v["mean"], v["std"]) for k, v in stats.items()}
-        )
         metrics = evaluate_source(
             self.model,
             self.valid_data,
@@ -389,7 +357,7 @@ class Trainer:
             max_frames=d.eval_max_frames or stage.max_frames,
             device=self.device,
             vocab=self.vocab,
-            norm=norm,  # the training statistics, as model predict and model eval use
+            norm=training_norm(self.train_data, d.loader),  # as model predict and model eval normalise
         )
         self.log.write({"step": self.state.step, "stage": stage.name, "split": "valid", **metrics})
         self._last_eval = (self.state.step, metrics)
@@ -397,24 +365,9 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def _labels(self) -> dict:
-        """What ``labels.json`` records: class names and the feature recipe of the training data."""
-        index, lc = self.train_data.index, self.cfg.data.loader
-        labels = index.get("labels", {})
-        build = index.get("config", {})
-        return {
-            "names": self.vocab,
-            "display_names": list(labels.get("display_names", self.vocab)),
-            "labels": "single" if lc.label_mode == "index" else "multi",
-            "stats": training_stats(self.train_data) if index.get("stats") else {},
-            "norm": [lc.norm_mean, lc.norm_std] if lc.norm_mean is not None else [],
-            "features": dict(build.get("features", {})),
-            "sample_rate": int(index.get("sample_rate", build.get("sample_rate", 16000))),
-        }
-
     def _save_weights(self, folder: Path) -> None:
         if self.ranks.is_main:
-            self.run.save_weights(folder, self.model, self.cfg, self._labels())
+            self.run.save_weights(folder, self.model, self.cfg, labels_info(self.train_data, self.cfg.data.loader))
 
     def save_checkpoint(self) -> Path | None:
         """Atomic full-state checkpoint ``checkpoints/step_XXXXXXXX`` (model, optimizer, loader, RNG, step, stage)."""
@@ -425,7 +378,15 @@ class Trainer:
             if self.ema is not None:
                 extra["ema"] = self.ema.state_dict()
             keep = self.cfg.run.keep_last
-            path = self.run.save_step(self.state, self.model, self.cfg, self._labels(), extra, self.device, keep)
+            path = self.run.save_step(
+                self.state,
+                self.model,
+                self.cfg,
+                labels_info(self.train_data, self.cfg.data.loader),
+                extra,
+                self.device,
+                keep,
+            )
         self.ranks.barrier()
         return path
 
