@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexast.model.errors import BackendError
+from flexast.model.errors import BackendError, ModelConfigError
 
 BACKENDS = ("varlen", "sdpa_loop", "padded", "flex")
 
@@ -329,7 +329,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+            raise ModelConfigError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from flexast.model.attention import Attention, Segments, host_to_device
+from flexast.model.errors import ModelConfigError
 
 # name: (width D, depth, heads)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -138,7 +139,7 @@ class TokenDropout(nn.Module):
     def __init__(self, p: float = 0.0):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"token dropout must be in [0, 1), got {p}")
+            raise ModelConfigError(f"token dropout must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, Segments]:

@@ -33,6 +33,7 @@ from flexast.model.data import eval_config, model_input, norm_table, open_data, 
 from flexast.model.metrics import chance_metrics, classification_metrics
 from flexast.model.run_dir import read_labels
 from flexast.pipeline.datasource import Source
+from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
 
@@ -296,7 +297,7 @@ def run_eval(
     source = open_data(data, "--data", "memory", max_clips) if isinstance(data, str) else data
     names = list(names) if names else [_default_name(c) for c in checkpoints]
     if len(names) != len(checkpoints):
-        raise ValueError(f"{len(names)} names for {len(checkpoints)} checkpoints")
+        raise ConfigError(f"--name: {len(names)} names for {len(checkpoints)} checkpoints")
     models = {n: load_checkpoint(c, dev) for n, c in zip(names, checkpoints, strict=True)}
     infos = {n: read_labels(c) for n, c in zip(names, checkpoints, strict=True)}
     rows = eval_grid(models, source, spec, dev, infos=infos)

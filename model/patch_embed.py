@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexast.model.errors import ShapeError
+from flexast.model.errors import ModelConfigError, ShapeError
 
 RESIZE_MODES = ("pi", "bilinear", "none")
 
@@ -69,9 +69,9 @@ class FlexiPatchEmbed(nn.Module):
     def __init__(self, dim: int, base_patch: tuple[int, int] = (16, 16), resize: str = "pi", resize_axes: str = "both"):
         super().__init__()
         if resize not in RESIZE_MODES:
-            raise ValueError(f"patch resize must be one of {RESIZE_MODES}, got {resize!r}")
+            raise ModelConfigError(f"patch resize must be one of {RESIZE_MODES}, got {resize!r}")
         if resize_axes not in ("both", "time"):
-            raise ValueError(f"resize_axes must be 'both' or 'time', got {resize_axes!r}")
+            raise ModelConfigError(f"resize_axes must be 'both' or 'time', got {resize_axes!r}")
         self.base_patch = (int(base_patch[0]), int(base_patch[1]))
         self.resize = resize
         self.resize_axes = resize_axes

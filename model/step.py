@@ -48,7 +48,7 @@ def host_tokens(batch) -> int:
     if isinstance(batch, PackedBatch):
         cu = batch.cu_seqlens
         if cu.device.type != "cpu":
-            raise ValueError("host_tokens needs the host batch (cu_seqlens on the CPU); count before moving it")
+            raise ModelError("host_tokens needs the host batch (cu_seqlens on the CPU); count before moving it")
         return int(cu[-1])
     return int(batch.total_tokens)
 
