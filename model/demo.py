@@ -430,7 +430,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, full: bool = Fal
     rows, info = evaluate_runs(runs, plan, shards["eval"], shards["train"], log)
     t_eval = time.perf_counter() - t
     timings = {"data_s": t_data, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t_start}
-    summary = write_report(out, plan, runs, rows, info, timings)
+    summary = write_report(out, plan, runs, rows, info, timings, {k: v[0] for k, v in ROWS.items()})
     log(f"[5/5] {out / 'report.md'}, {out / 'claims.json'}; whole demo {timings['total_s']:.0f} s\n")
     log(summary["table"])
     return summary

@@ -290,11 +290,13 @@ def _claims_table(c: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, plan, runs: dict, rows: list[dict], info: dict, timings: dict) -> dict:
-    """Write every output of the demo into ``out``; returns the claims, the claims table and timings."""
-    from flexast.model.demo import ROWS
+def write_report(
+    out: Path, plan, runs: dict, rows: list[dict], info: dict, timings: dict, names: dict[str, str]
+) -> dict:
+    """Write every output of the demo into ``out``; returns the claims, the claims table and timings.
 
-    names = {k: v[0] for k, v in ROWS.items()}
+    ``names``: display name of each row (``model.demo.ROWS``).
+    """
     seeds = sorted({s for _, s in runs})
     c = claims(rows, runs, info, seeds)
     for item in c["claims"]:
@@ -304,7 +306,7 @@ def write_report(out: Path, plan, runs: dict, rows: list[dict], info: dict, timi
     plots = plot_sweeps(rows, out, info["chance"], names) + plot_training(runs, rows, out, names)
     table = _claims_table(c)
     train_lines = []
-    for row in ROWS:
+    for row in names:
         mine = [v for (r, _), v in runs.items() if r == row]
         losses = [float(np.mean(_losses(v["dir"])[1][-5:])) for v in mine]
         op = cell(rows, row, "operating", 32)
