@@ -1,6 +1,6 @@
 """``model demo``: each paper's effect, measured on one data set with one model size, with 95% intervals.
 
-1. generate the demo audio (:mod:`pipeline.demo`: 8 spectral and 4 temporal classes on non-stationary
+1. generate the demo audio (:mod:`pipeline.demo_sounds`: 8 spectral and 4 temporal classes on non-stationary
    backgrounds): a training collection (seed 0) split into ``train`` and ``valid`` (for tuning), and a
    held-out collection from its own seed (1) of at least 800 clips;
 2. build log-mel shards (``model.n_mels`` of the recipe: 64 bins) at 10, 20 and 40 ms frame shifts, with one
@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from flexast.model.config import Config, PhaseConfig, load_config, save_config
+from flexast.model.errors import ModelError
 from flexast.model.recipes_registry import builtin_recipe
 
 CONFIG = builtin_recipe("demo")
@@ -132,7 +133,7 @@ def make_data(out: Path, plan: DemoPlan, jobs: int = 1, log=print) -> dict[str, 
     """Audio and shards of the train/valid (seed 0) and held-out (seed 1) sets; returns shard folders by split."""
     from flexast.pipeline.build import build_shards
     from flexast.pipeline.build_config import BuildConfig
-    from flexast.pipeline.demo import write_demo
+    from flexast.pipeline.demo_sounds import write_demo
 
     n_mels = load_config(CONFIG).model.n_mels  # the shards carry the bins the demo model expects
     t = time.perf_counter()
@@ -224,7 +225,7 @@ def _train_one(row: str, cfg: Config, data: dict, log) -> dict:
             code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_child_env()).returncode
         if code != 0:
             tail = (run_dir / "train.log").read_text()[-2000:]
-            raise RuntimeError(f"training {row} failed with exit status {code}; end of its log:\n{tail}")
+            raise ModelError(f"training {row} failed with exit status {code}; end of its log:\n{tail}")
     half = run_dir / "checkpoints" / f"step_{cfg.run.ckpt_every:08d}"
     if cfg.run.ckpt_every and half.exists():  # the start of a FlexiAST row (WARM_START)
         shutil.move(str(half), str(run_dir / "half"))

@@ -22,6 +22,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from flexast.pipeline.errors import ConfigError
+
 
 def to_multi_hot(targets: np.ndarray, n_classes: int) -> np.ndarray:
     """``(N,)`` class indices as ``(N, C)`` 0/1, or multi-hot ``(N, C)`` binarised at 0.5."""
@@ -137,7 +139,7 @@ def wilson_interval(k: float, n: int, confidence: float = 0.95) -> tuple[float, 
     if n <= 0:
         return float("nan"), float("nan")
     if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: k={k} must lie in [0, n={n}]")
+        raise ConfigError(f"wilson_interval: k={k} must lie in [0, n={n}]")
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = k / n
     denom = 1 + z * z / n

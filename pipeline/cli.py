@@ -168,7 +168,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from flexast.pipeline.demo import CLASSES, write_demo
+    from flexast.pipeline.demo_sounds import CLASSES, write_demo
 
     manifests = write_demo(args.out, args.clips, args.seed)
     print(f"wrote {args.clips} clips of {len(CLASSES)} classes ({', '.join(CLASSES)}) to {args.out}")

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from flexast.pipeline.errors import ConfigError
+
 SPECTRAL = ("tone", "chirp_up", "chirp_down", "noise_low", "noise_mid", "noise_high", "clicks", "harmonic")
 TEMPORAL = ("beeps_up", "beeps_down", "pulses_even", "pulses_dotted")
 CLASSES = SPECTRAL + TEMPORAL
@@ -148,7 +150,7 @@ def synth(label: str, seconds: float, sr: int, rng: np.random.Generator) -> np.n
     elif label in ("pulses_even", "pulses_dotted"):
         x = _pulses(t, seconds, sr, rng, dotted=label == "pulses_dotted")
     else:
-        raise ValueError(f"unknown demo class {label!r}; classes are {CLASSES}")
+        raise ConfigError(f"unknown demo class {label!r}; classes are {CLASSES}")
     x = np.asarray(x, dtype=np.float64)
     x = 0.5 * rng.uniform(0.4, 1.0) * x / (np.abs(x).max() + 1e-9)
     level = np.abs(x).max() * 10 ** (-rng.uniform(8, 22) / 20)  # background 8-22 dB below the sound's peak
@@ -169,7 +171,7 @@ def plan(
     them when ``held_fraction`` is 1), the rest to ``train``.
     """
     if not 0 < held_fraction <= 1 or not 0 < min_seconds <= max_seconds:
-        raise ValueError(f"plan: bad held_fraction={held_fraction} or seconds {min_seconds}..{max_seconds}")
+        raise ConfigError(f"plan: bad held_fraction={held_fraction} or seconds {min_seconds}..{max_seconds}")
     rng = np.random.default_rng(seed)
     clips = []
     every = max(1, round(1 / held_fraction))

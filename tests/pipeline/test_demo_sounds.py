@@ -10,7 +10,7 @@ import soundfile as sf
 
 from flexast.pipeline.build import build_shards
 from flexast.pipeline.build_config import BuildConfig
-from flexast.pipeline.demo import CLASSES, SPECTRAL, TEMPORAL, _beeps, _pulses, background, plan, write_demo
+from flexast.pipeline.demo_sounds import CLASSES, SPECTRAL, TEMPORAL, _beeps, _pulses, background, plan, write_demo
 from tests.pipeline.test_build import all_samples
 
 
