@@ -23,7 +23,7 @@ import torch
 
 from flexast.model.config import Config
 from flexast.pipeline.batch import PackedBatch
-from flexast.pipeline.datasource import MemorySource, Source, open_source
+from flexast.pipeline.datasource import MemorySource, Source, label_map, open_source
 from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.resolution import ResolutionPolicy, TimeScale
 from flexast.pipeline.stream_config import StreamConfig
@@ -52,6 +52,19 @@ def open_data(spec: str, key: str, loader: str = "memory", max_clips: int = 0, s
         if source.n_clips == 0:
             raise ConfigError(f"{key}={spec!r}: no readable clips")
     return source
+
+
+def check_sources(train: Source, valid: Source | None, loader: StreamConfig) -> None:
+    """Fail before any step, naming the key and path: a training set without label names or (without
+    ``data.loader.norm_mean``) statistics, or a held-out label the training vocabulary lacks (matched by name)."""
+    if not train.label_names:
+        raise ConfigError(f"data.train={train.spec!r}: its index.json lists no label names")
+    if valid is not None:
+        counts = valid.index.get("labels", {}).get("counts")
+        label_map(valid.label_names, train.label_names, f"data.valid={valid.spec!r}", counts)
+    if loader.norm_mean is None and not train.index.get("stats"):
+        where = f"data.train={train.spec!r}"
+        raise ConfigError(f"{where}: no statistics in its index.json; set data.loader.norm_mean and norm_std")
 
 
 def shifts_of(source: Source) -> list[float]:

@@ -23,7 +23,15 @@ from flexast.model import step as step_io
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config, DataConfig, ModelSection, OptimConfig
-from flexast.model.data import labels_info, model_input, open_data, shifts_of, stream_config, training_norm
+from flexast.model.data import (
+    check_sources,
+    labels_info,
+    model_input,
+    open_data,
+    shifts_of,
+    stream_config,
+    training_norm,
+)
 from flexast.model.distributed import Ranks
 from flexast.model.evaluate import evaluate_source
 from flexast.model.flops import train_flops
@@ -32,8 +40,7 @@ from flexast.model.metric_log import MetricLog
 from flexast.model.recipes import Stage, build_model, move_to_stage, plan_stages
 from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
 from flexast.model.schedule import optim_lr, stage_steps
-from flexast.pipeline.datasource import Source, label_map
-from flexast.pipeline.errors import ConfigError
+from flexast.pipeline.datasource import Source
 from flexast.pipeline.loader import make_loader
 
 
@@ -93,15 +100,8 @@ class Trainer:
             self.train_data = open_data(d.train, "data.train", d.source)
         if self.valid_data is None and d.valid:
             self.valid_data = open_data(d.valid, "data.valid", "memory", self.cfg.eval.max_clips)
+        check_sources(self.train_data, self.valid_data, d.loader)
         self.vocab = self.train_data.label_names
-        if not self.vocab:
-            raise ConfigError(f"data.train={self.train_data.spec!r}: its index.json lists no label names")
-        if self.valid_data is not None:  # held-out labels matched by name: an unknown one fails here, before any step
-            counts = self.valid_data.index.get("labels", {}).get("counts")
-            label_map(self.valid_data.label_names, self.vocab, f"data.valid={self.valid_data.spec!r}", counts)
-        if d.loader.norm_mean is None and not self.train_data.index.get("stats"):
-            where = f"data.train={self.train_data.spec!r}"
-            raise ConfigError(f"{where}: no statistics in its index.json; set data.loader.norm_mean and norm_std")
         self.stages = plan_stages(self.cfg, shifts_of(self.train_data))
 
     def _setup_model(self, m: ModelSection) -> None:
