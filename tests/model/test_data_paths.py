@@ -109,7 +109,8 @@ def test_held_out_labels_are_matched_by_name():
     pos = {k: i for i, k in enumerate(a["keys"])}
     order = [pos[k] for k in b["keys"]]
     np.testing.assert_array_equal(b["targets"], a["targets"][order])  # the model's ids, not the subset's
-    np.testing.assert_array_equal(b["scores"], a["scores"][order])
+    # the subset packs its clips into other batches, whose matmul shapes may round one float32 ulp apart by CPU
+    assert_close_ulps(b["scores"], a["scores"][order], ulps=16)
     unknown = relabelled(full, ["class9", "class1", "class2", "class3"], lambda n: True, {"class0": "class9"})
     with pytest.raises(ConfigError, match="class9"):
         score_source(model, unknown, patch=(8, 8), max_frames=64, vocab=vocab, single=True)
