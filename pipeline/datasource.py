@@ -77,6 +77,11 @@ class Source:
         return list(self.index.get("labels", {}).get("names", []))
 
     @property
+    def remote(self) -> bool:
+        """Whether :meth:`fetch` goes over the network (HTTP, S3, ...): then the loader reads steps ahead."""
+        return any(is_remote(s.url) for s in self.shards)
+
+    @property
     def n_clips(self) -> int:
         return sum(int(s.samples or 0) for s in self.shards)
 
@@ -319,6 +324,10 @@ class MemorySource(Source):
         mem = cls(source.spec, source.index, data)
         mem.origin = source.kind
         return mem
+
+    @property
+    def remote(self) -> bool:
+        return False
 
     def _load_records(self, shard):
         raise ShardError(f"shard {shard.url} is not in memory")

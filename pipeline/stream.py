@@ -6,7 +6,7 @@ Notation: ``R`` ranks, ``W`` DataLoader workers per rank, a *slot* is one (rank,
 Every stage is a plain generator ``stage(src, **params)`` over dicts, testable on lists:
 
     assign_shards → record_stage → [reweight_stage] → resolve_stage → shuffle_stage → pack_stage   (plan)
-    materialise                                                                                    (per step)
+    read_ahead → materialise                                                                       (per step)
 
 * :func:`assign_shards` is the visible split by rank and worker. Shards are shuffled with
   (seed, epoch), identically on every rank, then dealt to slots. With fewer shards than slots the
@@ -19,8 +19,10 @@ Every stage is a plain generator ``stage(src, **params)`` over dicts, testable o
   from one generator keyed by ``(seed, epoch, key, occurrence)``; the shuffle buffer and the
   per-step patch draw from ``(seed, epoch, rank, worker)``; mixup from ``(seed, epoch, rank, step)``.
   So the plan is a function of (seed, epoch, R, W) and of the records, the same for every source.
-* :func:`materialise` fetches only the shift each clip of one step uses (:meth:`Source.fetch`),
-  then pools, crops, mixes, masks and normalises.
+* :func:`read_ahead` starts the fetch of each planned step (only the shift each clip uses,
+  :meth:`Source.fetch`) ``read_ahead_steps`` steps before it is materialised, so a remote store's
+  latency is paid while earlier steps are built; :func:`materialise` then pools, crops, mixes, masks
+  and normalises the fetched features. Which steps and tensors come out does not depend on it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import hashlib
 import heapq
 import logging
 import warnings
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -43,6 +47,7 @@ from flexast.pipeline.resolution import ResolutionPolicy, apply_pool
 from flexast.pipeline.sampling import mean_clip_weight, reweight_stage
 from flexast.pipeline.sources import ShardInfo
 from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.transport import submit
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +190,40 @@ def _labels(items: list[dict], cfg: StreamConfig, n_classes: int) -> torch.Tenso
     return out
 
 
+def wanted(plan: PackPlan) -> list[tuple[str, object]]:
+    """The ``(url, loc)`` of the one shift each clip of a step uses: what :meth:`Source.fetch` reads."""
+    return [(it["url"], it["loc"]) for it in plan.items]
+
+
+def read_ahead(items: Iterable, start: Callable[[object], Future], k: int) -> Iterator[tuple[object, Future]]:
+    """``(item, start(item))`` in order, with the next ``k`` items already started when one is yielded.
+
+    So at most ``k + 1`` started items are held: the one yielded and the ``k`` ahead of it. Items left
+    when the consumer stops are cancelled (a running one finishes and is dropped).
+    """
+    window: deque = deque()
+    try:
+        for item in items:
+            window.append((item, start(item)))
+            if len(window) > k:
+                yield window.popleft()
+        while window:
+            yield window.popleft()
+    finally:
+        for _, fut in window:
+            fut.cancel()
+
+
+def _now(fn, *args) -> Future:
+    """``fn(*args)`` run here, as a finished ``Future`` (read-ahead off)."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as exc:  # raised again by result(), where the step is materialised
+        fut.set_exception(exc)
+    return fut
+
+
 def _crop(x: np.ndarray, n: int, mode: str, rng: np.random.Generator, fill: float = 0.0) -> np.ndarray:
     """``(T, F)`` → ``(n, F)``: a random, centred or first window when ``T > n``; ``fill`` appended when ``T < n``."""
     t = x.shape[0]
@@ -205,18 +244,16 @@ def materialise(
     n_classes: int,
     mix_rng,
     policy: ResolutionPolicy,
-    source,
-    counters: dict | None = None,
+    raw: list[np.ndarray],
 ) -> PackedBatch:
-    """Fetch, pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`.
+    """Pool, crop, mix, mask and normalise the clips of one planned step into a :class:`PackedBatch`.
 
-    Only the features the step uses are fetched (one shift per clip). Each clip is widened from
+    ``raw`` is the step's fetched ``(T, F)`` float16 features, one per clip (:func:`wanted`). Each clip is widened from
     float16 straight into its slice of the step's ``(ΣT, F)`` buffer, and masks and normalisation then
     work in place on that slice. Padding: ``target_frames`` (classic AST) appends zeros before
     normalising, as AST does; an evaluation clip shorter than one patch is padded with its shift's
     mean, which normalises to 0 (what ``model predict`` pads with).
     """
-    raw = source.fetch([(it["url"], it["loc"]) for it in plan.items], counters)  # (T, F) float16 each
     arrays, rngs = [], []
     for it, n, x in zip(plan.items, plan.n_frames, raw, strict=True):
         if it["res"].pool > 1:  # pooled in float32: a float16 mean would round the result
@@ -319,12 +356,22 @@ class StepDataset(torch.utils.data.IterableDataset):
         self.start = 0
 
     def run(self, worker: int, num_workers: int) -> Iterator[tuple[int, PackedBatch, dict]]:
+        """This worker's steps; each step's reads start ``read_ahead_steps`` steps early (remote sources)."""
         counters: dict = {}
-        for pos, w, plan in self.steps:
-            if pos < self.start or w % num_workers != worker:
-                continue
+        mine = [(pos, plan) for pos, w, plan in self.steps if pos >= self.start and w % num_workers == worker]
+        k = self.cfg.read_ahead_steps if getattr(self.source, "remote", False) else 0
+        go = submit if k else _now
+
+        def start(step):  # each step reads into its own counters: the pool's threads never share a dict
+            mine_counters: dict = {}
+            return go(lambda: (self.source.fetch(wanted(step[1]), mine_counters), mine_counters))
+
+        for (pos, plan), fut in read_ahead(mine, start, k):
+            raw, step_counters = fut.result()
+            for key, v in step_counters.items():
+                counters[key] = counters.get(key, 0) + v
             mix_rng = keyed_rng(*self.seed_parts, _MIX, pos)
-            batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, self.source, counters)
+            batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, raw)
             yield pos, batch, dict(counters)
 
     def __iter__(self):

@@ -45,6 +45,10 @@ class StreamConfig:
         retries, backoff_s: reopen attempts for transient errors and the first backoff (doubles).
         storage_options: fsspec options for remote shards (s3 endpoint, credentials, ...).
         num_workers: DataLoader worker processes per rank (0: in the main process).
+        read_ahead_steps: steps whose reads a worker starts before it builds the current one, from a
+            remote source (HTTP, S3); each worker then holds at most this many steps' fetched features
+            beyond the one it builds. 0 reads each step when it is built. Local and in-memory sources
+            read when built whatever this says (nothing to hide). Does not change the steps.
         stride: ``[s_f, s_t]`` overlapping patch strides of the classic padded AST input, used to count
             a step's tokens (None: non-overlapping patches).
     """
@@ -80,6 +84,7 @@ class StreamConfig:
     backoff_s: float = 0.2
     storage_options: dict = field(default_factory=dict)
     num_workers: int = 0
+    read_ahead_steps: int = 8
     stride: list | None = None
 
     def __post_init__(self) -> None:
@@ -92,6 +97,8 @@ class StreamConfig:
             "on_error": (self.on_error, ("raise", "skip")),
         }
         errors += [f"{k}={v!r} (expected one of {allowed})" for k, (v, allowed) in checks.items() if v not in allowed]
+        if not isinstance(self.read_ahead_steps, int) or self.read_ahead_steps < 0:
+            errors.append(f"read_ahead_steps={self.read_ahead_steps!r} (must be an integer >= 0)")
         if self.budget_tokens <= 0:
             errors.append(f"budget_tokens={self.budget_tokens} (must be positive)")
         if self.mode == "rows" and (not self.row_len or self.budget_tokens % self.row_len):

@@ -18,13 +18,17 @@ requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chun
   end is never retried.
 * **Errors.** A request that stays unreadable raises :class:`~pipeline.errors.ShardError` naming the URL
   and the byte range; the original exception is its ``__cause__``.
+* **In flight.** ``max_in_flight`` bounds one call's requests; every call of a process also shares a cap
+  of :data:`MAX_IN_FLIGHT` requests on the event loop, so several calls started ahead of time
+  (:func:`submit`, the loader's read-ahead) never hold more than that many connections.
 * **Counters.** ``counters`` (a dict, updated in place, summed over calls) gets ``requests`` (HEADs and
   GETs sent, retries included), ``retries``, ``resumed`` (retries that continued a cut-short response) and
   ``bytes`` (bytes received, gaps included); ``unranged`` counts responses of a server that ignored
   ``Range`` and sent the whole object (read up to the range's end, the rest dropped).
 
 :func:`fetch_object` reads a whole object the same way (its size from one ``HEAD``, then 8 MiB requests),
-and :func:`object_size` is that ``HEAD`` alone. Other fsspec protocols (``gs://`` …) read through
+and :func:`object_size` is that ``HEAD`` alone. :func:`submit` runs any of them (or a source's
+``fetch``) on a per-process thread pool and returns a ``Future``: that is how reads start early. Other fsspec protocols (``gs://`` …) read through
 ``fs.cat_file`` with the same retries but no resume.
 """
 
@@ -34,6 +38,7 @@ import asyncio
 import functools
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -62,6 +67,7 @@ __all__ = [
     "is_remote",
     "is_transient",
     "object_size",
+    "submit",
     "submit_many",
 ]
 
@@ -77,6 +83,21 @@ COALESCE_GAP = 8 << 10
 COALESCE_MAX = 16 << 20
 """Largest coalesced request (bytes); a single range larger than this is still one request."""
 CHUNK = 64 << 10
+MAX_IN_FLIGHT = 64
+"""Requests in flight at once on one event loop (one process), whatever the number of calls sharing it."""
+SUBMIT_THREADS = 16
+"""Threads of the per-process pool behind :func:`submit` (each waits on one call; the I/O is on the loop)."""
+
+_CAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _loop_cap() -> asyncio.Semaphore:
+    """The running loop's shared :data:`MAX_IN_FLIGHT` semaphore (made and used on that loop's thread only)."""
+    loop = asyncio.get_running_loop()
+    cap = _CAPS.get(loop)
+    if cap is None:
+        cap = _CAPS[loop] = asyncio.Semaphore(MAX_IN_FLIGHT)
+    return cap
 
 
 def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
@@ -179,7 +200,7 @@ async def _fetch_one(get, fs, url: str, start: int, stop: int, sem, retries, bac
     attempt = 0
     while True:
         before = len(buf)
-        async with sem:
+        async with sem, _loop_cap():
             _count(counters, requests=1)
             try:
                 await get(fs, url, start, stop, buf, counters)
@@ -336,7 +357,18 @@ def fetch_many(
     return out
 
 
-_SUBMIT: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def submit(fn, /, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` started now on a per-process pool of :data:`SUBMIT_THREADS` threads: its ``Future``.
+
+    The pool is made in the process that first calls (a DataLoader worker gets its own after the fork).
+    """
+    pool = _POOLS.get(os.getpid())
+    if pool is None:
+        pool = _POOLS[os.getpid()] = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="flexast-submit")
+    return pool.submit(fn, *args, **kwargs)
 
 
 def submit_many(
@@ -347,12 +379,9 @@ def submit_many(
     """:func:`fetch_many` started now, without waiting: a ``Future`` of its result (errors raised by ``result()``).
 
     For reading ahead: submit the next step's ranges, decode this step, then take the next result.
-    Keyword arguments are :func:`fetch_many`'s. Runs on a small per-process thread pool (4 threads).
+    Keyword arguments are :func:`fetch_many`'s. Runs on :func:`submit`'s pool.
     """
-    pool = _SUBMIT.get(os.getpid())
-    if pool is None:
-        pool = _SUBMIT[os.getpid()] = ThreadPoolExecutor(4, thread_name_prefix="flexast-submit")
-    return pool.submit(fetch_many, requests, storage_options, **kwargs)
+    return submit(fetch_many, requests, storage_options, **kwargs)
 
 
 def fetch_object(
