@@ -27,9 +27,9 @@ requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chun
   ``Range`` and sent the whole object (read up to the range's end, the rest dropped).
 
 :func:`fetch_object` reads a whole object the same way (its size from one ``HEAD``, then 8 MiB requests),
-and :func:`object_size` is that ``HEAD`` alone. :func:`submit` runs any of them (or a source's
-``fetch``) on a per-process thread pool and returns a ``Future``: that is how reads start early. Other fsspec protocols (``gs://`` …) read through
-``fs.cat_file`` with the same retries but no resume.
+and :func:`object_size` is that ``HEAD`` alone. Other fsspec protocols (``gs://`` …) read through
+``fs.cat_file`` with the same retries but no resume. :func:`submit` runs any of them (or a source's
+``fetch``) on a per-process thread pool and returns a ``Future``: that is how reads start early.
 """
 
 from __future__ import annotations
