@@ -55,6 +55,7 @@ from flexast.pipeline.tar_index import (
     records_from_members,
     scan_tar,
 )
+from flexast.pipeline.transport import MAX_IN_FLIGHT
 from flexast.pipeline.units import shift_name
 from flexast.pipeline.zarr_chunks import ChunkReader, layout, read_meta
 
@@ -182,7 +183,10 @@ class TarSource(Source):
         asks = [
             (url, [(wanted[i][1][0], wanted[i][1][0] + wanted[i][1][1]) for i in idx]) for url, idx in remote.items()
         ]
-        got = fetch_many(asks, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters)
+        got = fetch_many(  # as many in flight as the loop allows: steps read ahead queue behind this one's requests
+            asks, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, max_in_flight=MAX_IN_FLIGHT,
+            counters=counters,
+        )  # fmt: skip
         for idx, blobs in zip(remote.values(), got, strict=True):  # every shard's requests were in flight together
             for i, data in zip(idx, blobs, strict=True):
                 out[i] = data
