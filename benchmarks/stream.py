@@ -22,8 +22,10 @@ Local sections (one process, one thread), each its own function:
 
 Remote section (:func:`remote_rows`, ``--remote``): the same stream over HTTP (``tests/servers.py``'s
 range server) and over S3 (moto in server mode), each behind ``tests/servers.py``'s proxy adding
-20 ms per request, every server in its own process on 127.0.0.1; paired with fresh on-the-fly
-reference runs. It also reports bytes transferred per clip (the loader's ``last_read["bytes"]``)
+20 ms per request, every server in its own process on 127.0.0.1; tar and Zarr, with the default
+read-ahead (8 steps) and without it; paired with fresh on-the-fly reference runs, and a table of where
+each epoch's time goes (opening, planning, steps; CPU here and in the server processes). It also
+reports bytes transferred per clip (the loader's ``last_read["bytes"]``)
 against the bytes of the features the steps used, and :func:`~pipeline.transport.fetch_ranges` with
 1 vs 8 requests in flight through the same proxy.
 
@@ -232,20 +234,44 @@ def spawn(*args: str) -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().strip()
 
 
-def ours_read(cfg_source: tuple[StreamConfig, str], n_clips: int) -> tuple[float, dict, int]:
-    """(clips/s, the loader's read counters, feature bytes the steps used) for one epoch."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ours_read(case: tuple[StreamConfig, str, str], n_clips: int, servers=()) -> dict:
+    """One epoch: clips/s, the loader's read counters, feature bytes the steps used, and where the time went:
+    opening the source (``index.json``), planning (member indexes / Zarr offsets), the steps, this process's
+    CPU over the steps and the CPU of ``servers`` (processes) over the whole epoch."""
     from flexast.pipeline.loader import make_loader
 
-    cfg, source = cfg_source
+    cfg, spec, fmt = case
+    before = [cpu_seconds(p.pid) for p in servers]
     start = time.perf_counter()
+    source = open_source(spec, cfg.storage_options, fmt, retries=cfg.retries, backoff_s=cfg.backoff_s)
     loader = make_loader(cfg, source, in_process=True)
+    opened = time.perf_counter()
+    loader.plan(0)
+    planned, cpu = time.perf_counter(), time.process_time()
     seen, used = 0, 0
     for b in loader:
         seen += b.n_clips
         used += sum(int(c.shape[0]) for c in b.clip_frames()) * 128 * 2  # float16 features actually stepped on
-    elapsed = time.perf_counter() - start
+    end = time.perf_counter()
     assert seen == n_clips, (seen, n_clips)
-    return seen / elapsed, loader.last_read, used
+    return {
+        "rate": seen / (end - start),
+        "read": loader.last_read,
+        "used": used,
+        "open_s": opened - start,
+        "plan_s": planned - opened,
+        "steps_s": end - planned,
+        "cpu_s": time.process_time() - cpu,
+        "server_cpu_s": sum(cpu_seconds(p.pid) - b for p, b in zip(servers, before, strict=True)),
+        "steps": loader.steps_in_epoch(0),
+    }
 
 
 def in_flight_rows(url: str, storage_options: dict | None, repeats: int) -> dict[str, float]:
@@ -290,29 +316,33 @@ def remote_rows(shards: str, wavs: list[str], n: int, repeats: int, latency_ms: 
         boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").create_bucket(Bucket="bench")
         direct = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_url}}
         fs = s3fs.S3FileSystem(**direct)
-        for name in sorted(os.listdir(shards)):  # the tar shards, their member indexes, index.json
-            if os.path.isfile(os.path.join(shards, name)):
-                fs.put(os.path.join(shards, name), f"s3://bench/ds/{name}")
+        for name in sorted(os.listdir(shards)):  # the tar shards, their member indexes, index.json, the Zarr store
+            local = os.path.join(shards, name)
+            fs.put(local, f"s3://bench/ds/{name}", recursive=os.path.isdir(local))
         s3_opts = {**direct, "client_kwargs": {"endpoint_url": s3_proxy_url, "region_name": "us-east-1"}}
         ref = lambda w, s: reference_fbank(w[0], frame_shift=s, **AST_FBANK)  # noqa: E731
-        cases = {}
+        cases, servers = {}, {"http": (http, http_proxy), "s3": (moto, s3_proxy)}
         for shift in ("random", "fixed"):
-            resolution = {"kind": "random"} if shift == "random" else {"kind": "fixed", "shift_ms": 10.0}
-            cases[f"http/{shift}"] = (StreamConfig(**base, resolution=resolution), f"{http_proxy_url}/index.json")
-            cases[f"s3/{shift}"] = (
-                StreamConfig(**base, resolution=resolution, storage_options=s3_opts),
-                "s3://bench/ds/index.json",
-            )
+            res = {"resolution": {"kind": "random"} if shift == "random" else {"kind": "fixed", "shift_ms": 10.0}}
+            for ahead in (8, 0):
+                for fmt in ("tar", "zarr"):
+                    if fmt == "zarr" and shift == "fixed":
+                        continue
+                    name = f"{fmt}, read-ahead {ahead}"
+                    http_cfg = StreamConfig(**base, **res, read_ahead_steps=ahead)
+                    s3_cfg = StreamConfig(**base, **res, read_ahead_steps=ahead, storage_options=s3_opts)
+                    cases[("http", shift, name)] = (http_cfg, f"{http_proxy_url}/index.json", fmt)
+                    cases[("s3", shift, name)] = (s3_cfg, "s3://bench/ds/index.json", fmt)
         for case in cases.values():
             ours_read(case, n)  # warm-up: sessions, imports
-        rows: dict[str, list] = {"ref": [], **{k: [] for k in cases}}
-        reads: dict[str, tuple[dict, int]] = {}
+        rows: dict = {"ref": [], **{k: [] for k in cases}}
+        runs: dict = {k: [] for k in cases}
         for _ in range(repeats):
             rows["ref"].append(on_the_fly(wavs, ref))
             for k, case in cases.items():
-                rate, read, used = ours_read(case, n)
-                rows[k].append(rate)
-                reads[k] = (read, used)
+                run = ours_read(case, n, servers[k[0]])
+                rows[k].append(run["rate"])
+                runs[k].append(run)
         flight_http = in_flight_rows(f"{http_proxy_url}/train-000000.tar", None, repeats)
         flight_s3 = in_flight_rows("s3://bench/ds/train-000000.tar", s3_opts, repeats)
     finally:
@@ -326,12 +356,25 @@ def remote_rows(shards: str, wavs: list[str], n: int, repeats: int, latency_ms: 
     print(f"| on-the-fly: wav → reference Kaldi fbank per clip | random | {med['ref']:.1f} | 1.0× | | | |")
     for k in cases:
         ratio = statistics.median(a / b for a, b in zip(rows[k], rows["ref"], strict=True))
-        read, used = reads[k]
-        where, shift = k.split("/")
+        where, shift, name = k
+        read, used = runs[k][-1]["read"], runs[k][-1]["used"]
         sent = read["bytes"]
         print(
-            f"| flexast stream, {where.upper()} | {shift} | {med[k]:.1f} | {ratio:.1f}× | {sent / n / 1e6:.2f} | "
-            f"{sent / used:.1f}× | {read['requests']} |"
+            f"| flexast loader, {where.upper()} {name} | {shift} | {med[k]:.1f} | {ratio:.1f}× | "
+            f"{sent / n / 1e6:.2f} | {sent / used:.1f}× | {read.get('requests', '–')} |"
+        )
+    print("\nwhere an epoch's time goes (medians, seconds): open = index.json, plan = member indexes / offsets,")
+    print("steps = fetch + build; CPU of this process over the steps, and of the server + proxy over the epoch")
+    print("| loader | shift | steps | open | plan | steps | CPU here (steps) | CPU server + proxy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in cases:
+        m = {
+            f: statistics.median(r[f] for r in runs[k])
+            for f in ("open_s", "plan_s", "steps_s", "cpu_s", "server_cpu_s")
+        }
+        print(
+            f"| {k[0].upper()} {k[2]} | {k[1]} | {runs[k][-1]['steps']} | {m['open_s']:.3f} | {m['plan_s']:.3f} | "
+            f"{m['steps_s']:.3f} | {m['cpu_s']:.3f} | {m['server_cpu_s']:.3f} |"
         )
     print("\nfetch_ranges, 32 ranges of 256 KiB from one shard, median seconds:")
     print("| store | 1 in flight | 8 in flight (event loop) | speed-up | 8 threads × 1 request |")
