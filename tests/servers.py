@@ -32,7 +32,7 @@ FAULT_KINDS = ("reset", "503", "truncate")
 
 class _QuietServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128  # listen backlog: socketserver's 5 drops connections a client opens at once (1 s SYN retry)
+    request_queue_size = 128  # listen backlog: socketserver's 5 drops connections opened at once (1 s SYN retry)
 
     def handle_error(self, request, client_address) -> None:  # a client that went away (or a reset we made)
         pass
