@@ -29,7 +29,7 @@ import torch
 
 from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config
-from flexast.model.data import eval_config, model_input, norm_table, open_data, shifts_of
+from flexast.model.data import eval_config, model_input, norm_table, open_data, shifts_of, training_norm
 from flexast.model.metrics import chance_metrics, classification_metrics
 from flexast.model.run_dir import read_labels
 from flexast.pipeline.datasource import Source
@@ -118,6 +118,23 @@ def evaluate_source(model, source: Source, cfg: Config, *, patch, resolution, ma
     )
     m = classification_metrics(out["scores"], out["targets"]) if len(out["keys"]) else {}
     return {**m, "n_clips": len(out["keys"]), "tokens": out["tokens"], "seconds": round(out["seconds"], 3)}
+
+
+def evaluate_stage(model, valid: Source, train: Source, cfg: Config, stage, device) -> dict:
+    """:func:`evaluate_source` of a training stage (a :class:`model.recipes.Stage`): its eval patch, its first
+    resolution, ``data.eval_max_frames`` (or the stage's frames), and the training data's vocabulary and
+    normalisation (as ``model predict`` and ``model eval`` normalise)."""
+    return evaluate_source(
+        model,
+        valid,
+        cfg,
+        patch=stage.eval_patch,
+        resolution=stage.resolution.choices()[0],
+        max_frames=cfg.data.eval_max_frames or stage.max_frames,
+        device=device,
+        vocab=train.label_names,
+        norm=training_norm(train, cfg.data.loader),
+    )
 
 
 @dataclass

@@ -60,3 +60,19 @@ def teacher_logits(teacher: torch.nn.Module, batch: PackedBatch, patch: tuple[in
             batch.clip_frames(), batch.labels, batch.keys, patch, frame_shift_ms=batch.frame_shift_ms.cpu()
         )
     )
+
+
+def train_loss(logits: torch.Tensor, batch, cfg, teacher: torch.nn.Module | None, padded: bool) -> torch.Tensor:
+    """The training loss of ``(N, C)`` ``logits``: ``optim.loss`` (``auto``: ``ce`` for single labels, else
+    ``bce``), mixed with ``recipe.kd``'s distillation loss against ``teacher`` when one is given."""
+    name = cfg.optim.loss
+    if name == "auto":
+        name = "ce" if cfg.data.loader.label_mode == "index" else "bce"
+    loss = supervised_loss(logits.float(), batch.labels, name)
+    if teacher is None:
+        return loss
+    kd = cfg.recipe.kd
+    with torch.no_grad():
+        patch = tuple(kd.teacher_patch) or teacher.config.base_patch
+        t_logits = teacher_logits(teacher, batch, patch, padded)
+    return (1 - kd.alpha) * loss + kd.alpha * kd_loss(logits.float(), t_logits.float(), kd.temperature, name)

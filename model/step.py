@@ -27,12 +27,16 @@ handles by lowering the scale) would be the one accepted exception.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from flexast.model.errors import ModelError
+from flexast.model.flops import train_flops
 from flexast.pipeline.batch import PackedBatch
 
 
@@ -197,3 +201,96 @@ def read_step(step: int, loss_sum: torch.Tensor, gnorm: torch.Tensor, micro: lis
 
 def _some(keys: list[str], n: int = 10) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+class StepRunner:
+    """One optimizer step of a stage: micro-steps from the loader until ``accum_tokens`` tokens (summed over
+    ranks; ``0``: one micro-step), the gradients averaged over the step's clips, clipped, then the update.
+
+    Holds the run's FLOP and token totals and the last batch this rank trained on (its *shadow*: what it runs
+    with weight 0 while other ranks still have data, see the module's notes). One runner per stage.
+    """
+
+    def __init__(self, model, ddp_model, optimizer, ema, reducer: HostReducer, optim, loader, *, flops=0.0, tokens=0):
+        """``ddp_model``: ``model`` as the ranks run it; ``ema``: an :class:`~model.averaging.EMA` or ``None``;
+        ``optim``: the run's ``OptimConfig`` (``grad_accum_tokens``, ``grad_clip``); ``loader``: the loader's
+        ``StreamConfig`` (``budget_tokens``, ``target_frames``); ``flops`` / ``tokens``: the run's totals so far."""
+        self.model, self.ddp_model, self.optimizer, self.ema, self.reducer = model, ddp_model, optimizer, ema, reducer
+        self.accum_tokens, self.grad_clip = optim.grad_accum_tokens, optim.grad_clip
+        self.budget_tokens, self.padded = loader.budget_tokens, bool(loader.target_frames)
+        self.flops, self.tokens = flops, tokens
+        self.shadow = None
+
+    def step(self, batches: Iterator, loss_fn: Callable, device: torch.device, step: int, lr: float) -> dict:
+        """Step number ``step`` at learning rate ``lr``; ``loss_fn(batch) -> (loss, (N, C) logits)``.
+
+        Returns the step's ``loss`` (mean over this rank's clips), ``tokens`` (all ranks), ``fill``, ``lr`` and
+        ``seconds``; ``{}`` when every rank's loader is exhausted before the step's first micro-step.
+        """
+        t0 = time.perf_counter()
+        self.ddp_model.train()
+        world = self.reducer.world
+        acc_tokens = acc_clips = 0.0
+        loss_sum = torch.zeros((), device=device)
+        local_clips, fill, micro = 0, [], []
+        n_micro, ddp_synced = 0, False
+        while True:
+            batch = next(batches, None)
+            tokens = 0 if batch is None else host_tokens(batch)
+            clips = 0 if batch is None else batch.n_clips
+            # a rank out of data while others are not runs its previous batch with weight 0, so that every rank
+            # runs every forward and backward DDP expects (its bucket rebuild, its all-reduces); a rank that never
+            # had a batch skips, and then the step's gradients are averaged by hand
+            run = batch if batch is not None else self.shadow
+            g_tokens, g_clips, g_have, g_skip = self.reducer.sum(tokens, clips, batch is not None, run is None)
+            if g_have == 0:  # every rank is out of data
+                break
+            last = acc_tokens + g_tokens >= self.accum_tokens
+            ddp_synced = last and g_skip == 0
+            if batch is not None:
+                self.shadow = batch
+                self.flops += float(train_flops(self.model.config, batch)) * world
+                if not self.padded:
+                    fill.append(tokens / (self.budget_tokens or tokens))
+            if run is not None:
+                sync = nullcontext() if ddp_synced or world == 1 else self.ddp_model.no_sync()
+                with sync:
+                    loss, logits = loss_fn(to_device(run, device))
+                    (loss * clips).backward()
+            if batch is not None:
+                loss_sum += loss.detach() * clips
+                micro.append(micro_record(batch.keys, loss, logits))
+                local_clips += clips
+            acc_tokens += g_tokens
+            acc_clips += g_clips
+            n_micro += 1
+            if last:
+                break
+        if n_micro == 0:
+            return {}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if world > 1 and not ddp_synced:  # the epoch ended before the last micro-step, or a rank skipped it
+            all_reduce_gradients(params, world)
+        scale = world / max(1.0, acc_clips)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        gnorm = grad_norm(params, self.grad_clip)
+        loss_total, _ = read_step(step, loss_sum, gnorm, micro)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.tokens += int(acc_tokens)
+        return {
+            "loss": loss_total / max(1, local_clips),
+            "tokens": int(acc_tokens),
+            "fill": sum(fill) / len(fill) if fill else 1.0,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }

@@ -6,8 +6,10 @@ over all ranks) have been seen. A run is a list of *stages* (:mod:`model.recipes
 elasticast, one per coarse-to-fine phase); ``stage_step`` restarts at 0 in every stage (the lr schedule is a
 pure function of it, :func:`model.schedule.lr_at`).
 
-Where things live: ranks and devices in :mod:`model.distributed`, the run folder in :mod:`model.run_dir`,
-logging in :mod:`model.metric_log`, the model of each stage in :mod:`model.recipes`.
+Where things live: ranks and devices in :mod:`model.distributed`, the optimizer step (micro-steps, ranks out of
+data, gradient averaging) in :mod:`model.step`, the loss in :mod:`model.losses`, held-out metrics in
+:mod:`model.evaluate`, the run folder in :mod:`model.run_dir`, logging in :mod:`model.metric_log`, the model of
+each stage in :mod:`model.recipes`.
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ from flexast.model.data import (
     open_data,
     shifts_of,
     stream_config,
-    training_norm,
 )
 from flexast.model.distributed import Ranks
-from flexast.model.evaluate import evaluate_source
-from flexast.model.flops import train_flops
-from flexast.model.losses import kd_loss, supervised_loss, teacher_logits
+from flexast.model.evaluate import evaluate_stage
+from flexast.model.losses import train_loss
 from flexast.model.metric_log import MetricLog
 from flexast.model.recipes import Stage, build_model, move_to_stage, plan_stages
+from flexast.model.report import write_train_report
 from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
 from flexast.model.schedule import optim_lr, stage_steps
 from flexast.pipeline.datasource import Source
@@ -60,13 +61,11 @@ class Trainer:
         self.device = self.ranks.device
         self.log = MetricLog(None)
         self.state = TrainState()
-        self.flops_spent = 0.0
-        self.tokens_seen = 0
+        self.stepper: step_io.StepRunner | None = None  # the stage's optimizer steps (model.step)
         self.wall_start = time.perf_counter()
         self.history: list[dict] = []
         self.last_metrics: dict = {}
         self._last_eval: tuple[int, dict] = (-1, {})
-        self._shadow = None  # the last batch this rank trained on (model.step: ranks with unequal step counts)
         self._threads_before = torch.get_num_threads()
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -130,7 +129,8 @@ class Trainer:
         return max(1, math.ceil(n * self.ranks.world * self.cfg.data.loader.budget_tokens / target))
 
     def _setup_optimizer(self, o: OptimConfig, ckpt: Path | None) -> None:
-        """A fresh optimizer (and EMA) per stage, or the checkpoint's states (RNG included)."""
+        """A fresh optimizer (and EMA) per stage, or the checkpoint's states (RNG included); the stage's steps."""
+        flops, tokens = (self.stepper.flops, self.stepper.tokens) if self.stepper else (0.0, 0)
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = opt_cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -141,7 +141,9 @@ class Trainer:
             if self.ema is not None and "ema" in saved:
                 self.ema.load_state_dict(saved["ema"])
             restore_rng(saved, self.device)
-            self.flops_spent, self.tokens_seen = self.state.flops, self.state.tokens
+            flops, tokens = self.state.flops, self.state.tokens
+        parts = (self.model, self.ddp_model, self.optimizer, self.ema, self.reducer)
+        self.stepper = step_io.StepRunner(*parts, o, self.cfg.data.loader, flops=flops, tokens=tokens)
 
     def _start_stage(self, index: int, ckpt: Path | None) -> None:
         """Stage ``index``: the model at its geometry (or the checkpoint's), its loader, DDP and optimizer."""
@@ -152,17 +154,14 @@ class Trainer:
         else:  # kernel and positions interpolated to this stage's grid
             self.model = move_to_stage(self.model, stage, self.cfg).to(self.device)
         self.loader = self._setup_loader(self.cfg.data, stage)
-        self._shadow = None  # a batch of this stage's geometry (model.step)
         self.stage_first_epoch = self.state.epoch
         if ckpt is not None:
             self.stage_first_epoch = int(self.state.loader.get("stage_first_epoch", self.state.epoch))
             if self.state.loader:
                 self.loader.load_state_dict(self.state.loader)
         self.steps_per_epoch = self.cfg.optim.steps_per_epoch or self._epoch_steps(self.stage_first_epoch)
-        o = self.cfg.optim
-        self.total_steps = stage_steps(
-            stage.steps, stage.epochs, self._epoch_steps, self.stage_first_epoch, o.steps_per_epoch
-        )
+        first, per_epoch = self.stage_first_epoch, self.cfg.optim.steps_per_epoch
+        self.total_steps = stage_steps(stage.steps, stage.epochs, self._epoch_steps, first, per_epoch)
         self.ddp_model = self.ranks.wrap(self.model, self.cfg.run.find_unused)
         if self.cfg.run.compile:  # the encoder blocks only: see model.step.compile_model
             step_io.compile_model(self.model)
@@ -238,8 +237,7 @@ class Trainer:
     def _end_stage(self, stage: Stage) -> None:
         """Evaluate (unless just done), save ``stageN/``, and move the weights into the next stage's geometry."""
         self.log.end_stage()
-        done = self._last_eval[1] if self._last_eval[0] == self.state.step else self._evaluate(stage)
-        self.last_metrics = done or self.last_metrics
+        self.last_metrics = self._evaluate(stage) or self.last_metrics  # (done already at this step: its metrics)
         self._save_weights(self.run.stage(self.state.stage))
         self.state.stage += 1
         if self.state.stage < len(self.stages):
@@ -250,118 +248,29 @@ class Trainer:
     # ---- one update -----------------------------------------------------------------------------
 
     def _loss(self, batch, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss over the micro-step's clips, and the ``(N, C)`` logits."""
+        """Mean loss over the micro-step's clips (with the KD term in a KD stage), and the ``(N, C)`` logits."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        padded = bool(self.cfg.data.loader.target_frames)
         with autocast:
-            padded = bool(self.cfg.data.loader.target_frames)
             logits = self.compiled(model_input(batch, padded))
-            loss_name = self.cfg.optim.loss
-            if loss_name == "auto":
-                loss_name = "ce" if self.cfg.data.loader.label_mode == "index" else "bce"
-            loss = supervised_loss(logits.float(), batch.labels, loss_name)
-            if stage.kd and self.teacher is not None:
-                with torch.no_grad():
-                    patch = tuple(self.cfg.recipe.kd.teacher_patch) or self.teacher.config.base_patch
-                    t_logits = teacher_logits(self.teacher, batch, patch, padded)
-                kd = self.cfg.recipe.kd
-                loss = (1 - kd.alpha) * loss + kd.alpha * kd_loss(
-                    logits.float(), t_logits.float(), kd.temperature, loss_name
-                )
-        return loss, logits
+            teacher = self.teacher if stage.kd else None
+            return train_loss(logits, batch, self.cfg, teacher, padded), logits
 
     def _update(self, batches, stage: Stage) -> dict:
-        """Accumulate micro-steps from ``batches`` until enough tokens, then one optimizer step.
-
-        Ranks, syncs and the non-finite guard: see :mod:`model.step`. Returns ``{}`` when every rank's
-        loader is exhausted before the step's first micro-step (the epoch is over).
-        """
-        t0 = time.perf_counter()
-        self.ddp_model.train()
-        world = self.ranks.world
-        target = self.cfg.optim.grad_accum_tokens
-        acc_tokens = acc_clips = 0.0
-        loss_sum = torch.zeros((), device=self.device)
-        local_clips, fill, micro = 0, [], []
-        n_micro, ddp_synced = 0, False
-        while True:
-            batch = next(batches, None)
-            tokens = 0 if batch is None else step_io.host_tokens(batch)
-            clips = 0 if batch is None else batch.n_clips
-            # a rank out of data while others are not runs its previous batch with weight 0, so that every rank
-            # runs every forward and backward DDP expects (its bucket rebuild, its all-reduces); a rank that never
-            # had a batch skips, and then the step's gradients are averaged by hand
-            run = batch if batch is not None else self._shadow
-            g_tokens, g_clips, g_have, g_skip = self.reducer.sum(tokens, clips, batch is not None, run is None)
-            if g_have == 0:  # every rank is out of data
-                break
-            last = acc_tokens + g_tokens >= target
-            ddp_synced = last and g_skip == 0
-            if batch is not None:
-                self._shadow = batch
-                self.flops_spent += float(train_flops(self.model.config, batch)) * world
-                if not self.cfg.data.loader.target_frames:
-                    fill.append(tokens / (self.cfg.data.loader.budget_tokens or tokens))
-            if run is not None:
-                sync = nullcontext() if ddp_synced or world == 1 else self.ddp_model.no_sync()
-                with sync:
-                    loss, logits = self._loss(step_io.to_device(run, self.device), stage)
-                    (loss * clips).backward()
-            if batch is not None:
-                loss_sum += loss.detach() * clips
-                micro.append(step_io.micro_record(batch.keys, loss, logits))
-                local_clips += clips
-            acc_tokens += g_tokens
-            acc_clips += g_clips
-            n_micro += 1
-            if last:
-                break
-        if n_micro == 0:
-            return {}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if world > 1 and not ddp_synced:  # the epoch ended before the last micro-step, or a rank skipped it
-            step_io.all_reduce_gradients(params, world)
-        scale = world / max(1.0, acc_clips)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        gnorm = step_io.grad_norm(params, self.cfg.optim.grad_clip)
-        loss_total, _ = step_io.read_step(self.state.step + 1, loss_sum, gnorm, micro)
+        """One optimizer step from ``batches`` (:class:`model.step.StepRunner`); ``{}`` when every rank's
+        loader is exhausted before the step's first micro-step (the epoch is over)."""
         lr = optim_lr(self.cfg.optim, self.state.stage_step, self.total_steps, self.steps_per_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.tokens_seen += int(acc_tokens)
-        return {
-            "loss": loss_total / max(1, local_clips),
-            "tokens": int(acc_tokens),
-            "fill": sum(fill) / len(fill) if fill else 1.0,
-            "lr": lr,
-            "seconds": time.perf_counter() - t0,
-        }
+        return self.stepper.step(batches, lambda b: self._loss(b, stage), self.device, self.state.step + 1, lr)
 
     def _evaluate(self, stage: Stage) -> dict:
+        """Held-out metrics of the model now (main rank; once per step), logged as a ``valid`` row."""
         if self.valid_data is None or not self.ranks.is_main:
             return {}
-        if self._last_eval[0] == self.state.step:
-            return self._last_eval[1]
-        d = self.cfg.data
-        metrics = evaluate_source(
-            self.model,
-            self.valid_data,
-            self.cfg,
-            patch=stage.eval_patch,
-            resolution=stage.resolution.choices()[0],
-            max_frames=d.eval_max_frames or stage.max_frames,
-            device=self.device,
-            vocab=self.vocab,
-            norm=training_norm(self.train_data, d.loader),  # as model predict and model eval normalise
-        )
-        self.log.write({"step": self.state.step, "stage": stage.name, "split": "valid", **metrics})
-        self._last_eval = (self.state.step, metrics)
-        return metrics
+        if self._last_eval[0] != self.state.step:
+            metrics = evaluate_stage(self.model, self.valid_data, self.train_data, self.cfg, stage, self.device)
+            self.log.write({"step": self.state.step, "stage": stage.name, "split": "valid", **metrics})
+            self._last_eval = (self.state.step, metrics)
+        return self._last_eval[1]
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -371,29 +280,21 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Atomic full-state checkpoint ``checkpoints/step_XXXXXXXX`` (model, optimizer, loader, RNG, step, stage)."""
-        self.state.flops, self.state.tokens = self.flops_spent, self.tokens_seen
+        self.state.flops, self.state.tokens = self.stepper.flops, self.stepper.tokens
         path = None
         if self.ranks.is_main:
             extra = {"optimizer": self.optimizer.state_dict()}
             if self.ema is not None:
                 extra["ema"] = self.ema.state_dict()
-            keep = self.cfg.run.keep_last
-            path = self.run.save_step(
-                self.state,
-                self.model,
-                self.cfg,
-                labels_info(self.train_data, self.cfg.data.loader),
-                extra,
-                self.device,
-                keep,
-            )
+            labels, keep = labels_info(self.train_data, self.cfg.data.loader), self.cfg.run.keep_last
+            path = self.run.save_step(self.state, self.model, self.cfg, labels, extra, self.device, keep)
         self.ranks.barrier()
         return path
 
     def _finish(self) -> dict:
         """``final/`` (and ``ema/``, ``averaged/``), their held-out metrics, ``report.md`` and ``result.json``."""
         wall = time.perf_counter() - self.wall_start
-        result = {"steps": self.state.step, "wall_s": wall, "flops": self.flops_spent, "valid": self.last_metrics}
+        result = {"steps": self.state.step, "wall_s": wall, "flops": self.stepper.flops, "valid": self.last_metrics}
         if not self.ranks.is_main:
             return result
         self._save_weights(self.run.final)
@@ -406,8 +307,6 @@ class Trainer:
             average_checkpoints(self.model, paths)
             self._save_weights(self.run.averaged)
             result["valid_averaged"] = self._evaluate(self.stages[-1])
-        from flexast.model.report import write_train_report
-
         write_train_report(self.run.report, self.cfg, result, self.history)
         self.run.write_result(result)
         return result
