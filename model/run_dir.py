@@ -226,3 +226,13 @@ def load_train_extra(path: Path, device: torch.device | str = "cpu") -> dict:
     if not isinstance(state, dict) or "optimizer" not in state:
         raise CheckpointError(f"{file}: not a flexast training state (no 'optimizer' entry)")
     return state
+
+
+def restore_train_extra(path: Path, device: torch.device, optimizer: torch.optim.Optimizer, ema=None) -> None:
+    """Resume from the step checkpoint folder ``path``: its optimizer (and EMA, when both have one) states into
+    ``optimizer`` / ``ema``, and its RNG states (:func:`load_train_extra`, :func:`restore_rng`)."""
+    saved = load_train_extra(path, device)
+    optimizer.load_state_dict(saved["optimizer"])
+    if ema is not None and "ema" in saved:
+        ema.load_state_dict(saved["ema"])
+    restore_rng(saved, device)

@@ -67,6 +67,14 @@ def optim_lr(o, step: int, total_steps: int, steps_per_epoch: int) -> float:
     )
 
 
+def epoch_steps(loader_steps: int, accum_tokens: int, budget_tokens: int, world: int) -> int:
+    """Optimizer steps of an epoch of ``loader_steps`` loader steps (equal on every rank): the same, or with
+    ``optim.grad_accum_tokens`` (``accum_tokens``) an estimate from full budgets on ``world`` ranks."""
+    if not accum_tokens:
+        return loader_steps
+    return max(1, math.ceil(loader_steps * world * budget_tokens / accum_tokens))
+
+
 def stage_steps(steps: int, epochs: float, epoch_steps, first_epoch: int, steps_per_epoch: int = 0) -> int:
     """Optimizer steps of a stage: ``steps``, else ``epochs`` passes over the data counted exactly from
     ``epoch_steps(epoch)`` (the loader plans each epoch before it starts), so the count is the same whenever

@@ -14,7 +14,6 @@ each stage in :mod:`model.recipes`.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,22 +24,15 @@ from flexast.model import step as step_io
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config, DataConfig, ModelSection, OptimConfig
-from flexast.model.data import (
-    check_sources,
-    labels_info,
-    model_input,
-    open_data,
-    shifts_of,
-    stream_config,
-)
+from flexast.model.data import check_sources, labels_info, model_input, open_data, shifts_of, stream_config
 from flexast.model.distributed import Ranks
 from flexast.model.evaluate import evaluate_stage
 from flexast.model.losses import train_loss
 from flexast.model.metric_log import MetricLog
 from flexast.model.recipes import Stage, build_model, move_to_stage, plan_stages
 from flexast.model.report import write_train_report
-from flexast.model.run_dir import RunDir, TrainState, load_train_extra, load_train_state, restore_rng
-from flexast.model.schedule import optim_lr, stage_steps
+from flexast.model.run_dir import RunDir, TrainState, load_train_state, restore_train_extra
+from flexast.model.schedule import epoch_steps, optim_lr, stage_steps
 from flexast.pipeline.datasource import Source
 from flexast.pipeline.loader import make_loader
 
@@ -120,13 +112,9 @@ class Trainer:
         return make_loader(opts, self.train_data, rank=self.ranks.rank, world_size=self.ranks.world)
 
     def _epoch_steps(self, epoch: int) -> int:
-        """Optimizer steps of one epoch: its loader steps (equal on every rank), or with ``grad_accum_tokens``
-        an estimate from them (full budgets; the same on every rank)."""
-        n = self.loader.steps_in_epoch(epoch)
-        target = self.cfg.optim.grad_accum_tokens
-        if not target:
-            return n
-        return max(1, math.ceil(n * self.ranks.world * self.cfg.data.loader.budget_tokens / target))
+        """Optimizer steps of epoch ``epoch`` (:func:`model.schedule.epoch_steps`; the same on every rank)."""
+        o, lc = self.cfg.optim, self.cfg.data.loader
+        return epoch_steps(self.loader.steps_in_epoch(epoch), o.grad_accum_tokens, lc.budget_tokens, self.ranks.world)
 
     def _setup_optimizer(self, o: OptimConfig, ckpt: Path | None) -> None:
         """A fresh optimizer (and EMA) per stage, or the checkpoint's states (RNG included); the stage's steps."""
@@ -136,11 +124,7 @@ class Trainer:
         self.optimizer = opt_cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.ema = EMA(self.model, o.ema) if o.ema > 0 else None
         if ckpt is not None:
-            saved = load_train_extra(ckpt, self.device)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            if self.ema is not None and "ema" in saved:
-                self.ema.load_state_dict(saved["ema"])
-            restore_rng(saved, self.device)
+            restore_train_extra(ckpt, self.device, self.optimizer, self.ema)
             flops, tokens = self.state.flops, self.state.tokens
         parts = (self.model, self.ddp_model, self.optimizer, self.ema, self.reducer)
         self.stepper = step_io.StepRunner(*parts, o, self.cfg.data.loader, flops=flops, tokens=tokens)
