@@ -246,15 +246,21 @@ class Trainer:
         lr = optim_lr(self.cfg.optim, self.state.stage_step, self.total_steps, self.steps_per_epoch)
         return self.stepper.step(batches, lambda b: self._loss(b, stage), self.device, self.state.step + 1, lr)
 
-    def _evaluate(self, stage: Stage) -> dict:
-        """Held-out metrics of the model now (main rank; once per step), logged as a ``valid`` row."""
+    def _evaluate(self, stage: Stage, split: str = "valid") -> dict:
+        """Held-out metrics of the model's weights now (main rank), logged as a ``split`` row.
+
+        The training weights (``valid``) are evaluated once per step; other weights put into the model at the end
+        (``valid_ema``, ``valid_averaged``) are always evaluated afresh.
+        """
         if self.valid_data is None or not self.ranks.is_main:
             return {}
-        if self._last_eval[0] != self.state.step:
-            metrics = evaluate_stage(self.model, self.valid_data, self.train_data, self.cfg, stage, self.device)
-            self.log.write({"step": self.state.step, "stage": stage.name, "split": "valid", **metrics})
+        if split == "valid" and self._last_eval[0] == self.state.step:
+            return self._last_eval[1]
+        metrics = evaluate_stage(self.model, self.valid_data, self.train_data, self.cfg, stage, self.device)
+        self.log.write({"step": self.state.step, "stage": stage.name, "split": split, **metrics})
+        if split == "valid":
             self._last_eval = (self.state.step, metrics)
-        return self._last_eval[1]
+        return metrics
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -285,12 +291,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(self.model)
             self._save_weights(self.run.ema)
-            result["valid_ema"] = self._evaluate(self.stages[-1])
+            result["valid_ema"] = self._evaluate(self.stages[-1], "valid_ema")
         paths = self.run.epochs(*self.cfg.optim.average) if self.cfg.optim.average else []
         if paths:
             average_checkpoints(self.model, paths)
             self._save_weights(self.run.averaged)
-            result["valid_averaged"] = self._evaluate(self.stages[-1])
+            result["valid_averaged"] = self._evaluate(self.stages[-1], "valid_averaged")
         write_train_report(self.run.report, self.cfg, result, self.history)
         self.run.write_result(result)
         return result

@@ -10,6 +10,7 @@ import torch
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from flexast.model.errors import CheckpointError
+from flexast.model.evaluate import evaluate_stage
 from flexast.model.run_dir import RunDir
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
@@ -119,6 +120,14 @@ def test_epoch_checkpoints_are_averaged_at_the_end(tmp_path):
     epochs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("epoch_"))
     assert epochs == ["epoch_0001", "epoch_0002", "epoch_0003"]
     assert "valid_averaged" in result and (tmp_path / "averaged" / "model.safetensors").exists()
+    # the averaged weights' own held-out metrics, not the training weights' (evaluated here from the folder)
+    valid = synthetic_clipset(n_clips=6, seed=2)
+    for folder, key in (("averaged", "valid_averaged"), ("final", "valid")):
+        again = evaluate_stage(load_checkpoint(tmp_path / folder), valid, data, cfg, tr.stages[-1], "cpu")
+        for metric in ("mAP", "AUC", "top1"):
+            assert again[metric] == pytest.approx(result[key][metric], rel=1e-5), (folder, metric)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows if r.get("split", "train") != "train"][-2:] == ["valid", "valid_averaged"]
     expected = {
         k: (
             load_state_dict(tmp_path / "checkpoints" / "epoch_0002")[k].double()
