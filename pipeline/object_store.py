@@ -75,16 +75,21 @@ def _content_range_total(value: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
+def _raise_if_absent(status: int, url: str) -> None:
+    """A missing or forbidden object is permanent (never retried): ``FileNotFoundError`` / ``PermissionError``."""
+    if status == 404:
+        raise FileNotFoundError(url)
+    if status in (401, 403):
+        raise PermissionError(f"HTTP {status} for {url}")
+
+
 async def get_http(fs, url: str, start: int, stop: int, buf: bytearray, counters: dict | None) -> None:
     """Append bytes ``[start + len(buf), stop)`` of ``url`` to ``buf`` (bytes kept when the response breaks)."""
     kw = fs.kwargs.copy()
     headers = {**kw.pop("headers", {}), "Range": f"bytes={start + len(buf)}-{stop - 1}"}
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kw) as r:
-        if r.status == 404:
-            raise FileNotFoundError(url)
-        if r.status in (401, 403):
-            raise PermissionError(f"HTTP {r.status} for {url}")
+        _raise_if_absent(r.status, url)
         if r.status == 416:
             total = _content_range_total(r.headers.get("Content-Range"))
             raise RangeError(f"{url}: bytes [{start}, {stop}) run past the end of the object ({total} bytes)")
@@ -143,10 +148,7 @@ async def head_http(fs, url: str) -> int:
     kw = fs.kwargs.copy()
     session = await fs.set_session()
     async with session.head(fs.encode_url(url), allow_redirects=True, **kw) as r:
-        if r.status == 404:
-            raise FileNotFoundError(url)
-        if r.status in (401, 403):
-            raise PermissionError(f"HTTP {r.status} for {url}")
+        _raise_if_absent(r.status, url)
         if r.status == 200 and r.content_length is not None:
             return r.content_length
         if r.status >= 500 or r.status == 429:
