@@ -362,3 +362,26 @@ def _write_zarr_group(folder: str, group: dict) -> None:
     put("label_values", np.array([c for ids in group["labels"] for c in ids], dtype=np.int64))
     put("label_offsets", np.concatenate([[0], np.cumsum([len(ids) for ids in group["labels"]])]).astype(np.int64))
     put("duration_s", np.array(group["duration_s"], dtype=np.float64))
+
+
+def write_model_folder(folder, model, names, display_names, labels="single", stats=None, features=None):
+    """A run's ``final/``-style folder written by hand: ``model.safetensors`` and the ``labels.json`` that
+    ``model predict``, ``model eval`` and ``model export`` read (training statistics per shift, no config norm)."""
+    import json
+    from pathlib import Path
+
+    from flexast.model.checkpoint import save_checkpoint
+
+    folder = Path(folder)
+    save_checkpoint(model, folder / "model.safetensors")
+    info = {
+        "names": list(names),
+        "display_names": list(display_names),
+        "labels": labels,
+        "stats": stats or {"10.0": [-6.0, 4.0]},
+        "norm": [],
+        "features": features or {},
+        "sample_rate": 16000,
+    }
+    (folder / "labels.json").write_text(json.dumps(info))
+    return folder

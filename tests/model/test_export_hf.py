@@ -17,14 +17,14 @@ import torch
 
 from flexast.model import from_hf
 from flexast.model.ast import ASTModel
-from flexast.model.checkpoint import load_checkpoint, save_checkpoint
+from flexast.model.checkpoint import load_checkpoint
 from flexast.model.cli import main
 from flexast.model.convert import to_hf
 from flexast.model.errors import ConversionError
 from flexast.model.export_hf import export_hf
 from flexast.model.predict import Predictor
 from flexast.pipeline.batch import PackedBatch
-from tests.factories import broadband_clip, tone_clip
+from tests.factories import broadband_clip, tone_clip, write_model_folder
 from tests.model.model_helpers import tiny_config
 
 MAX_FRAMES = 96
@@ -39,18 +39,9 @@ def _checkpoint(folder, pos="grid", pool="cls_dist", features=None, seed=0):
     )
     with torch.no_grad():
         model.head.fc.weight.mul_(50.0)  # spread the logits: a top-1 decided by more than rounding
-    save_checkpoint(model, folder / "model.safetensors")
-    info = {
-        "names": ["/m/a", "/m/b", "/m/c", "/m/d"],
-        "display_names": DISPLAY,
-        "labels": "single",
-        "stats": {"10.0": [-6.0, 4.0], "20.0": [-5.0, 3.0]},
-        "norm": [],
-        "features": features or {},
-        "sample_rate": 16000,
-    }
-    (folder / "labels.json").write_text(json.dumps(info))
-    return folder
+    names = ["/m/a", "/m/b", "/m/c", "/m/d"]
+    stats = {"10.0": [-6.0, 4.0], "20.0": [-5.0, 3.0]}
+    return write_model_folder(folder, model, names, DISPLAY, stats=stats, features=features)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from flexast.model.ast import ASTModel
-from flexast.model.checkpoint import load_checkpoint, save_checkpoint
+from flexast.model.checkpoint import load_checkpoint
 from flexast.model.cli import main
 from flexast.model.export_onnx import export_onnx
 from flexast.model.predict import Predictor
 from flexast.pipeline.batch import PackedBatch
-from tests.factories import write_audio
+from tests.factories import write_audio, write_model_folder
 from tests.model.model_helpers import tiny_config
 
 ort = pytest.importorskip("onnxruntime")
@@ -30,18 +30,7 @@ MAX_FRAMES = 64
 def _checkpoint(folder, pos, pool, seed=0):
     torch.manual_seed(seed)
     model = ASTModel(tiny_config(num_classes=4, max_frames=MAX_FRAMES, pos_embed=pos, pool=pool))
-    save_checkpoint(model, folder / "model.safetensors")
-    info = {
-        "names": ["a", "b", "c", "d"],
-        "display_names": ["A", "B", "C", "D"],
-        "labels": "multi",
-        "stats": {"10.0": [-6.0, 4.0]},
-        "norm": [],
-        "features": {},
-        "sample_rate": 16000,
-    }
-    (folder / "labels.json").write_text(json.dumps(info))
-    return folder
+    return write_model_folder(folder, model, ["a", "b", "c", "d"], ["A", "B", "C", "D"], labels="multi")
 
 
 def _packed_logits(model, x: torch.Tensor, patch) -> np.ndarray:

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from flexast.model.ast import ASTModel
-from flexast.model.checkpoint import save_checkpoint
 from flexast.model.cli import main
 from flexast.model.predict import Predictor, format_table
-from tests.factories import write_audio
+from tests.factories import write_audio, write_model_folder
 from tests.model.model_helpers import tiny_config
 
 
@@ -22,18 +21,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = ASTModel(tiny_config(num_classes=3, n_mels=32, max_frames=128, embed_dim=16, depth=1, pool="mean"))
     folder = root / "final"
-    save_checkpoint(model, folder / "model.safetensors")
-    info = {
-        "names": ["/m/a", "/m/b", "/m/c"],
-        "display_names": ["Alpha", "Beta", "Gamma"],
-        "labels": "single",
-        "stats": {"10.0": [-6.0, 4.0]},
-        "norm": [],
-        "features": {},
-        "sample_rate": 16000,
-    }
-    (folder / "labels.json").write_text(json.dumps(info))
-    return folder
+    return write_model_folder(folder, model, ["/m/a", "/m/b", "/m/c"], ["Alpha", "Beta", "Gamma"])
 
 
 @pytest.fixture(scope="module")
