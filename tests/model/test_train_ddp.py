@@ -19,6 +19,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    # started here (the trainer then reuses it) so that a collective mismatch fails within a minute, not 30
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     from flexast.model.train import Trainer
     from tests.factories import synthetic_clipset
     from tests.model.train_helpers import tiny_run_config

@@ -3,6 +3,7 @@ loader's one collective never interleaves with the trainer's own all-reduces (th
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 
@@ -30,7 +31,7 @@ def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     from flexast.pipeline.datasource import MemorySource, open_source
     from flexast.pipeline.loader import make_stream
 
