@@ -97,7 +97,7 @@ def run_steps(args, device: str, compile_: bool, count_syncs: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         tr = Trainer(make_config(args, out, compile_, device), train_data=data)
         tr.setup()
-        stage = tr.stages[0]
+        phase = tr.phases[0]
         src = _Counted(_endless(tr.loader))
         cuda = tr.device.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(tr.device)) if cuda else (lambda: None)
@@ -124,7 +124,7 @@ def run_steps(args, device: str, compile_: bool, count_syncs: bool) -> dict:
                     torch.cuda.set_sync_debug_mode("warn")
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        tr._update(src, stage)
+                        tr._update(src, phase)
                     torch.cuda.set_sync_debug_mode(0)
                     syncs.append(sum("synchroniz" in str(w.message) for w in caught))
                 elif counter is not None and i >= 1:
@@ -133,11 +133,11 @@ def run_steps(args, device: str, compile_: bool, count_syncs: bool) -> dict:
                     ahead = _Counted(iter([next(src) for _ in range(8)]))
                     before = counter.count
                     with counter:
-                        tr._update(ahead, stage)
+                        tr._update(ahead, phase)
                     syncs.append(counter.count - before)
                     src.drawn += ahead.drawn - 8
                 else:
-                    tr._update(src, stage)
+                    tr._update(src, phase)
                 sync()
                 times.append(time.perf_counter() - t0)
                 graphs.append(step_io.compile_count())

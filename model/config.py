@@ -59,7 +59,7 @@ class DataConfig:
     :class:`pipeline.resolution.ResolutionPolicy` as a mapping: ``kind`` fixed/random/pool, ``shift_ms``,
     ``shifts_ms``, ``pool_factors``, ``pool_mode``), ``max_frames`` or ``target_frames`` (the classic fixed-length
     AST input), ``freq_mask``/``time_mask``, ``mixup_prob``/``mixup_alpha``, ``balanced``,
-    ``norm_mean``/``norm_std``, ``pack_buffer``, ``shuffle_buffer``, ``num_workers``, ... Each stage of a recipe
+    ``norm_mean``/``norm_std``, ``pack_buffer``, ``shuffle_buffer``, ``num_workers``, ... Each phase of a recipe
     sets ``patches``, ``seed``, and (coarse-to-fine) its own ``resolution`` and length cap on a copy.
     """
 

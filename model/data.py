@@ -1,4 +1,4 @@
-"""The recipes' data: open ``data.train`` / ``data.valid`` as sources and make the one loader for a stage.
+"""The recipes' data: open ``data.train`` / ``data.valid`` as sources and make the one loader for a phase.
 
 Notation: ``T`` frames at a clip's own frame shift, ``F`` mel bins, ``R`` a pooling factor (frame
 shift 10·R ms), ``p = (p_f, p_t)`` the patch of a step.
@@ -7,7 +7,7 @@ Every reader of the model side (training, in-training validation, ``model eval``
 through :class:`pipeline.loader.StreamLoader` over a :mod:`pipeline.datasource` source:
 ``data.source: memory`` caches the shards in memory once (small and medium sets), ``stream`` reads
 them on the fly (local, http(s)://, s3://). Tar and Zarr builds are both accepted. ``data.loader`` is the
-loader's own config; :func:`stream_config` only sets a stage's patches, seed, resolution and length on it.
+loader's own config; :func:`stream_config` only sets a phase's patches, seed, resolution and length on it.
 
 The classic padded AST input (``data.loader.target_frames``) is the same :class:`~pipeline.batch.PackedBatch`
 with every clip cut or zero-padded to ``target_frames`` frames; :func:`padded_view` gives it as ``(B, T, F)``.
@@ -119,21 +119,21 @@ def norm_table(info: dict, shifts_ms: Sequence[float]) -> dict[str, tuple[float,
     return {shift_name(s): norm_from_info(info, s) for s in shifts_ms}
 
 
-def stream_config(cfg: Config, stage, seed: int, stride: tuple[int, int] | None = None) -> dict:
-    """The loader options of one training stage: ``data.loader`` (already the loader's config) with the stage's
+def stream_config(cfg: Config, phase, seed: int, stride: tuple[int, int] | None = None) -> dict:
+    """The loader options of one training phase: ``data.loader`` (already the loader's config) with the phase's
     patches, seed, resolution and length cap set on a copy."""
     lc = cfg.data.loader
-    if lc.target_frames and lc.target_frames % stage.patches[0][1]:
+    if lc.target_frames and lc.target_frames % phase.patches[0][1]:
         raise ConfigError(
             f"data.loader.target_frames={lc.target_frames} must be a multiple of the patch's time size "
-            f"{stage.patches[0][1]}"
+            f"{phase.patches[0][1]}"
         )
     over = {
-        "patches": [list(p) for p in stage.patches],
+        "patches": [list(p) for p in phase.patches],
         "train": True,
         "seed": seed,
-        "resolution": dataclasses.asdict(stage.resolution),
-        "max_frames": None if lc.target_frames else stage.max_frames,
+        "resolution": dataclasses.asdict(phase.resolution),
+        "max_frames": None if lc.target_frames else phase.max_frames,
         "stride": list(stride) if lc.target_frames and stride else None,
     }
     return dataclasses.asdict(dataclasses.replace(lc, **over))

@@ -120,17 +120,17 @@ def evaluate_source(model, source: Source, cfg: Config, *, patch, resolution, ma
     return {**m, "n_clips": len(out["keys"]), "tokens": out["tokens"], "seconds": round(out["seconds"], 3)}
 
 
-def evaluate_stage(model, valid: Source, train: Source, cfg: Config, stage, device) -> dict:
-    """:func:`evaluate_source` of a training stage (a :class:`model.recipes.Stage`): its eval patch, its first
-    resolution, ``data.eval_max_frames`` (or the stage's frames), and the training data's vocabulary and
+def evaluate_phase(model, valid: Source, train: Source, cfg: Config, phase, device) -> dict:
+    """:func:`evaluate_source` of a training phase (a :class:`model.recipes.Phase`): its eval patch, its first
+    resolution, ``data.eval_max_frames`` (or the phase's frames), and the training data's vocabulary and
     normalisation (as ``model predict`` and ``model eval`` normalise)."""
     return evaluate_source(
         model,
         valid,
         cfg,
-        patch=stage.eval_patch,
-        resolution=stage.resolution.choices()[0],
-        max_frames=cfg.data.eval_max_frames or stage.max_frames,
+        patch=phase.eval_patch,
+        resolution=phase.resolution.choices()[0],
+        max_frames=cfg.data.eval_max_frames or phase.max_frames,
         device=device,
         vocab=train.label_names,
         norm=training_norm(train, cfg.data.loader),

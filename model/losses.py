@@ -6,10 +6,12 @@ Notation: ``N`` clips, ``C`` classes; ``logits (N, C)``; ``labels`` are ``(N, C)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
-from flexast.model.data import padded_view
+from flexast.model.data import model_input, padded_view
 from flexast.pipeline.batch import PackedBatch
 from flexast.pipeline.errors import ConfigError
 
@@ -76,3 +78,14 @@ def train_loss(logits: torch.Tensor, batch, cfg, teacher: torch.nn.Module | None
         patch = tuple(kd.teacher_patch) or teacher.config.base_patch
         t_logits = teacher_logits(teacher, batch, patch, padded)
     return (1 - kd.alpha) * loss + kd.alpha * kd_loss(logits.float(), t_logits.float(), kd.temperature, name)
+
+
+def batch_loss(model, batch: PackedBatch, cfg, teacher: torch.nn.Module | None, device: torch.device):
+    """``model``'s forward on ``batch`` (bf16 autocast on CUDA) and its :func:`train_loss`: ``(loss, (N, C) logits)``.
+
+    The classic padded AST (``data.loader.target_frames``) takes the batch's ``(B, T, F)`` view."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    padded = bool(cfg.data.loader.target_frames)
+    with autocast:
+        logits = model(model_input(batch, padded))
+        return train_loss(logits, batch, cfg, teacher, padded), logits

@@ -1,6 +1,6 @@
 """What a training run tells the world while it runs: ``metrics.jsonl``, TensorBoard and the progress bar.
 
-One row per logged step (``loss``, ``lr``, ``tokens``, ``fill``, ``tokens_per_s``, ``step``, ``stage``,
+One row per logged step (``loss``, ``lr``, ``tokens``, ``fill``, ``tokens_per_s``, ``step``, ``phase``,
 ``epoch``) and per evaluation (``split: valid`` and the metrics). Only the main rank logs; on the others
 every method is a no-op.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 class MetricLog:
-    """Rows appended to ``metrics.jsonl`` (and TensorBoard scalars when importable), and a tqdm bar per stage."""
+    """Rows appended to ``metrics.jsonl`` (and TensorBoard scalars when importable), and a tqdm bar per phase."""
 
     def __init__(self, metrics: Path | None, tensorboard: Path | None = None, progress: bool = False):
         """``metrics=None`` (a rank other than the main one): log nothing."""
@@ -39,12 +39,13 @@ class MetricLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
 
-    def start_stage(self, name: str, total: int, done: int) -> None:
-        """A progress bar for a stage of ``total`` steps, ``done`` of them already."""
+    def start_phase(self, name: str, total: int, done: int, estimated: bool = False) -> None:
+        """A progress bar for a phase of ``total`` steps (``estimated``: from the token budget), ``done`` already."""
         if self.progress and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, desc=name, dynamic_ncols=True)
+            desc = f"{name} (~{total} steps, estimated)" if estimated else name
+            self.bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True)
 
     def step(self, info: dict) -> None:
         """Advance the bar by one step and show its loss, throughput, fill and lr."""
@@ -57,13 +58,13 @@ class MetricLog:
                 lr=f"{info['lr']:.2e}",
             )
 
-    def end_stage(self) -> None:
+    def end_phase(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
     def close(self) -> None:
-        self.end_stage()
+        self.end_phase()
         if self.file is not None:
             self.file.close()
             self.file = None

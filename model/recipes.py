@@ -1,15 +1,15 @@
-"""The four training recipes as plans of stages: what each stage feeds the model and for how long.
+"""The four training recipes as plans of phases: what each phase feeds the model and for how long.
 
-A *stage* fixes the patch sizes drawn per step, the per-clip resolution policy, the length cap, whether a
-teacher is distilled, and the stage length. ``ast``, ``flexiast`` and ``elasticast`` are one stage;
-``coarse_to_fine`` is one stage per phase. Between stages the trainer moves the weights to the new
-token grid (:func:`move_to_stage`: a model for the stage's :func:`model_config`, the weights copied over by
+A *phase* fixes the patch sizes drawn per step, the per-clip resolution policy, the length cap, whether a
+teacher is distilled, and the phase length. ``ast``, ``flexiast`` and ``elasticast`` are one phase;
+``coarse_to_fine`` has one per entry of ``recipe.phases``. Between phases the trainer moves the weights to the new
+token grid (:func:`move_to_phase`: a model for the phase's :func:`model_config`, the weights copied over by
 :func:`transfer`, each layer resizing its own) and resets the optimizer and lr schedule, as the
 coarse-to-fine paper does.
 
 Units: frames at the clip's own resolution; frame shifts in ms; R the temporal compression factor.
 
-Recipe → stage mapping:
+Recipe → phase mapping:
     ast            patch fixed; resolution from ``data``; padded input with ``data.loader.target_frames``.
     flexiast       patch drawn uniformly per step from ``recipe.patch_sizes`` (square, or
                    ``(base_f, p)`` with ``time_only``), resized by ``recipe.resize``; optional KD.
@@ -35,7 +35,7 @@ from flexast.pipeline.resolution import ResolutionPolicy
 
 
 @dataclass
-class Stage:
+class Phase:
     """One stretch of training with a fixed data/patch geometry."""
 
     name: str
@@ -45,8 +45,8 @@ class Stage:
     max_frames: int
     epochs: float = 0.0
     steps: int = 0  # > 0 wins over epochs
-    kernel: tuple[int, int] | None = None  # native patch-embedding kernel size of this stage (c2f Patch)
-    transfer: str = "pi"  # how the kernel moves into this stage
+    kernel: tuple[int, int] | None = None  # native patch-embedding kernel size of this phase (c2f Patch)
+    transfer: str = "pi"  # how the kernel moves into this phase
     kd: bool = False
     eval_patch: tuple[int, int] = (16, 16)
     meta: dict = field(default_factory=dict)
@@ -81,9 +81,9 @@ def length_cap(cfg: Config) -> int:
     return int(cfg.data.loader.target_frames or cfg.data.loader.max_frames)
 
 
-def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
+def _single(cfg: Config, kind: str, stored: list[float]) -> Phase:
     eval_patch = tuple(int(v) for v in (cfg.model.base_patch if kind == "flexiast" else cfg.recipe.patch))
-    return Stage(
+    return Phase(
         name=kind,
         kind=kind,
         patches=_patches(cfg, kind),
@@ -96,7 +96,7 @@ def _single(cfg: Config, kind: str, stored: list[float]) -> Stage:
     )
 
 
-def _phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Stage:
+def _c2f_phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Phase:
     inner = _single(cfg, ph.recipe, stored)
     r = int(ph.factor)
     p_f, p_t = (int(v) for v in cfg.recipe.patch)
@@ -123,40 +123,40 @@ def _phase(cfg: Config, i: int, ph: PhaseConfig, stored: list[float]) -> Stage:
     return inner
 
 
-def plan_stages(cfg: Config, stored_shifts: list[float]) -> list[Stage]:
-    """The stages of ``cfg``'s recipe; ``stored_shifts`` are the frame shifts the shards hold."""
+def plan_phases(cfg: Config, stored_shifts: list[float]) -> list[Phase]:
+    """The phases of ``cfg``'s recipe; ``stored_shifts`` are the frame shifts the shards hold."""
     name = cfg.recipe.name
     if name in ("ast", "flexiast", "elasticast"):
         return [_single(cfg, name, stored_shifts)]
     if name == "coarse_to_fine":
-        stages = [_phase(cfg, i, ph, stored_shifts) for i, ph in enumerate(cfg.recipe.phases)]
+        phases = [_c2f_phase(cfg, i, ph, stored_shifts) for i, ph in enumerate(cfg.recipe.phases)]
         # The final kernel is the recipe patch unless the last phase says otherwise.
-        for st in stages:
-            if st.kernel is None:
-                st.kernel = tuple(int(v) for v in cfg.recipe.patch)
-        return stages
+        for ph in phases:
+            if ph.kernel is None:
+                ph.kernel = tuple(int(v) for v in cfg.recipe.patch)
+        return phases
     raise ConfigError(f"recipe.name: unknown recipe {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
-# The model at each stage's geometry
+# The model at each phase's geometry
 
 
-def stage_kernel(cfg: Config, stage=None) -> tuple[int, int]:
-    """Native kernel size: the stage's (coarse-to-fine), the fixed patch (ast/elasticast) or the base (flexiast)."""
-    if stage is not None and stage.kernel is not None:
-        return tuple(stage.kernel)
-    kind = stage.kind if stage is not None else cfg.recipe.name
+def phase_kernel(cfg: Config, phase=None) -> tuple[int, int]:
+    """Native kernel size: the phase's (coarse-to-fine), the fixed patch (ast/elasticast) or the base (flexiast)."""
+    if phase is not None and phase.kernel is not None:
+        return tuple(phase.kernel)
+    kind = phase.kind if phase is not None else cfg.recipe.name
     if kind == "flexiast":
         return tuple(int(v) for v in cfg.model.base_patch)
     return tuple(int(v) for v in cfg.recipe.patch)
 
 
-def model_config(cfg: Config, n_classes: int, n_mels: int, stage=None) -> ModelConfig:
-    """The :class:`ModelConfig` of a run (at a stage's geometry when given)."""
+def model_config(cfg: Config, n_classes: int, n_mels: int, phase=None) -> ModelConfig:
+    """The :class:`ModelConfig` of a run (at a phase's geometry when given)."""
     m = cfg.model
-    kernel = stage_kernel(cfg, stage)
-    max_frames = cfg.data.loader.target_frames or (stage.max_frames if stage is not None else length_cap(cfg))
+    kernel = phase_kernel(cfg, phase)
+    max_frames = cfg.data.loader.target_frames or (phase.max_frames if phase is not None else length_cap(cfg))
     over = {
         "num_classes": n_classes,
         "n_mels": n_mels,
@@ -221,12 +221,12 @@ def build_model(cfg: Config, n_classes: int, n_mels: int) -> ASTModel:
     return model
 
 
-def move_to_stage(model: ASTModel, stage, cfg: Config) -> ASTModel:
-    """``model`` rebuilt at ``stage``'s kernel and grid (the same object when nothing changes)."""
+def move_to_phase(model: ASTModel, phase, cfg: Config) -> ASTModel:
+    """``model`` rebuilt at ``phase``'s kernel and grid (the same object when nothing changes)."""
     c = model.config
-    new = model_config(cfg, c.num_classes, c.n_mels, stage)
+    new = model_config(cfg, c.num_classes, c.n_mels, phase)
     if (new.base_patch, new.max_frames, new.fstride, new.tstride) == (c.base_patch, c.max_frames, c.fstride, c.tstride):
         return model
     dst = ASTModel(new).to(next(model.parameters()).device)
-    transfer(model, dst, stage.transfer)
+    transfer(model, dst, phase.transfer)
     return dst

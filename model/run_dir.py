@@ -7,7 +7,7 @@ Layout::
     tb/                         TensorBoard events, when TensorBoard is importable and ``run.tensorboard``
     checkpoints/step_XXXXXXXX/  full training state, atomic (below); the newest ``run.keep_last`` are kept
     checkpoints/epoch_XXXX/     weights at the end of each epoch (AST weight averaging reads them)
-    stageN/                     weights at the end of stage N (coarse-to-fine phases)
+    phaseN/                     weights at the end of phase N (a one-phase recipe writes phase1/)
     final/  ema/  averaged/     weights to evaluate or predict with; EMA and epoch-averaged weights if asked for
     report.md  result.json      the human report and the final numbers
 
@@ -17,7 +17,7 @@ recipe ``model predict`` needs). A *step checkpoint* is a weights folder plus:
 
     train_state.pt   optimizer state, EMA weights and torch RNG states: tensors and plain containers only,
                      loaded with ``torch.load(..., weights_only=True)``
-    state.json       step, stage, stage step, epoch, loader position, FLOPs and tokens so far
+    state.json       step, phase, phase step, epoch, loader position, FLOPs and tokens so far
 
 It is written under ``.tmp-step_XXXXXXXX`` and renamed when complete, so a kill at any moment leaves either
 the previous checkpoint or the new one, never half of one.
@@ -39,6 +39,7 @@ from flexast.model.checkpoint import WEIGHTS, save_checkpoint, weights_path
 from flexast.model.config import Config, save_config
 from flexast.model.errors import CheckpointError
 
+_OLD_NAMES = {"stage": "phase", "stage_step": "phase_step"}
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 LABELS = "labels.json"
 
@@ -47,10 +48,10 @@ LABELS = "labels.json"
 class TrainState:
     """Counters that, with the weights, optimizer and RNG, determine the rest of a run."""
 
-    step: int = 0  # optimizer updates so far (all stages)
-    stage: int = 0  # index of the current stage (coarse-to-fine phase)
-    stage_step: int = 0  # updates within the stage (drives the lr schedule)
-    epoch: int = 0  # epochs completed (counted over all stages; names the epoch_XXXX checkpoints)
+    step: int = 0  # optimizer updates so far (all phases)
+    phase: int = 0  # index of the current phase (:func:`model.recipes.plan_phases`)
+    phase_step: int = 0  # updates within the phase (drives the lr schedule)
+    epoch: int = 0  # epochs completed (counted over all phases; names the epoch_XXXX checkpoints)
     loader: dict = field(default_factory=dict)
     flops: float = 0.0
     tokens: int = 0
@@ -113,9 +114,9 @@ class RunDir:
     def epoch(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:04d}"
 
-    def stage(self, index: int) -> Path:
-        """Weights at the end of stage ``index`` (0-based; the folder is named from 1)."""
-        return self.root / f"stage{index + 1}"
+    def phase(self, index: int) -> Path:
+        """Weights at the end of phase ``index`` (0-based; the folder is named from 1)."""
+        return self.root / f"phase{index + 1}"
 
     def step(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}"
@@ -197,7 +198,13 @@ def load_train_state(path: Path) -> TrainState:
     """
     file = path / "state.json"
     try:
-        return TrainState(**json.loads(file.read_text()))
+        saved = json.loads(file.read_text())
+        for old, new in _OLD_NAMES.items():  # checkpoints written before "stage" became "phase"
+            if old in saved:
+                saved[new] = saved.pop(old)
+        if "stage_first_epoch" in saved.get("loader", {}):
+            saved["loader"]["phase_first_epoch"] = saved["loader"].pop("stage_first_epoch")
+        return TrainState(**saved)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{file}: not a flexast training state ({type(exc).__name__}: {exc})") from exc
 

@@ -52,7 +52,7 @@ def lr_at(
 
 
 def optim_lr(o, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """:func:`lr_at` with the ``optim`` section's settings (warm-up kept shorter than the stage)."""
+    """:func:`lr_at` with the ``optim`` section's settings (warm-up kept shorter than the phase)."""
     return lr_at(
         step,
         base_lr=o.lr,
@@ -75,8 +75,8 @@ def epoch_steps(loader_steps: int, accum_tokens: int, budget_tokens: int, world:
     return max(1, math.ceil(loader_steps * world * budget_tokens / accum_tokens))
 
 
-def stage_steps(steps: int, epochs: float, epoch_steps, first_epoch: int, steps_per_epoch: int = 0) -> int:
-    """Optimizer steps of a stage: ``steps``, else ``epochs`` passes over the data counted exactly from
+def phase_steps(steps: int, epochs: float, epoch_steps, first_epoch: int, steps_per_epoch: int = 0) -> int:
+    """Optimizer steps of a phase: ``steps``, else ``epochs`` passes over the data counted exactly from
     ``epoch_steps(epoch)`` (the loader plans each epoch before it starts), so the count is the same whenever
     the run was interrupted; ``steps_per_epoch`` (``optim.steps_per_epoch``) overrides the count per epoch."""
     if steps > 0:
@@ -88,3 +88,14 @@ def stage_steps(steps: int, epochs: float, epoch_steps, first_epoch: int, steps_
     if epochs > whole:
         total += math.ceil((epochs - whole) * epoch_steps(first_epoch + whole))
     return max(1, total)
+
+
+def phase_length(phase, o, loader, budget_tokens: int, world: int, first_epoch: int) -> tuple[int, int]:
+    """``(optimizer steps, steps per epoch)`` of ``phase`` (a :class:`model.recipes.Phase`) read by ``loader``
+    from epoch ``first_epoch`` on, with the ``optim`` section ``o`` (see :func:`phase_steps`)."""
+
+    def per_epoch(epoch: int) -> int:
+        return epoch_steps(loader.steps_in_epoch(epoch), o.grad_accum_tokens, budget_tokens, world)
+
+    total = phase_steps(phase.steps, phase.epochs, per_epoch, first_epoch, o.steps_per_epoch)
+    return total, o.steps_per_epoch or per_epoch(first_epoch)

@@ -207,11 +207,11 @@ def _some(keys: list[str], n: int = 10) -> str:
 
 
 class StepRunner:
-    """One optimizer step of a stage: micro-steps from the loader until ``accum_tokens`` tokens (summed over
+    """One optimizer step of a phase: micro-steps from the loader until ``accum_tokens`` tokens (summed over
     ranks; ``0``: one micro-step), the gradients averaged over the step's clips, clipped, then the update.
 
     Holds the run's FLOP and token totals and the last batch this rank trained on (its *shadow*: what it runs
-    with weight 0 while other ranks still have data, see the module's notes). One runner per stage.
+    with weight 0 while other ranks still have data, see the module's notes). One runner per phase.
     """
 
     def __init__(self, model, ddp_model, optimizer, ema, reducer: HostReducer, optim, loader, *, flops=0.0, tokens=0):

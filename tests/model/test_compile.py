@@ -25,8 +25,8 @@ PATCHES = [8, 12, 16]
 class _GraphsPerStep(Trainer):
     """Records dynamo's graph count after every optimizer step."""
 
-    def _update(self, batches, stage):
-        info = super()._update(batches, stage)
+    def _update(self, batches, phase):
+        info = super()._update(batches, phase)
         if info:
             self.graphs.append(step_io.compile_count())
         return info
@@ -61,8 +61,8 @@ def test_compiled_flexiast_twenty_steps_compile_at_most_once_per_patch_size(back
 
 
 def _autocast_cpu(loss_fn):
-    def run(batch, stage):
+    def run(batch, phase):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return loss_fn(batch, stage)
+            return loss_fn(batch, phase)
 
     return run

@@ -12,7 +12,7 @@ from flexast.model.metric_log import MetricLog
 
 def test_rows_are_appended_as_json_lines(tmp_path):
     log = MetricLog(tmp_path / "metrics.jsonl")
-    log.start_stage("ast", total=2, done=0)  # progress off: no bar
+    log.start_phase("ast", total=2, done=0)  # progress off: no bar
     log.write({"step": 1, "loss": 0.5})
     log.write({"step": 1, "split": "valid", "top1": 0.25})
     log.close()
@@ -25,7 +25,7 @@ def test_rows_are_appended_as_json_lines(tmp_path):
 
 def test_a_log_without_a_file_is_silent(tmp_path):
     log = MetricLog(None, tmp_path / "tb", progress=True)
-    log.start_stage("ast", total=3, done=0)
+    log.start_phase("ast", total=3, done=0)
     log.write({"step": 1, "loss": 1.0})
     log.close()
     assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,7 @@ def test_a_step_checkpoint_holds_each_file_once(tmp_path, monkeypatch):
     real = run_dir_module.save_config
     monkeypatch.setattr(run_dir_module, "save_config", lambda c, path: (written.append(path.name), real(c, path)))
     opt = torch.optim.Adam(model.parameters())
-    state = TrainState(step=7, stage=1, stage_step=3, epoch=2, loader={"pos": 5}, flops=1.5, tokens=99)
+    state = TrainState(step=7, phase=1, phase_step=3, epoch=2, loader={"pos": 5}, flops=1.5, tokens=99)
     path = run.save_step(state, model, cfg, LABELS, {"optimizer": opt.state_dict()}, torch.device("cpu"))
     assert path == run.checkpoints / "step_00000007" == run.latest_step()
     assert sorted(p.name for p in path.iterdir()) == [
@@ -56,7 +56,7 @@ def test_keep_last_and_unfinished_folders(tmp_path):
 
 def test_paths_and_labels_beside_or_above_the_weights(tmp_path):
     run = RunDir(tmp_path)
-    assert run.epoch(3) == tmp_path / "checkpoints" / "epoch_0003" and run.stage(0) == tmp_path / "stage1"
+    assert run.epoch(3) == tmp_path / "checkpoints" / "epoch_0003" and run.phase(0) == tmp_path / "phase1"
     model = ASTModel(tiny_config())
     for e in (1, 3):
         run.save_weights(run.epoch(e), model, from_dict({}), LABELS)

@@ -102,8 +102,8 @@ def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> N
     from tests.model.train_helpers import tiny_run_config
 
     class ShortTrainer(Trainer):
-        def _setup_loader(self, d, stage):
-            loader = super()._setup_loader(d, stage)
+        def _setup_loader(self, d, phase):
+            loader = super()._setup_loader(d, phase)
             loader.__class__ = _ShortOnRank1
             return loader
 

@@ -87,14 +87,14 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
     tr = Trainer(cfg, train_data=data)
     tr.setup()
     shapes = []
-    real_enter = tr._start_stage
+    real_enter = tr._start_phase
 
     def spy(index, ckpt):
         real_enter(index, ckpt)
         m = tr.model
         shapes.append((tuple(m.patch_embed.proj.weight.shape[-2:]), m.config.max_frames, tuple(m.pos_embed.grid)))
 
-    tr._start_stage = spy
+    tr._start_phase = spy
     shapes.append(
         (tuple(tr.model.patch_embed.proj.weight.shape[-2:]), tr.model.config.max_frames, tuple(tr.model.pos_embed.grid))
     )
@@ -109,7 +109,7 @@ def test_coarse_to_fine_moves_kernel_and_positions(data, tmp_path):
     assert tr.state.step == 26
     assert mean_loss(tr.model, data) < before
     for i in range(1, 5):
-        assert (tmp_path / f"stage{i}" / "model.safetensors").exists()
+        assert (tmp_path / f"phase{i}" / "model.safetensors").exists()
 
 
 def test_kernel_transfer_is_exact_for_pi_upsampling():

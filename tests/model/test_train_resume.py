@@ -10,7 +10,7 @@ import torch
 from flexast.model.averaging import EMA, average_checkpoints
 from flexast.model.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from flexast.model.errors import CheckpointError
-from flexast.model.evaluate import evaluate_stage
+from flexast.model.evaluate import evaluate_phase
 from flexast.model.run_dir import RunDir
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset
@@ -49,7 +49,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ckpt = RunDir(tmp_path / "part").latest_step()
     assert ckpt.name == "step_00000008"
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["stage"] == 1 and state["stage_step"] == 3
+    assert state["phase"] == 1 and state["phase_step"] == 3
     # ... resumed from its checkpoint, finishes exactly like the uninterrupted run.
     resumed = Trainer(make_cfg(tmp_path / "part"), resume=True, train_data=data)
     resumed.setup()
@@ -123,7 +123,7 @@ def test_epoch_checkpoints_are_averaged_at_the_end(tmp_path):
     # the averaged weights' own held-out metrics, not the training weights' (evaluated here from the folder)
     valid = synthetic_clipset(n_clips=6, seed=2)
     for folder, key in (("averaged", "valid_averaged"), ("final", "valid")):
-        again = evaluate_stage(load_checkpoint(tmp_path / folder), valid, data, cfg, tr.stages[-1], "cpu")
+        again = evaluate_phase(load_checkpoint(tmp_path / folder), valid, data, cfg, tr.phases[-1], "cpu")
         for metric in ("mAP", "AUC", "top1"):
             assert again[metric] == pytest.approx(result[key][metric], rel=1e-5), (folder, metric)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

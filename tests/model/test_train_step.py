@@ -71,7 +71,7 @@ def test_one_host_sync_per_optimizer_step(name, tmp_path, monkeypatch):
     with counter:
         while src.drawn < len(batches) - 3:
             before = counter.count
-            assert tr._update(src, tr.stages[0])
+            assert tr._update(src, tr.phases[0])
             steps += 1
             assert counter.count - before == 1, counter.where
     assert src.drawn >= 2 * steps  # several micro-steps per step: the one read is per step, not per micro-step
