@@ -67,3 +67,13 @@ def test_paths_and_labels_beside_or_above_the_weights(tmp_path):
     assert read_labels(tmp_path / "bare" / "model.safetensors")["names"] == LABELS["names"]
     run.remove()
     assert not tmp_path.exists()
+
+
+def test_a_state_written_with_the_old_stage_names_resumes_as_phases(tmp_path):
+    """Checkpoints from before the rename ("stage" → "phase") hold the same counters under the old keys."""
+    old = {"step": 9, "stage": 1, "stage_step": 4, "epoch": 3, "loader": {"pos": 2, "stage_first_epoch": 2}}
+    (tmp_path / "state.json").write_text(json.dumps({**old, "flops": 2.0, "tokens": 10}))
+    want = TrainState(
+        step=9, phase=1, phase_step=4, epoch=3, loader={"pos": 2, "phase_first_epoch": 2}, flops=2.0, tokens=10
+    )
+    assert load_train_state(tmp_path) == want
