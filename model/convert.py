@@ -188,6 +188,23 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], config=None) -> ASTModel:
     return _load_checked(model, state, "HF AST", allow_missing=("head.",) if "head.fc.weight" not in state else ())
 
 
+def deit_config(state: Mapping[str, torch.Tensor], prefix: str, **fields) -> ModelConfig:
+    """A :class:`ModelConfig` with the encoder geometry of a DeiT/ViT state dict whose encoder keys start with
+    ``prefix`` (``"v."`` in official AST files, ``""`` in timm's): width, depth, MLP ratio, qkv bias, DeiT's
+    LayerNorm eps and ``D // 64`` heads; ``fields`` set the rest (classes, input, patch, strides, pooling)."""
+    d = state[f"{prefix}cls_token"].shape[-1]
+    depth = 1 + max(int(k[len(prefix) :].split(".")[1]) for k in state if k.startswith(f"{prefix}blocks."))
+    geometry = {
+        "embed_dim": d,
+        "depth": depth,
+        "num_heads": max(1, d // 64),
+        "mlp_ratio": state[f"{prefix}blocks.0.mlp.fc1.weight"].shape[0] / d,
+        "qkv_bias": f"{prefix}blocks.0.attn.qkv.bias" in state,
+        "norm_eps": 1e-6,
+    }
+    return ModelConfig(**{**geometry, **fields})
+
+
 def _official_grid(n_pos: int, n_mels: int, patch: int, fstride: int) -> tuple[int, int]:
     f_dim = (n_mels - patch) // fstride + 1
     if n_pos % f_dim:
@@ -226,17 +243,13 @@ def from_official_ast(
         raise ConversionError(f"not an official AST state dict (no 'module.v.pos_embed'); keys start {list(sd)[:5]}")
     d = sd["v.pos_embed"].shape[-1]
     patch = sd["v.patch_embed.proj.weight"].shape[-1]
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("v.blocks."))
-    config = ModelConfig(
+    config = deit_config(
+        sd,
+        "v.",
         num_classes=sd["mlp_head.1.weight"].shape[0],
         n_mels=n_mels,
         max_frames=input_tdim,
-        embed_dim=d,
-        depth=depth,
         num_heads=num_heads or max(1, d // 64),
-        mlp_ratio=sd["v.blocks.0.mlp.fc1.weight"].shape[0] / d,
-        qkv_bias="v.blocks.0.attn.qkv.bias" in sd,
-        norm_eps=1e-6,
         base_patch=(patch, patch),
         fstride=fstride,
         tstride=tstride,

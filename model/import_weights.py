@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.ast import ASTModel
 from flexast.model.errors import CheckpointError, ConversionError
 
 FORMATS = ("hf", "official", "timm")
@@ -98,25 +98,19 @@ def import_official(src: Path, fstride: int, tstride: int, input_tdim: int, n_me
 
 def import_timm(src: Path, config: dict) -> tuple[ASTModel, dict]:
     """``config`` holds ``num_classes``, ``n_mels``, ``max_frames``, ``patch``, ``pos_embed``, ``pool``."""
-    from flexast.model.convert import from_timm
+    from flexast.model.convert import deit_config, from_timm
 
     state = read_weights(src)
     for key in ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
         if key not in state:
             raise ConversionError(f"{src}: missing key {key!r}; is this a timm DeiT/ViT state dict?")
-    d = state["cls_token"].shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     p = int(config["patch"])
-    model_config = ModelConfig(
+    model_config = deit_config(
+        state,
+        "",
         num_classes=int(config["num_classes"]),
         n_mels=int(config["n_mels"]),
         max_frames=int(config["max_frames"]),
-        embed_dim=d,
-        depth=depth,
-        num_heads=max(1, d // 64),
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / d,
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-        norm_eps=1e-6,
         base_patch=(p, p),
         fstride=p,
         tstride=p,

@@ -1,4 +1,4 @@
-"""Helpers of the model tests: a tiny config and a packed batch from clips."""
+"""Helpers of the model tests: a tiny config, a tiny transformers peer and a packed batch from clips."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def tiny_config(**overrides) -> ModelConfig:
         tstride=8,
     )
     return ModelConfig(**{**base, **overrides})
+
+
+def tiny_hf_ast(hf_ast, seed: int = 0, **overrides):
+    """A tiny ``ASTForAudioClassification`` of ``transformers`` (``hf_ast``: its AST module), in eval mode:
+    32 wide, 2 layers of 2 heads, 8×8 patches at stride 8 on 32 mel bins, 64 frames, 5 labels."""
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    base.update(patch_size=8, frequency_stride=8, time_stride=8, max_length=64, num_mel_bins=32)  # tiny_config's input
+    torch.manual_seed(seed)
+    return hf_ast.ASTForAudioClassification(hf_ast.ASTConfig(**{**base, **overrides})).eval()
 
 
 def packed(clips, patch, n_classes=5) -> PackedBatch:

@@ -10,6 +10,7 @@ import torch
 from flexast.model import ModelConfig, from_hf, from_official_ast, from_timm, to_official_ast
 from flexast.model.ast import ASTModel
 from flexast.model.errors import ConversionError
+from tests.model.model_helpers import tiny_hf_ast
 
 _V5_TO_V4 = [
     (r"\.layers\.(\d+)\.", r".encoder.layer.\1."),
@@ -43,20 +44,7 @@ def _rename(sd, rules):
 @pytest.fixture(scope="module")
 def hf_model(hf_ast):
     """A randomly initialised small ASTForAudioClassification (every parameter random, tokens included)."""
-    cfg = hf_ast.ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        frequency_stride=6,
-        time_stride=5,
-        max_length=60,
-        num_mel_bins=32,
-        num_labels=5,
-    )
-    torch.manual_seed(0)
-    model = hf_ast.ASTForAudioClassification(cfg).eval()
+    model = tiny_hf_ast(hf_ast, frequency_stride=6, time_stride=5, max_length=60)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and "layernorm" in str(p.shape) else 0.0))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexast.model.ast import ASTModel, ModelConfig
+from flexast.model.ast import ASTModel
 from flexast.model.checkpoint import save_checkpoint
 from flexast.model.cli import main
 from flexast.model.data import eval_config, open_data
@@ -18,24 +18,14 @@ from flexast.model.metrics import classification_metrics
 from flexast.pipeline.loader import make_stream
 from flexast.pipeline.resolution import TimeScale
 from tests.factories import write_shard_folder
+from tests.model.model_helpers import tiny_config
 
 
 def tiny_model(base=(4, 4), seed=0, n_classes=5):
+    """A 16-wide, 1-deep mean-pooled model on 16 mel bins, strides equal to the patch."""
     torch.manual_seed(seed)
-    return ASTModel(
-        ModelConfig(
-            num_classes=n_classes,
-            n_mels=16,
-            max_frames=64,
-            embed_dim=16,
-            depth=1,
-            num_heads=2,
-            base_patch=base,
-            fstride=base[0],
-            tstride=base[1],
-            pool="mean",
-        )
-    )
+    strides = dict(base_patch=base, fstride=base[0], tstride=base[1])
+    return ASTModel(tiny_config(num_classes=n_classes, n_mels=16, embed_dim=16, depth=1, pool="mean", **strides))
 
 
 @pytest.fixture(scope="module")

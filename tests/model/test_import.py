@@ -22,7 +22,7 @@ from flexast.model.import_weights import import_checkpoint
 from flexast.model.predict import Predictor
 from flexast.model.run_dir import read_labels
 from tests.factories import write_audio, write_shard_folder
-from tests.model.model_helpers import tiny_config
+from tests.model.model_helpers import tiny_config, tiny_hf_ast
 from tests.model.test_convert import _V4_TO_V5, _V5_TO_V4, _rename
 
 LABELS = {0: "Speech", 1: "Dog", 2: "Music"}
@@ -31,22 +31,7 @@ LABELS = {0: "Speech", 1: "Dog", 2: "Music"}
 @pytest.fixture(scope="module")
 def hf_folder(hf_ast, tmp_path_factory):
     """A tiny random ``ASTForAudioClassification`` saved by transformers itself, with a preprocessor config."""
-    cfg = hf_ast.ASTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        frequency_stride=8,
-        time_stride=8,
-        max_length=64,
-        num_mel_bins=32,
-        num_labels=3,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
-    torch.manual_seed(0)
-    model = hf_ast.ASTForAudioClassification(cfg).eval()
+    model = tiny_hf_ast(hf_ast, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
