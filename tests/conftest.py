@@ -16,6 +16,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_gloo(rank: int, world: int, folder: str) -> None:
+    """Join a ``world``-process gloo group that meets at a file in ``folder`` (the test's own tmp folder).
+
+    A file store, not a TCP port: a port found free by one process can be taken by another before rank 0 binds
+    it (two test runs on one machine), and then the group never forms. Collectives time out after 60 s, so a
+    mismatch fails the test instead of hanging the run.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))  # as torchrun sets them
+    store = f"file://{os.path.join(folder, 'gloo_store')}"
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server over real HTTP on 127.0.0.1, for the whole session.

@@ -11,20 +11,12 @@ import torch
 import torch.multiprocessing as mp
 
 from flexast.pipeline.loader import StreamLoader
-from tests.conftest import free_port
+from tests.conftest import start_gloo
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
-    )
+def _worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    import datetime
-
-    import torch.distributed as dist
-
-    # started here (the trainer then reuses it) so that a collective mismatch fails within a minute, not 30
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    start_gloo(rank, world, out)  # the trainer's Ranks.start reuses the group
     from flexast.model.train import Trainer
     from tests.factories import synthetic_clipset
     from tests.model.train_helpers import tiny_run_config
@@ -55,7 +47,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_two_gloo_processes(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["step"] == r1["step"] == 6
@@ -86,17 +78,9 @@ class _ShortOnRank1(StreamLoader):
             yield batch
 
 
-def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
-    )
+def _unequal_worker(rank: int, world: int, out: str, accum: int) -> None:
     torch.set_num_threads(1)
-    # a collective mismatch fails within a minute instead of hanging the test run
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    start_gloo(rank, world, out)
     from flexast.model.train import Trainer
     from tests.factories import synthetic_clipset
     from tests.model.train_helpers import tiny_run_config
@@ -138,7 +122,7 @@ def _unequal_worker(rank: int, world: int, port: int, out: str, accum: int) -> N
 def test_ddp_unequal_step_counts_finish_with_identical_weights(tmp_path, accum):
     """Rank 1 has 2 fewer batches per epoch than rank 0: both finish every step, across epoch ends (with
     accumulation an epoch ends before the last micro-step), and their weights stay bitwise identical."""
-    mp.spawn(_unequal_worker, args=(2, free_port(), str(tmp_path), accum), nprocs=2, join=True)
+    mp.spawn(_unequal_worker, args=(2, str(tmp_path), accum), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["per_epoch"] == r1["per_epoch"] + 2  # the stub really made the counts unequal

@@ -3,14 +3,13 @@ loader's one collective never interleaves with the trainer's own all-reduces (th
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 
 import pytest
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import start_gloo
 
 CFG = {
     "budget_tokens": 96,
@@ -25,13 +24,12 @@ CFG = {
 KINDS = ("tar", "zarr", "memory")
 
 
-def _rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, world: int, folder: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    start_gloo(rank, world, out)
     from flexast.pipeline.datasource import MemorySource, open_source
     from flexast.pipeline.loader import make_stream
 
@@ -69,7 +67,7 @@ def uneven(tmp_path_factory):
 
 def test_two_gloo_processes_equal_steps_every_clip_once(uneven, tmp_path):
     folder, _, keys = uneven
-    mp.spawn(_rank, args=(2, free_port(), folder, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, folder, str(tmp_path)), nprocs=2, join=True)
     first = None
     for kind in KINDS:
         r = [json.loads((tmp_path / f"{kind}-{k}.json").read_text()) for k in range(2)]
