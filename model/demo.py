@@ -44,6 +44,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,15 @@ class DemoPlan:
 
     n_train_collection: int = 576  # seed 0: 5/6 train, 1/6 valid
     n_held_out: int = 816  # seed 1: all held out (68 per class)
-    steps: int = 2400  # optimizer steps of every row but c2f and its FLOP-matched baseline
+    steps: int = 2400  # optimizer steps of the fixed AST and FlexiAST rows
+    elastic_steps: int = 0  # steps of the ElasticAST rows (packed, three shifts: slower to converge); 0 = steps
     c2f_factor: int = 4  # phase 1 pools frames by R: 256 → 64 frames, 2 token columns at patch 32
     c2f_phase1: float = 0.5  # share of the baseline's clips that c2f sees pooled (in 1/R of the steps)
+    c2f_phase2: float = 0.5  # share of the baseline's steps that c2f trains at full resolution
     flex_lr: float = 1e-3  # peak lr of the FlexiAST half (a fine-tuning of the parent's weights)
+    flex_init: str = "half"  # the FlexiAST rows start from their parent's weights at "half" its steps or "final"
+    flex_kd: float = 0.0  # > 0: the FlexiAST half distils its parent's final weights (KL weight, FlexiAST's KD)
+    flex_patches: tuple[int, ...] = ()  # the FlexiAST half's patch draw (a size twice: drawn twice as often); () = yaml
     seeds: tuple[int, ...] = (0,)
     patches: tuple[int, ...] = (16, 24, 32, 40, 48)
     lengths: tuple[int, ...] = (64, 128, 256, 512)  # frames at 10 ms
@@ -103,7 +109,13 @@ class DemoPlan:
     @property
     def c2f_steps(self) -> tuple[int, int]:
         """Steps of c2f's two phases: a pooled step packs R times the clips for the same tokens."""
-        return round(self.steps * self.c2f_phase1 / self.c2f_factor), round(self.steps * (1 - self.c2f_phase1))
+        return round(self.steps * self.c2f_phase1 / self.c2f_factor), round(self.steps * self.c2f_phase2)
+
+    def row_steps(self, row: str) -> int:
+        """Total optimizer steps of ``row`` (a FlexiAST row's include its parent's first half)."""
+        if row in ("c2f", "ast_short"):
+            return self.short_steps
+        return (self.elastic_steps or self.steps) if row in ("elasticast", "flexi_elastic") else self.steps
 
     @property
     def short_steps(self) -> int:
@@ -133,17 +145,15 @@ def make_data(out: Path, plan: DemoPlan, jobs: int = 1, log=print) -> dict[str, 
     """Audio and shards of the train/valid (seed 0) and held-out (seed 1) sets; returns shard folders by split."""
     from flexast.pipeline.build import build_shards
     from flexast.pipeline.build_config import BuildConfig
-    from flexast.pipeline.demo_sounds import write_demo
+    from flexast.pipeline.demo_sounds import Layout, write_demo
 
     n_mels = load_config(CONFIG).model.n_mels  # the shards carry the bins the demo model expects
     t = time.perf_counter()
     collections = {
-        "train": (out / "audio" / "train", plan.n_train_collection, TRAIN_SEED, 1 / 6, "valid"),
-        "held_out": (out / "audio" / "held_out", plan.n_held_out, HELD_OUT_SEED, 1.0, "eval"),
+        "train": (out / "audio" / "train", plan.n_train_collection, TRAIN_SEED, Layout(1 / 6, "valid")),
+        "held_out": (out / "audio" / "held_out", plan.n_held_out, HELD_OUT_SEED, Layout(1.0, "eval")),
     }
-    missing = [
-        (str(f), n, seed, frac, held) for f, n, seed, frac, held in collections.values() if not (f / "all.csv").exists()
-    ]
+    missing = [(str(f), n, seed, lay) for f, n, seed, lay in collections.values() if not (f / "all.csv").exists()]
     if jobs > 1 and len(missing) > 1:  # the two collections side by side (numpy and soundfile work only)
         with ProcessPoolExecutor(min(jobs, len(missing))) as pool:
             list(pool.map(write_demo, *zip(*missing, strict=True)))
@@ -177,15 +187,19 @@ def make_data(out: Path, plan: DemoPlan, jobs: int = 1, log=print) -> dict[str, 
 
 def row_config(row: str, plan: DemoPlan, seed: int, shards: dict[str, str], run_dir: Path) -> Config:
     """The resolved config of one row: ``configs/demo.yaml`` + the row's overrides + the plan's steps."""
-    steps = plan.short_steps if row == "ast_short" else plan.steps
-    half = plan.steps // 2
+    steps = plan.row_steps(row)
+    half = steps // 2
     extra = []
     if row in WARM_START.values():
         extra = [f"run.ckpt_every={half}"]  # the weights at half the steps start the FlexiAST row
     if row in WARM_START:
-        steps = plan.steps - half
-        parent = run_dir.parent / f"{WARM_START[row]}_s{seed}" / "half"
+        steps -= half
+        parent = run_dir.parent / f"{WARM_START[row]}_s{seed}" / plan.flex_init
         extra = [f"model.init={parent}", f"optim.lr={plan.flex_lr}"]
+        if plan.flex_kd > 0:  # the teacher: the parent's final weights (a dependent starts once its parent is done)
+            extra += [f"recipe.kd.teacher={parent.parent / 'final'}", f"recipe.kd.alpha={plan.flex_kd}"]
+        if plan.flex_patches:
+            extra += ["recipe.patch_sizes=[" + ",".join(map(str, plan.flex_patches)) + "]"]
     sets = [
         *ROWS[row][1],
         f"data.train={shards['train']}",
@@ -273,11 +287,17 @@ def train_rows(out: Path, plan: DemoPlan, shards: dict[str, str], jobs: int, log
         finally:
             done[key].set()
         res["start_step"] = 0
-        if key[0] in WARM_START:  # count the parent's first half too: every row's total is plan.steps
-            state = json.loads((Path(cfg.model.init) / "state.json").read_text())
-            res["start_step"] = int(state["step"])
-            res["steps"] += int(state["step"])
-            res["flops"] += float(state["flops"])
+        if key[0] in WARM_START:  # count the parent's first half too: the row's total is plan.row_steps
+            init = Path(cfg.model.init)  # the parent's checkpoint at half its steps, or its final weights
+            if init.name == "half":
+                state = json.loads((init / "state.json").read_text())
+                start, flops = int(state["step"]), float(state["flops"])
+            else:
+                parent = json.loads((init.parent / "result.json").read_text())
+                start, flops = int(parent["steps"]), float(parent["flops"])
+            res["start_step"] = start
+            res["steps"] += start
+            res["flops"] += flops
         return key, {**res, "dir": Path(cfg.run.out_dir), "config": cfg}
 
     if plan.in_process or jobs <= 1:
@@ -337,8 +357,40 @@ def eval_points(plan: DemoPlan, row: str) -> list[tuple[str, float, int, float, 
     return base + pts
 
 
-def evaluate_runs(runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, log=print) -> tuple[list[dict], dict]:
-    """One row per (row, seed, sweep point): top-1 with its 95% Wilson interval and the seconds of audio seen."""
+def evaluate_runs(
+    runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, jobs: int = 1, log=print
+) -> tuple[list[dict], dict]:
+    """One row per (row, seed, sweep point): top-1 with its 95% Wilson interval and the seconds of audio seen.
+
+    With ``jobs`` > 1 the runs are shared out to that many processes (one torch thread each), balanced by
+    their number of sweep points; the rows come back in the order of ``runs``.
+    """
+    items = [(row, seed, str(run["dir"])) for (row, seed), run in runs.items()]
+    if jobs <= 1 or len(items) < 2:
+        return _evaluate(items, plan, eval_dir, train_dir, log)
+    groups: list[list] = [[] for _ in range(min(jobs, len(items)))]
+    load = [0] * len(groups)
+    for item in sorted(items, key=lambda it: -len(eval_points(plan, it[0]))):  # largest first, to the lightest
+        k = load.index(min(load))
+        groups[k].append(item)
+        load[k] += len(eval_points(plan, item[0]))
+    with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
+        parts = list(pool.map(_evaluate, groups, [plan] * len(groups), [eval_dir] * len(groups),
+                              [train_dir] * len(groups)))  # fmt: skip
+    by_run: dict[tuple[str, int], list[dict]] = {(row, seed): [] for row, seed, _ in items}
+    for rows, _ in parts:
+        for r in rows:
+            by_run[(r["row"], r["seed"])].append(r)
+    for (row, seed), rows in by_run.items():
+        points = {(r["patch"], r["shift_ms"], r["max_frames"]) for r in rows}
+        log(f"      evaluated {row} (seed {seed}) at {len(points)} points")
+    return [r for rows in by_run.values() for r in rows], parts[0][1]
+
+
+def _evaluate(items: list[tuple[str, int, str]], plan: DemoPlan, eval_dir: str, train_dir: str, log=None):
+    """:func:`evaluate_runs` of ``(row, seed, run folder)`` items in this process."""
+    import torch
+
     from flexast.model.checkpoint import load_checkpoint
     from flexast.model.data import open_data, training_stats
     from flexast.model.evaluate import score_source
@@ -346,13 +398,15 @@ def evaluate_runs(runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, log
     from flexast.pipeline.datasource import open_source
     from flexast.pipeline.resolution import TimeScale
 
+    if log is None:  # a worker process of evaluate_runs: one thread, as the trainings use
+        torch.set_num_threads(1)
     train = open_source(train_dir)  # index only: the vocabulary and the training statistics
     stats, vocab = training_stats(train), train.label_names
     data = open_data(eval_dir, "held-out set")
     cache: dict[tuple[float, int], object] = {}
     results = []
-    for (row, seed), run in runs.items():
-        model = load_checkpoint(run["dir"] / "final")
+    for row, seed, run_dir in items:
+        model = load_checkpoint(Path(run_dir) / "final")
         scored: dict[tuple, dict] = {}
         for sweep, value, p, shift, frames in eval_points(plan, row):
             padded = row in PADDED_ROWS
@@ -400,7 +454,8 @@ def evaluate_runs(runs: dict, plan: DemoPlan, eval_dir: str, train_dir: str, log
                     **scored[key],
                 }
             )
-        log(f"      evaluated {row} (seed {seed}) at {len(scored)} points")
+        if log is not None:
+            log(f"      evaluated {row} (seed {seed}) at {len(scored)} points")
     return results, {"chance": 1.0 / len(vocab), "n_eval": data.n_clips, "classes": list(vocab)}
 
 
@@ -428,7 +483,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, full: bool = Fal
     t_train = time.perf_counter() - t
     log("[4/5] evaluating on the held-out set (training statistics, labels by name)")
     t = time.perf_counter()
-    rows, info = evaluate_runs(runs, plan, shards["eval"], shards["train"], log)
+    rows, info = evaluate_runs(runs, plan, shards["eval"], shards["train"], 1 if plan.in_process else jobs, log)
     t_eval = time.perf_counter() - t
     timings = {"data_s": t_data, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t_start}
     summary = write_report(out, plan, runs, rows, info, timings, {k: v[0] for k, v in ROWS.items()})

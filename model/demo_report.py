@@ -151,6 +151,20 @@ def sweep_table(rows: list[dict], sweep: str, title: str, model_names: dict[str,
     return "\n".join(lines)
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, legend_size: int) -> Path:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[str, str]) -> list[Path]:
     """``top1_vs_{patch,shift,length}.png``: one line per model, 95% Wilson error bars."""
     import matplotlib
@@ -177,16 +191,8 @@ def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[st
         if sweep != "patch":
             ax.set_xscale("log", base=2)
             ax.set_xticks(values, [f"{v:g}" for v in values])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 (95% Wilson interval)")
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"top1_vs_{sweep}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, ax, out / f"top1_vs_{sweep}.png", xlabel, "top-1 (95% Wilson interval)", 7))
     return paths
 
 
@@ -221,14 +227,8 @@ def plot_training(runs: dict, rows: list[dict], out: Path, model_names: dict[str
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")  # (n - k + 1,)
         ax.plot(s[k - 1 :] + run.get("start_step", 0), smooth, label=f"{model_names[row]} (seed {seed})", lw=1)
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (cross-entropy, running mean of 10 logs)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    loss_path = out / "loss_curves.png"
-    fig.savefig(loss_path, dpi=100)
-    plt.close(fig)
+    ylabel = "training loss (cross-entropy, running mean of 10 logs)"
+    loss_path = _save(fig, ax, out / "loss_curves.png", "optimizer step", ylabel, 6)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, row in enumerate(("ast", "ast_short", "c2f")):
@@ -240,15 +240,11 @@ def plot_training(runs: dict, rows: list[dict], out: Path, model_names: dict[str
                 ax.plot(vs * flops / run["steps"], vt, color=f"C{k}", alpha=0.35, lw=1)
         ax.errorbar([flops], [c["top1"]], yerr=[[c["top1"] - c["lo"]], [c["hi"] - c["top1"]]], marker="o", capsize=4,
                     color=f"C{k}", label=f"{model_names[row]}: held-out")  # fmt: skip
-    ax.set_xlabel("training compute (TFLOP, forward + backward)")
-    ax.set_ylabel("top-1 (held-out with 95% interval; thin: validation)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    c2f_path = out / "c2f_flops.png"
-    fig.savefig(c2f_path, dpi=100)
-    plt.close(fig)
-    return [loss_path, c2f_path]
+    xlabel, ylabel = (
+        "training compute (TFLOP, forward + backward)",
+        "top-1 (held-out with 95% interval; thin: validation)",
+    )
+    return [loss_path, _save(fig, ax, out / "c2f_flops.png", xlabel, ylabel, 8)]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Twelve classes in two families:
 
-* **spectral** (eight, recognisable from the spectrum alone): a steady tone, rising and falling chirps,
-  noise in a low, mid or high band, a click train and a harmonic stack;
+* **spectral** (eight): a steady tone, noise in a low, mid or high band, a click train and a harmonic
+  stack, recognisable from the spectrum alone, and rising and falling chirps (a sweep repeated every
+  0.3-0.5 s, told apart by the sweep's direction, visible in any 0.3 s of a clip);
 * **temporal** (two pairs, each pair with the same spectrum on average, told apart only by temporal
   structure): ``beeps_up`` / ``beeps_down`` repeat pairs of short tone beeps, low then high or high then
   low (the *order* of events); ``pulses_even`` / ``pulses_dotted`` repeat two noise bursts per period,
@@ -12,8 +13,10 @@ Twelve classes in two families:
 The temporal classes are defined by ratios, not absolute times, so each stays decidable at 10, 20 and
 40 ms frame shifts: a model that knows nothing of the frame shift (ElasticAST's does not) can learn
 them at every resolution. An absolute rate would not be: a 2 Hz rhythm at 20 ms looks like 4 Hz at 10 ms.
-Every event and every gap inside a pattern lasts at least 80 ms, two frames at the coarsest shift (40 ms);
-a pattern repeats every 0.6-1.0 s, so a window of about 1 s or more holds a whole period.
+A pattern repeats every 0.40-0.54 s, so even the shortest window the demo evaluates (64 frames at 10 ms,
+0.64 s) holds a whole period. Every beep, gap and even pulse lasts at least 80 ms, two frames at the
+coarsest shift (40 ms); a dotted pattern's short burst and short gap last 60-68 ms (1.5 frames at 40 ms),
+its long ones 180-200 ms against the even pattern's 120-135 ms.
 
 Every clip lies on a **non-stationary background**: noise whose band drifts and whose level swells
 slowly, plus short distractor bursts at random times, 8–22 dB below the sound. So the evidence for a
@@ -76,10 +79,15 @@ def _gate(t: np.ndarray, onsets: np.ndarray, durations: np.ndarray, ramp: float 
 
 
 def _beeps(t: np.ndarray, seconds: float, rng: np.random.Generator, up: bool) -> np.ndarray:
-    """Pairs of beeps (low, high) or (high, low), one pair per period, from a random phase."""
+    """Pairs of beeps (low, high) or (high, low), one pair per period, from a random phase.
+
+    A beep lasts 80-100 ms, the gap inside a pair 80-90 ms and the rest between pairs 2-2.5 times that gap
+    (so the order inside a pair is not the order across pairs): a period of 0.40-0.52 s.
+    """
     f_lo = rng.uniform(400, 900)
     f_hi = f_lo * rng.uniform(2.0, 3.0)
-    beep, gap, period = rng.uniform(0.10, 0.16), rng.uniform(0.08, 0.12), rng.uniform(0.6, 0.9)
+    beep, gap = rng.uniform(0.08, 0.10), rng.uniform(0.08, 0.09)
+    period = 2 * beep + gap + gap * rng.uniform(2.0, 2.5)
     starts = np.arange(-rng.uniform(0, period), seconds, period)
     first, second = (f_lo, f_hi) if up else (f_hi, f_lo)
     env1 = _gate(t, starts, np.full(starts.shape, beep))
@@ -87,11 +95,19 @@ def _beeps(t: np.ndarray, seconds: float, rng: np.random.Generator, up: bool) ->
     return env1 * np.sin(2 * np.pi * first * t) + env2 * np.sin(2 * np.pi * second * t)
 
 
+def _sweeps(t: np.ndarray, sr: int, rng: np.random.Generator, up: bool) -> np.ndarray:
+    """Linear sweeps between 200-600 Hz and 3-6 kHz, rising or falling, one every 0.3-0.5 s from a random phase."""
+    f0, f1 = rng.uniform(200, 600), rng.uniform(3000, 6000)
+    frac = np.mod(t / rng.uniform(0.3, 0.5) + rng.uniform(0, 1), 1.0)  # (S,) position inside the sweep, 0..1
+    f = f0 + (f1 - f0) * (frac if up else 1.0 - frac)  # (S,) instantaneous frequency
+    return np.sin(2 * np.pi * np.cumsum(f) / sr)  # continuous phase
+
+
 def _pulses(t: np.ndarray, seconds: float, sr: int, rng: np.random.Generator, dotted: bool) -> np.ndarray:
     """Two noise bursts per period at 0 and P/2: equal (P/4 each) or dotted (3P/8 then P/8), same total on-time."""
     lo = rng.uniform(1000, 1500)
     carrier = _band_noise(rng, t.shape[0], sr, lo, lo + 1500)
-    period = rng.uniform(0.7, 1.0)
+    period = rng.uniform(0.48, 0.54)
     starts = np.arange(-rng.uniform(0, period), seconds, period)
     d1, d2 = (0.375 * period, 0.125 * period) if dotted else (0.25 * period, 0.25 * period)
     onsets = np.concatenate([starts, starts + period / 2])
@@ -124,11 +140,7 @@ def synth(label: str, seconds: float, sr: int, rng: np.random.Generator) -> np.n
     if label == "tone":
         x = np.sin(2 * np.pi * rng.uniform(300, 3000) * t)
     elif label in ("chirp_up", "chirp_down"):
-        f0, f1 = rng.uniform(200, 600), rng.uniform(3000, 6000)
-        if label == "chirp_down":
-            f0, f1 = f1, f0
-        phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))  # linear sweep over the clip
-        x = np.sin(phase)
+        x = _sweeps(t, sr, rng, up=label == "chirp_up")
     elif label == "noise_low":
         x = _band_noise(rng, n, sr, 100, rng.uniform(500, 800))
     elif label == "noise_mid":
@@ -157,19 +169,24 @@ def synth(label: str, seconds: float, sr: int, rng: np.random.Generator) -> np.n
     return x + level * background(seconds, sr, rng) + 0.002 * rng.standard_normal(n)
 
 
-def plan(
-    n_clips: int = 240,
-    seed: int = 0,
-    held_fraction: float = 1 / 6,
-    held_split: str = "eval",
-    min_seconds: float = 2.6,
-    max_seconds: float = 5.2,
-) -> list[DemoClip]:
-    """Which clips to make: classes balanced, every 5th at 22.05 kHz, every 7th stereo.
+@dataclass(frozen=True)
+class Layout:
+    """How a collection splits and how long its clips last.
 
     Whole rounds of one clip per class go to ``held_split`` (every ``1 / held_fraction``-th round; all of
-    them when ``held_fraction`` is 1), the rest to ``train``.
+    them when ``held_fraction`` is 1), the rest to ``train``. Clips last ``min_seconds``-``max_seconds``.
     """
+
+    held_fraction: float = 1 / 6
+    held_split: str = "eval"
+    min_seconds: float = 2.6
+    max_seconds: float = 5.2
+
+
+def plan(n_clips: int = 240, seed: int = 0, layout: Layout = Layout()) -> list[DemoClip]:
+    """Which clips to make: classes balanced, every 5th at 22.05 kHz, every 7th stereo, split by ``layout``."""
+    held_fraction, held_split = layout.held_fraction, layout.held_split
+    min_seconds, max_seconds = layout.min_seconds, layout.max_seconds
     if not 0 < held_fraction <= 1 or not 0 < min_seconds <= max_seconds:
         raise ConfigError(f"plan: bad held_fraction={held_fraction} or seconds {min_seconds}..{max_seconds}")
     rng = np.random.default_rng(seed)
@@ -186,21 +203,14 @@ def plan(
     return clips
 
 
-def write_demo(
-    out: str,
-    n_clips: int = 240,
-    seed: int = 0,
-    held_fraction: float = 1 / 6,
-    held_split: str = "eval",
-    min_seconds: float = 2.6,
-    max_seconds: float = 5.2,
-) -> dict[str, str]:
+def write_demo(out: str, n_clips: int = 240, seed: int = 0, layout: Layout = Layout()) -> dict[str, str]:
     """Write the demo collection under ``out``; returns ``{"train": …, held_split: …, "all": …}`` manifest paths.
 
     Each manifest has columns ``path,label,split`` with paths relative to ``out``; ``classes.txt`` lists the
     vocabulary (one name a line, :data:`CLASSES` order) so that separately built sets share label ids.
     """
-    clips = plan(n_clips, seed, held_fraction, held_split, min_seconds, max_seconds)
+    clips = plan(n_clips, seed, layout)
+    held_split = layout.held_split
     for i, clip in enumerate(clips):
         rng = np.random.default_rng([seed, i])
         x = synth(clip.label, clip.seconds, clip.sample_rate, rng)  # (S,)

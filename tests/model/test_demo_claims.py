@@ -82,3 +82,27 @@ def test_cut_set_keeps_the_centre_of_one_shift():
     assert set(out["loc"]) == {"s10"} and out["meta"]["frames"] == {"s10": 4}
     np.testing.assert_array_equal(out["loc"]["s10"], x[3:7])
     np.testing.assert_array_equal(_lengths(cut, 10.0), [4])
+
+
+def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
+    """Each row's steps and warm start follow the plan: the FlexiAST rows fine-tune their parent's weights (at
+    half its steps or its final ones) for the rest of ``steps`` and distil that parent when ``flex_kd`` > 0."""
+    from dataclasses import replace
+
+    from flexast.model.demo import PLANS, ROWS, row_config
+
+    shards = {"train": "t", "valid": "v"}
+    plan = replace(PLANS["default"], steps=400, elastic_steps=600, flex_init="half", flex_kd=0.0)
+    cfgs = {r: row_config(r, plan, 3, shards, tmp_path / f"{r}_s3") for r in ROWS}
+    assert {r: c.optim.steps for r, c in cfgs.items()} == {
+        "ast": 400, "flexiast": 200, "elasticast": 600, "flexi_elastic": 300,
+        "c2f": 250, "ast_short": 250,  # c2f's phases: 50 pooled steps (as many clips as 200 full ones) + 200 full
+    }  # fmt: skip
+    assert [ph.steps for ph in cfgs["c2f"].recipe.phases] == list(plan.c2f_steps) == [50, 200]
+    assert cfgs["ast"].run.ckpt_every == 200 and cfgs["elasticast"].run.ckpt_every == 300
+    assert cfgs["flexiast"].model.init == str(tmp_path / "ast_s3" / "half") and not cfgs["flexiast"].recipe.kd.teacher
+
+    plan = replace(plan, flex_init="final", flex_kd=0.9, flex_patches=(16, 32, 32))
+    cfg = row_config("flexi_elastic", plan, 3, shards, tmp_path / "flexi_elastic_s3")
+    assert cfg.model.init == cfg.recipe.kd.teacher == str(tmp_path / "elasticast_s3" / "final")
+    assert cfg.recipe.kd.alpha == 0.9 and cfg.recipe.patch_sizes == [16, 32, 32] and cfg.optim.steps == 300

@@ -10,7 +10,18 @@ import soundfile as sf
 
 from flexast.pipeline.build import build_shards
 from flexast.pipeline.build_config import BuildConfig
-from flexast.pipeline.demo_sounds import CLASSES, SPECTRAL, TEMPORAL, _beeps, _pulses, background, plan, write_demo
+from flexast.pipeline.demo_sounds import (
+    CLASSES,
+    SPECTRAL,
+    TEMPORAL,
+    Layout,
+    _beeps,
+    _pulses,
+    _sweeps,
+    background,
+    plan,
+    write_demo,
+)
 from tests.pipeline.test_build import all_samples
 
 
@@ -21,7 +32,7 @@ def test_plan_covers_rates_channels_formats_and_lengths():
     assert min(c.seconds for c in clips) >= 2.6 and max(c.seconds for c in clips) <= 5.2
     # 20 rounds of 12 classes; every 6th round (0, 6, 12, 18) is held out.
     assert sum(c.split == "eval" for c in clips) == 48 and {c.label for c in clips} == set(CLASSES)
-    held = plan(24, seed=1, held_fraction=1.0, held_split="eval")
+    held = plan(24, seed=1, layout=Layout(held_fraction=1.0, held_split="eval"))
     assert all(c.split == "eval" for c in held)
 
 
@@ -50,11 +61,29 @@ def test_beeps_differ_only_in_order():
         x = _beeps(t, seconds, np.random.default_rng(5), up=up)
         on = np.abs(x) > 1e-6
         starts = np.flatnonzero(np.diff(on.astype(int)) == 1) + 1  # sample indices where a beep starts
-        # A pair: two starts at most beep + gap (0.16 + 0.12 s) apart; pairs are 0.6 s or more apart.
-        pairs = [(a, b) for a, b in itertools.pairwise(starts) if b - a <= 0.28 * sr]
-        assert len(pairs) >= 3
-        for a, b in pairs:  # 600 samples: inside a 100 ms beep
+        # Inside a pair two starts are beep + gap (at most 0.10 + 0.09 s) apart; from a pair's second beep to
+        # the next pair's first, beep + rest (at least 0.08 + 2 * 0.08 s).
+        pairs = [(a, b) for a, b in itertools.pairwise(starts) if b - a <= 0.21 * sr]
+        assert len(pairs) >= 5
+        assert np.diff([a for a, _ in pairs]).max() <= 0.53 * sr  # a period fits the shortest window, 0.64 s
+        for a, b in pairs:  # 600 samples: inside an 80 ms beep
             assert (_zero_crossing_rate(x[a : a + 600]) < _zero_crossing_rate(x[b : b + 600])) == up
+
+
+def test_sweeps_rise_or_fall_within_every_period():
+    """The zero-crossing rate (twice the frequency) over 10 ms windows mostly rises for ``chirp_up`` and falls
+    for ``chirp_down``; a sweep restarts at least every 0.5 s, so a 0.64 s window holds a whole one."""
+    sr, seconds = 16000, 3.0
+    t = np.arange(int(sr * seconds)) / sr
+    for up in (True, False):
+        x = _sweeps(t, sr, np.random.default_rng(4), up=up)
+        zcr = np.array([_zero_crossing_rate(w) for w in x.reshape(-1, 160)])  # (300,) one per 10 ms
+        steps = np.diff(zcr)
+        rising = np.mean(steps[np.abs(steps) > 0.01] > 0)
+        assert (rising > 0.8) if up else (rising < 0.2), rising
+        jumps = np.flatnonzero(np.abs(steps) > 0.15)  # the jump back to the start frequency (over 1-2 windows)
+        resets = jumps[np.r_[True, np.diff(jumps) > 2]]  # (resets,) the first window of each jump
+        assert len(resets) >= 5 and np.diff(resets).max() <= 51, resets
 
 
 def test_pulses_same_on_time_different_durations():
@@ -68,6 +97,8 @@ def test_pulses_same_on_time_different_durations():
         edges = np.flatnonzero(np.diff(on.astype(int)))  # alternating rise / fall indices
         lengths = np.diff(edges)[::2] if on[0] == 0 else np.diff(edges)[1::2]
         runs[dotted] = (on.mean(), np.sort(lengths[1:-1]))  # inner bursts only: the first and last may be cut
+        rises = np.flatnonzero(np.diff(on.astype(int)) == 1)
+        assert np.diff(rises).max() <= 0.27 * sr + 1  # bursts every P / 2: a period (<= 0.54 s) fits in 0.64 s
     assert abs(runs[False][0] - runs[True][0]) < 0.03
     even, dotted = runs[False][1], runs[True][1]
     assert even.max() / even.min() < 1.1
@@ -84,24 +115,27 @@ def test_background_is_not_stationary():
 
 def test_spectral_classes_differ_in_spectrum_temporal_pairs_do_not(tmp_path):
     """Nearest neighbour (leave one out) on the log-mel spectrum averaged over each half of a clip: the spectral
-    classes are told apart far above chance (5×) despite the background. On the clip's average spectrum each
-    temporal pair is near chance."""
-    manifests = write_demo(str(tmp_path / "demo"), n_clips=12 * 8, seed=0, min_seconds=2.6, max_seconds=3.0)
+    classes are told apart far above chance (5×) despite the background (the two chirps, repeated sweeps that
+    differ only in direction, count as one). On the clip's average spectrum each temporal pair is near chance."""
+    manifests = write_demo(
+        str(tmp_path / "demo"), n_clips=12 * 8, seed=0, layout=Layout(min_seconds=2.6, max_seconds=3.0)
+    )
     cfg = BuildConfig(name="demo", shard_samples=100, features={"num_mel_bins": 64})
     report = build_shards(manifests["all"], str(tmp_path / "out"), cfg, workers=1, progress=False, log=lambda *a: None)
     samples = list(all_samples(report.out, report.index).values())
     names = report.index["labels"]["names"]
     y = np.array([names[s["json"]["label_ids"][0]] for s in samples])
+    spectral = np.where(np.isin(y, ("chirp_up", "chirp_down")), "chirp", y)  # (N,) the sweeps' direction merged
     mean = np.stack([s["s10"].astype(np.float64).mean(0) for s in samples])  # (N, F)
     halves = np.stack([np.concatenate([h.mean(0) for h in np.array_split(s["s10"].astype(np.float64), 2)])
                        for s in samples])  # (N, 2F): rising and falling chirps differ  # fmt: skip
 
-    def nn_accuracy(x: np.ndarray, keep: np.ndarray) -> float:
-        xs, ys = x[keep], y[keep]
+    def nn_accuracy(x: np.ndarray, keep: np.ndarray, labels: np.ndarray = y) -> float:
+        xs, ys = x[keep], labels[keep]
         xs = (xs - xs.mean(0)) / (xs.std(0) + 1e-9)
         d = ((xs[:, None] - xs[None]) ** 2).sum(-1) + np.diag(np.full(len(ys), np.inf))  # (n, n), self excluded
         return float(np.mean(ys[d.argmin(1)] == ys))
 
-    assert nn_accuracy(halves, np.isin(y, SPECTRAL)) >= 0.6  # chance: 1/8
+    assert nn_accuracy(halves, np.isin(y, SPECTRAL), spectral) >= 0.6  # chance: 1/7
     for pair in (TEMPORAL[:2], TEMPORAL[2:]):
         assert nn_accuracy(mean, np.isin(y, pair)) <= 0.75, pair  # chance: 1/2
