@@ -112,10 +112,12 @@ class DemoPlan:
         return round(self.steps * self.c2f_phase1 / self.c2f_factor), round(self.steps * self.c2f_phase2)
 
     def row_steps(self, row: str) -> int:
-        """Total optimizer steps of ``row`` (a FlexiAST row's include its parent's first half)."""
+        """Optimizer steps ``row`` trains itself; a FlexiAST row's come on top of its parent's (``flex_init``)."""
         if row in ("c2f", "ast_short"):
             return self.short_steps
-        return (self.elastic_steps or self.steps) if row in ("elasticast", "flexi_elastic") else self.steps
+        if row in WARM_START:
+            return self.steps - self.steps // 2
+        return (self.elastic_steps or self.steps) if row == "elasticast" else self.steps
 
     @property
     def short_steps(self) -> int:
@@ -188,12 +190,10 @@ def make_data(out: Path, plan: DemoPlan, jobs: int = 1, log=print) -> dict[str, 
 def row_config(row: str, plan: DemoPlan, seed: int, shards: dict[str, str], run_dir: Path) -> Config:
     """The resolved config of one row: ``configs/demo.yaml`` + the row's overrides + the plan's steps."""
     steps = plan.row_steps(row)
-    half = steps // 2
     extra = []
     if row in WARM_START.values():
-        extra = [f"run.ckpt_every={half}"]  # the weights at half the steps start the FlexiAST row
+        extra = [f"run.ckpt_every={steps // 2}"]  # the weights at half the steps may start the FlexiAST row
     if row in WARM_START:
-        steps -= half
         parent = run_dir.parent / f"{WARM_START[row]}_s{seed}" / plan.flex_init
         extra = [f"model.init={parent}", f"optim.lr={plan.flex_lr}"]
         if plan.flex_kd > 0:  # the teacher: the parent's final weights (a dependent starts once its parent is done)
@@ -396,6 +396,7 @@ def _evaluate(items: list[tuple[str, int, str]], plan: DemoPlan, eval_dir: str, 
     from flexast.model.evaluate import score_source
     from flexast.model.metrics import wilson_interval
     from flexast.pipeline.datasource import open_source
+    from flexast.pipeline.demo_sounds import TEMPORAL
     from flexast.pipeline.resolution import TimeScale
 
     if log is None:  # a worker process of evaluate_runs: one thread, as the trainings use
@@ -427,7 +428,9 @@ def _evaluate(items: list[tuple[str, int, str]], plan: DemoPlan, eval_dir: str, 
                     pad_to=256 if padded and p == BASE_PATCH else 0,
                     budget=8192,
                 )
-                correct = int((out["scores"].argmax(1) == out["targets"]).sum())
+                hit = np.asarray(out["scores"].argmax(1) == out["targets"])  # (N,) right or wrong per clip
+                correct = int(hit.sum())
+                temporal = np.isin(np.asarray(out["targets"]), [vocab.index(c) for c in TEMPORAL if c in vocab])
                 n = len(out["keys"])
                 lo, hi = wilson_interval(correct, n)
                 lengths = _lengths(clips, shift)  # (N,) frames after the cut
@@ -439,6 +442,8 @@ def _evaluate(items: list[tuple[str, int, str]], plan: DemoPlan, eval_dir: str, 
                     "n_clips": n,
                     "seconds": float(np.mean(kept) * shift / 1000),
                     "tokens": out["tokens"],
+                    "top1_spectral": float(hit[~temporal].mean()) if (~temporal).any() else float("nan"),
+                    "top1_temporal": float(hit[temporal].mean()) if temporal.any() else float("nan"),
                 }
             results.append(
                 {

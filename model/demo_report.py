@@ -39,11 +39,17 @@ def cell(rows: list[dict], row: str, sweep: str, value) -> dict | None:
         "per_seed": [r["top1"] for r in hit],
         "seconds": hit[0]["seconds"],
         "padded": hit[0]["padded"],
+        "spectral": float(np.mean([r.get("top1_spectral", np.nan) for r in hit])),  # the 8 spectral classes' top-1
+        "temporal": float(np.mean([r.get("top1_temporal", np.nan) for r in hit])),  # the 4 temporal classes'
     }
 
 
 def _r(x: float) -> float:
     return round(float(x), 4)
+
+
+def _spread(values: list[float]) -> float:
+    return max(values) - min(values)
 
 
 def claims(rows: list[dict], runs: dict, info: dict, seeds: list[int]) -> dict:
@@ -84,7 +90,7 @@ def claims(rows: list[dict], runs: dict, info: dict, seeds: list[int]) -> dict:
         el = [cell(rows, "elasticast", sweep, v) for v in values]
         fx = [cell(rows, "ast", sweep, v) for v in values]
         own = fx[values.index(OWN[sweep])]["top1"]
-        spread = max(c["top1"] for c in el) - min(c["top1"] for c in el)
+        spread = _spread([c["top1"] for c in el])
         worst_drop = max(own - c["top1"] for c in fx)
         out.append(
             {
@@ -98,6 +104,8 @@ def claims(rows: list[dict], runs: dict, info: dict, seeds: list[int]) -> dict:
                 },
                 "seconds_seen": {"elastic": [_r(c["seconds"]) for c in el], "fixed": [_r(c["seconds"]) for c in fx]},
                 "elastic_spread": _r(spread),
+                "elastic_by_family": {f: [_r(c[f]) for c in el] for f in ("spectral", "temporal")},
+                "elastic_spread_by_family": {f: _r(_spread([c[f] for c in el])) for f in ("spectral", "temporal")},
                 "fixed_worst_drop": _r(worst_drop),
                 "holds": bool(spread <= 0.03 and worst_drop > 0.10),
             }
@@ -265,8 +273,14 @@ def verdict(item: dict) -> str:
     if item["id"] in ("elastic_shifts", "elastic_lengths"):
         key = "shifts_ms" if item["id"] == "elastic_shifts" else "frames"
         low = m[key][int(np.argmin(m["elastic"]))]
+        fam = item.get("elastic_spread_by_family", {})
+        by_family = (
+            f" (spectral classes {fam['spectral']:.3f}, temporal {fam['temporal']:.3f})"
+            if fam and not any(np.isnan(v) for v in fam.values())
+            else ""
+        )
         return (
-            f"ElasticAST's spread {item['elastic_spread']:.3f} (target ≤ 0.030, lowest at {low:g}); "
+            f"ElasticAST's spread {item['elastic_spread']:.3f}{by_family} (target ≤ 0.030, lowest at {low:g}); "
             f"the fixed AST's worst drop {item['fixed_worst_drop']:.3f} (target > 0.100)"
         )
     saving = 1 - m["c2f_flops"] / m["baseline_flops"]
@@ -284,6 +298,39 @@ def _claims_table(c: dict) -> str:
         m = json.dumps(item["measured"]).replace("|", "/")
         lines.append(f"| `{item['id']}` | {m} | {'yes' if item['holds'] else '**no**'} | {verdict(item)} |")
     return "\n".join(lines)
+
+
+def training_text(plan) -> str:
+    """How many steps each row trains and from what (``plan``: a ``model.demo.DemoPlan``)."""
+    s1, s2 = plan.c2f_steps
+    el = plan.row_steps("elasticast")
+    flex = plan.row_steps("flexiast")
+    same = el == plan.steps
+    text = (
+        f"The fixed AST trains {plan.steps} optimizer steps on the same {plan.n_train_collection * 5 // 6} clips"
+        + (", and so does ElasticAST" if same else f"; ElasticAST, which learns three frame shifts, {el}")
+        + f". Coarse-to-fine and the FLOP-matched baseline train {plan.short_steps} steps each. Every step packs the "
+        "same token budget, so a step costs about the same FLOPs whatever the row: rows are compared at the steps "
+        "and FLOPs listed below. Coarse-to-fine's phase 1 trains on frames avg-pooled by "
+        f"{plan.c2f_factor} (256 → {256 // plan.c2f_factor} frames, {256 // plan.c2f_factor // 32} token columns at "
+        f"patch 32) for {s1} steps, which carry as many clips as {round(plan.steps * plan.c2f_phase1)} "
+        f"full-resolution steps; phase 2 trains {s2} steps at full resolution. Positions are interpolated and the "
+        "optimizer and lr schedule reset between phases, as in the paper. "
+    )
+    start = "final weights" if plan.flex_init == "final" else "weights at half its steps"
+    text += (
+        f"The FlexiAST rows fine-tune their parent row's {start} (FlexiAST fine-tunes a trained AST) for {flex} "
+        f"more steps at lr {plan.flex_lr:g} with a patch drawn per step from "
+        + ("the recipe's sizes" if not plan.flex_patches else "{" + ", ".join(map(str, plan.flex_patches)) + "}")
+        + (
+            f", distilling the parent's final weights (KL weight {plan.flex_kd:g}, the teacher at patch 32; "
+            "FlexiAST's knowledge distillation)"
+            if plan.flex_kd > 0
+            else ""
+        )
+        + "; their steps and FLOPs include the parent's."
+    )
+    return text
 
 
 def write_report(
@@ -318,7 +365,7 @@ def write_report(
         "",
         "Written by `model demo`. Each row below is a tiny Audio Spectrogram Transformer (64 wide, 3 blocks,",
         f"64 mel bins) trained on the same demo sounds ({len(info['classes'])} classes: {', '.join(info['classes'])}),",
-        "for the same number of steps, and evaluated on a held-out set generated from its own seed:",
+        "and evaluated on a held-out set generated from its own seed:",
         f"**{info['n_eval']} clips**, normalised with the training statistics, labels matched by name.",
         f"Seeds: {', '.join(map(str, seeds))}. Every number carries its 95% Wilson interval in brackets"
         + (
@@ -333,18 +380,8 @@ def write_report(
         "",
         table,
         "",
-        "## Training (equal steps, so nearly equal FLOPs; the measured FLOPs are listed)",
-        f"Every row trains {plan.steps} optimizer steps on the same {plan.n_train_collection * 5 // 6} clips, except "
-        f"coarse-to-fine and the FLOP-matched baseline ({plan.short_steps} steps each). Every step packs the same "
-        "token budget, so a step costs about the same FLOPs whatever the row. Coarse-to-fine's phase 1 trains on "
-        f"frames avg-pooled by {plan.c2f_factor} (256 → {256 // plan.c2f_factor} frames, "
-        f"{256 // plan.c2f_factor // 32} token columns at patch 32) for {plan.c2f_steps[0]} steps, which carry as "
-        f"many clips as {round(plan.steps * plan.c2f_phase1)} full-resolution steps; phase 2 trains "
-        f"{plan.c2f_steps[1]} steps at full resolution. Positions are interpolated and the optimizer and lr "
-        "schedule reset between phases, as in the paper. The FlexiAST rows start from their parent row's "
-        f"weights at step {plan.steps // 2} (FlexiAST fine-tunes a trained AST) and train the remaining "
-        f"{plan.steps - plan.steps // 2} steps with a patch drawn per step; their steps and FLOPs include the "
-        "parent's first half.",
+        "## Training (steps and the measured FLOPs of every row)",
+        training_text(plan),
         "",
         "| row | steps | training FLOPs | final train loss | validation top-1 | held-out top-1 (p32, 10 ms, 256) "
         "| wall |",

@@ -67,6 +67,14 @@ def test_claims_hold_and_fail_where_the_numbers_say():
     assert by["elastic_shifts"]["fixed_worst_drop"] == pytest.approx(0.60)
     assert by["c2f_flops"]["measured"] == {"baseline_flops": 100.0, "c2f_flops": 60.0, "baseline": 0.9, "c2f": 0.89}
 
+    for r in rows:  # per class family: the spectral classes flat across shifts, the temporal ones not
+        if r["row"] == "elasticast" and r["sweep"] == "shift":
+            r["top1_spectral"], r["top1_temporal"] = 0.95, {10.0: 0.9, 20.0: 0.8, 40.0: 0.6}[r["value"]]
+    by = {x["id"]: x for x in claims(rows, runs, {"n_eval": 800}, [0])["claims"]}
+    fam = by["elastic_shifts"]["elastic_spread_by_family"]
+    assert fam["spectral"] == pytest.approx(0.0) and fam["temporal"] == pytest.approx(0.3)
+    assert "spectral classes 0.000, temporal 0.300" in verdict(by["elastic_shifts"])
+
     rows, runs = _results(flex32=0.85, elastic40=0.80)  # 5 points below at the base patch; 10 points of spread
     by = {x["id"]: x for x in claims(rows, runs, {"n_eval": 800}, [0])["claims"]}
     assert not by["flexiast_base_patch"]["holds"] and not by["elastic_shifts"]["holds"]
@@ -95,7 +103,7 @@ def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
     plan = replace(PLANS["default"], steps=400, elastic_steps=600, flex_init="half", flex_kd=0.0)
     cfgs = {r: row_config(r, plan, 3, shards, tmp_path / f"{r}_s3") for r in ROWS}
     assert {r: c.optim.steps for r, c in cfgs.items()} == {
-        "ast": 400, "flexiast": 200, "elasticast": 600, "flexi_elastic": 300,
+        "ast": 400, "flexiast": 200, "elasticast": 600, "flexi_elastic": 200,  # FlexiAST: steps / 2 on the parent
         "c2f": 250, "ast_short": 250,  # c2f's phases: 50 pooled steps (as many clips as 200 full ones) + 200 full
     }  # fmt: skip
     assert [ph.steps for ph in cfgs["c2f"].recipe.phases] == list(plan.c2f_steps) == [50, 200]
@@ -105,4 +113,4 @@ def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
     plan = replace(plan, flex_init="final", flex_kd=0.9, flex_patches=(16, 32, 32))
     cfg = row_config("flexi_elastic", plan, 3, shards, tmp_path / "flexi_elastic_s3")
     assert cfg.model.init == cfg.recipe.kd.teacher == str(tmp_path / "elasticast_s3" / "final")
-    assert cfg.recipe.kd.alpha == 0.9 and cfg.recipe.patch_sizes == [16, 32, 32] and cfg.optim.steps == 300
+    assert cfg.recipe.kd.alpha == 0.9 and cfg.recipe.patch_sizes == [16, 32, 32] and cfg.optim.steps == 200

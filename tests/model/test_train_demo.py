@@ -46,9 +46,19 @@ def test_demo_quick_writes_claims_report_and_plots(tmp_path, capsys):
     assert len(shift_secs) == 1  # every frame shift sees the same seconds of audio
 
     report = (tmp_path / "report.md").read_text()
-    for needle in ("# flexast demo report", "## Claims", "equal steps", "loss_curves.png", "Wilson", "FlexiAST only"):
+    for needle in ("# flexast demo report", "## Claims", "token budget", "loss_curves.png", "Wilson", "FlexiAST only"):
         assert needle in report, needle
     for name in ("top1_vs_patch", "top1_vs_shift", "top1_vs_length", "loss_curves", "c2f_flops"):
         assert (tmp_path / f"{name}.png").stat().st_size > 2000, name
     for row in ROWS:
         assert (tmp_path / "runs" / f"{row}_s0" / "final" / "model.safetensors").exists()
+
+    # The same evaluation shared out to two processes gives the same rows, in the order of the runs (a peer run).
+    from flexast.model.demo import evaluate_runs
+
+    runs = {(row, 0): {"dir": tmp_path / "runs" / f"{row}_s0"} for row in ROWS}
+    shards = tmp_path / "shards"
+    again, info = evaluate_runs(runs, plan, str(shards / "eval"), str(shards / "train"), jobs=2, log=lambda *a: None)
+    assert info["n_eval"] == plan.n_held_out and list(dict.fromkeys(r["row"] for r in again)) == list(ROWS)
+    first = {(r["row"], r["sweep"], float(r["value"])): float(r["top1"]) for r in rows}
+    assert {(r["row"], r["sweep"], float(r["value"])): r["top1"] for r in again} == first
