@@ -6,20 +6,22 @@
 2. build log-mel shards (``model.n_mels`` of the recipe: 64 bins) at 10, 20 and 40 ms frame shifts, with one
    shared vocabulary;
 3. train the rows of :data:`ROWS` (two processes at a time, one torch thread each), all from
-   ``configs/demo.yaml`` with a few overrides, for the same number of optimizer steps (every step packs
-   the same token budget, so equal steps are nearly equal FLOPs; the measured FLOPs are reported):
+   ``configs/demo.yaml`` with a few overrides; every step packs the same token budget, so a step costs
+   about the same FLOPs whatever the row (the measured FLOPs are reported):
 
    - ``ast``: the classic fixed AST: one patch (32), one shift (10 ms), one length (256 frames: every
      training clip is longer and is cut to it; in evaluation shorter inputs are padded to it);
-   - ``flexiast``: FlexiAST only: the ``ast`` row's weights at half its steps (the paper fine-tunes a
-     trained AST), then the other half with a patch size drawn per step (PI-resize);
+   - ``flexiast``: FlexiAST only: the ``ast`` row's final weights (the paper fine-tunes a trained AST)
+     fine-tuned for half as many steps again with a patch size drawn per step (PI-resize), distilling
+     the ``ast`` row (FlexiAST's knowledge distillation);
    - ``elasticast``: packed native lengths, a frame shift drawn per clip, factorised positions,
-     attention pooling, token dropout (ElasticAST only, fixed patch 32);
-   - ``flexi_elastic``: both: the ``elasticast`` row's weights at half its steps, then random patches;
+     attention pooling, token dropout (ElasticAST only, fixed patch 32), trained twice as many steps as
+     ``ast`` (it learns three frame shifts, and converges later);
+   - ``flexi_elastic``: both: the ``elasticast`` row fine-tuned with random patches as ``flexiast`` is;
    - ``c2f``: coarse-to-fine on the ``ast`` row: phase 1 on frames avg-pooled by 4 (2 token columns per
      clip, not 1) for as many clips as half the baseline's steps carry (in a quarter of the steps), then
-     full resolution for half the baseline's steps; ``ast_short``: the ``ast`` row with c2f's step count,
-     which matches c2f's training FLOPs;
+     full resolution for ``c2f_phase2`` of the baseline's steps; ``ast_short``: the ``ast`` row with c2f's
+     step count, which matches c2f's training FLOPs;
 
 4. evaluate on the held-out set (normalised with the *training* statistics, labels matched by name): the
    patch sweep, the frame-shift sweep (every shift sees the same 2.56 s) and the length sweep;
@@ -81,8 +83,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 }
 """Row name → (display name, overrides of ``configs/demo.yaml``)."""
 WARM_START = {"flexiast": "ast", "flexi_elastic": "elasticast"}
-"""FlexiAST rows start from their parent row's weights at half its steps and train the other half with random
-patches (the paper fine-tunes a trained AST); so every row still totals the same number of steps."""
+"""FlexiAST rows fine-tune their parent row's weights (``DemoPlan.flex_init``: final, or at half its steps) with
+random patches for half the plan's steps (the paper fine-tunes a trained AST); their totals include the parent's."""
 PADDED_ROWS = ("ast", "ast_short", "c2f")  # fixed-length models: evaluated padded (or cut) to their one length
 
 
@@ -92,15 +94,15 @@ class DemoPlan:
 
     n_train_collection: int = 576  # seed 0: 5/6 train, 1/6 valid
     n_held_out: int = 816  # seed 1: all held out (68 per class)
-    steps: int = 2400  # optimizer steps of the fixed AST and FlexiAST rows
-    elastic_steps: int = 0  # steps of the ElasticAST rows (packed, three shifts: slower to converge); 0 = steps
+    steps: int = 2400  # optimizer steps of the fixed AST row (the FlexiAST rows add half of it to their parent's)
+    elastic_steps: int = 4800  # steps of the ElasticAST row (packed, three shifts: slower to converge); 0 = steps
     c2f_factor: int = 4  # phase 1 pools frames by R: 256 → 64 frames, 2 token columns at patch 32
     c2f_phase1: float = 0.5  # share of the baseline's clips that c2f sees pooled (in 1/R of the steps)
-    c2f_phase2: float = 0.5  # share of the baseline's steps that c2f trains at full resolution
-    flex_lr: float = 1e-3  # peak lr of the FlexiAST half (a fine-tuning of the parent's weights)
-    flex_init: str = "half"  # the FlexiAST rows start from their parent's weights at "half" its steps or "final"
-    flex_kd: float = 0.0  # > 0: the FlexiAST half distils its parent's final weights (KL weight, FlexiAST's KD)
-    flex_patches: tuple[int, ...] = ()  # the FlexiAST half's patch draw (a size twice: drawn twice as often); () = yaml
+    c2f_phase2: float = 0.58  # share of the baseline's steps that c2f trains at full resolution
+    flex_lr: float = 2e-3  # peak lr of the FlexiAST fine-tuning (the recipe's own lr)
+    flex_init: str = "final"  # the FlexiAST rows start from their parent's "final" weights or those at "half" its steps
+    flex_kd: float = 0.9  # > 0: the FlexiAST rows distil their parent's final weights (KL weight; FlexiAST's KD)
+    flex_patches: tuple[int, ...] = (16, 24, 32, 32, 40, 48)  # patch draw per step: 32 twice (a third of the steps)
     seeds: tuple[int, ...] = (0,)
     patches: tuple[int, ...] = (16, 24, 32, 40, 48)
     lengths: tuple[int, ...] = (64, 128, 256, 512)  # frames at 10 ms
@@ -130,6 +132,7 @@ PLANS = {
         n_train_collection=72,
         n_held_out=48,
         steps=8,
+        elastic_steps=16,
         seeds=(0,),
         patches=(16, 32),
         lengths=(128, 256),

@@ -100,7 +100,7 @@ def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
     from flexast.model.demo import PLANS, ROWS, row_config
 
     shards = {"train": "t", "valid": "v"}
-    plan = replace(PLANS["default"], steps=400, elastic_steps=600, flex_init="half", flex_kd=0.0)
+    plan = replace(PLANS["default"], steps=400, elastic_steps=600, c2f_phase2=0.5, flex_init="half", flex_kd=0.0)
     cfgs = {r: row_config(r, plan, 3, shards, tmp_path / f"{r}_s3") for r in ROWS}
     assert {r: c.optim.steps for r, c in cfgs.items()} == {
         "ast": 400, "flexiast": 200, "elasticast": 600, "flexi_elastic": 200,  # FlexiAST: steps / 2 on the parent
