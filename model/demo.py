@@ -101,8 +101,8 @@ class DemoPlan:
     c2f_phase2: float = 0.58  # share of the baseline's steps that c2f trains at full resolution
     flex_lr: float = 2e-3  # peak lr of the FlexiAST fine-tuning (the recipe's own lr)
     flex_init: str = "final"  # the FlexiAST rows start from their parent's "final" weights or those at "half" its steps
-    flex_kd: float = 0.9  # > 0: the FlexiAST rows distil their parent's final weights (KL weight; FlexiAST's KD)
-    flex_patches: tuple[int, ...] = (16, 24, 32, 32, 40, 48)  # patch draw per step: 32 twice (a third of the steps)
+    flex_kd: float = 1.0  # > 0: the FlexiAST rows distil their parent's final weights (KL weight; FlexiAST's KD)
+    flex_patches: tuple[int, ...] = (16, 24, 32, 32, 32, 40, 48)  # patch draw per step: 32 in 3 of 7 steps
     seeds: tuple[int, ...] = (0,)
     patches: tuple[int, ...] = (16, 24, 32, 40, 48)
     lengths: tuple[int, ...] = (64, 128, 256, 512)  # frames at 10 ms

@@ -235,7 +235,7 @@ def plot_training(runs: dict, rows: list[dict], out: Path, model_names: dict[str
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")  # (n - k + 1,)
         ax.plot(s[k - 1 :] + run.get("start_step", 0), smooth, label=f"{model_names[row]} (seed {seed})", lw=1)
     ax.set_yscale("log")
-    ylabel = "training loss (cross-entropy, running mean of 10 logs)"
+    ylabel = "training loss (running mean of 10 logs; KD rows: CE + KL)"
     loss_path = _save(fig, ax, out / "loss_curves.png", "optimizer step", ylabel, 6)
 
     fig, ax = plt.subplots(figsize=(6, 4))
