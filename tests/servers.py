@@ -3,6 +3,9 @@ and a proxy that adds latency and injects faults in front of any HTTP server (th
 
 Both run in daemon threads of this process, serve HTTP/1.1 with keep-alive, and stop on ``close()``
 (or as context managers). Sockets time out after 30 s, so a stuck client cannot hold a thread forever.
+Accepted sockets set ``TCP_NODELAY`` (as production servers do; moto's handler too when started from
+:func:`main`): with ``http.server``'s default, Nagle's algorithm held back each response's last segment
+until the client's delayed ACK, about 9 ms per request on 127.0.0.1 (one 120 KB range: 9.9 ms → 0.6 ms).
 
 Fault kinds of :class:`FaultProxy` (each drawn per request from a seeded generator, at ``rate``):
 
@@ -64,6 +67,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = 30
+    disable_nagle_algorithm = True  # TCP_NODELAY, as real servers set
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -135,6 +139,7 @@ def _reset(handler: http.server.BaseHTTPRequestHandler) -> None:
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30
+    disable_nagle_algorithm = True
     proxy: FaultProxy
 
     def log_message(self, *args):
@@ -271,7 +276,10 @@ def main(argv=None) -> None:
     sub.add_parser("moto", help="moto S3 in server mode")
     args = ap.parse_args(argv)
     if args.kind == "moto":
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler
         from moto.server import ThreadedMotoServer
+
+        MotoRequestHandler.disable_nagle_algorithm = True  # TCP_NODELAY, as real servers set (see module docstring)
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
