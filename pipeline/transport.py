@@ -27,9 +27,11 @@ requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chun
   ``Range`` and sent the whole object (read up to the range's end, the rest dropped).
 
 :func:`fetch_object` reads a whole object the same way (its size from one ``HEAD``, then 8 MiB requests),
-and :func:`object_size` is that ``HEAD`` alone. Other fsspec protocols (``gs://`` …) read through
-``fs.cat_file`` with the same retries but no resume. :func:`submit` runs any of them (or a source's
-``fetch``) on a per-process thread pool and returns a ``Future``: that is how reads start early.
+and :func:`object_size` is that ``HEAD`` alone. :func:`fetch_tails` reads the last ``n`` bytes of many
+objects with one suffix-range GET each (``Range: bytes=-n``, no ``HEAD``), all in flight together. Other
+fsspec protocols (``gs://`` …) read through ``fs.cat_file`` with the same retries but no resume.
+:func:`submit` runs any of them (or a source's ``fetch``) on a per-process thread pool and returns a
+``Future``: that is how reads start early.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from flexast.pipeline.object_store import (
     get_s3,
     head_http,
     head_s3,
+    tail_http,
+    tail_s3,
 )
 from flexast.pipeline.retrying import CutShort, backoff_delay, is_transient
 
@@ -64,6 +68,7 @@ __all__ = [
     "fetch_many",
     "fetch_object",
     "fetch_ranges",
+    "fetch_tails",
     "is_remote",
     "is_transient",
     "object_size",
@@ -354,6 +359,70 @@ def fetch_many(
                 a, b = ranges[k]
                 sliced[k] = blob[a - start : b - start]
         out.append(sliced)
+    return out
+
+
+def fetch_tails(
+    requests: Sequence[tuple[str, int]],
+    storage_options: dict | None = None,
+    *,
+    retries: int = 4,
+    backoff_s: float = 0.2,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    counters: dict | None = None,
+) -> list[bytes]:
+    """The last ``n`` bytes of each object of ``[(url, n), ...]``: one suffix-range request each, all in flight
+    together (no ``HEAD`` first), retried whole. An object shorter than ``n`` gives all its bytes.
+
+    For what sits at an object's end, such as the chunk index of a Zarr shard object (:mod:`pipeline.zarr_chunks`).
+
+    Raises:
+        ShardError: naming the URL, when an object is missing, denied, or stays unreadable after ``retries``.
+    """
+    out: list = [None] * len(requests)
+    jobs = []  # (position, tail, fs, target, n)
+    for i, (url, n) in enumerate(requests):
+        if n <= 0:
+            raise RangeError(f"{url}: a tail of {n} bytes was asked for")
+        if not is_remote(url):
+            path = url.removeprefix("file://")
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - n))
+                    out[i] = f.read()
+            except OSError as exc:
+                raise RangeError(f"{url}: cannot read its last {n} bytes: {type(exc).__name__}: {exc}") from exc
+            _count(counters, requests=1, bytes=len(out[i]))
+            continue
+        fs, path = filesystem(url, storage_options)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        tail = {"http": tail_http, "https": tail_http, "s3": tail_s3, "s3a": tail_s3}.get(protocol)
+        if tail is None:
+
+            async def tail(fs, p, n):
+                return await asyncio.to_thread(fs.cat_file, p, start=-n)
+
+        jobs.append((i, tail, fs, url if tail is tail_http else path, n))
+
+    async def one(tail, fs, target, n, sem):
+        async def call():
+            async with sem, _loop_cap():
+                return await tail(fs, target, n)
+
+        data = await _retrying(f"{target}: last {n} bytes", call, retries, backoff_s, counters)
+        _count(counters, bytes=len(data))
+        return data
+
+    loops = {id(fs.loop): fs.loop for _, _, fs, _, _ in jobs}
+    for loop in loops.values():
+        mine = [j for j in jobs if j[2].loop is loop]
+
+        async def run(mine=mine):
+            sem = asyncio.Semaphore(max(1, max_in_flight))
+            return await asyncio.gather(*(one(tail, fs, t, n, sem) for _, tail, fs, t, n in mine))
+
+        for (i, *_), data in zip(mine, fsspec.asyn.sync(loop, run), strict=True):
+            out[i] = data
     return out
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from flexast.pipeline.errors import ShardError
 from flexast.pipeline.sources import fetch_many, fetch_object, fetch_ranges, is_transient
-from flexast.pipeline.transport import COALESCE_GAP, RangeError, coalesce, submit_many
+from flexast.pipeline.transport import COALESCE_GAP, RangeError, coalesce, fetch_tails, submit_many
 from tests.conftest import free_port
 from tests.servers import FaultProxy, RangeServer, _Server
 
@@ -270,3 +270,40 @@ def test_submit_many_reads_ahead_and_reports_errors(http_blob):
     assert counters["requests"] == len(a)
     with pytest.raises(RangeError, match=r"blob\.bin: bytes \[299990, 300010\) run past the end"):
         second.result(timeout=60)
+
+
+TAILS = (1, 1028, 70_000, SIZE + 50)  # the last one is longer than the object: all of it
+
+
+def test_fetch_tails_local_http_s3(blob, http_blob, s3_blob, s3_server):
+    """The last n bytes of each object, one request each, the same bytes locally, over HTTP and from S3."""
+    folder, data = blob
+    want = [data[-n:] for n in TAILS]
+    for url, so in ((str(folder / "blob.bin"), None), (http_blob[0], None), (s3_blob[0], s3_server["storage_options"])):
+        counters: dict = {}
+        assert fetch_tails([(url, n) for n in TAILS], so, counters=counters) == want
+        assert counters == {"requests": len(TAILS), "bytes": sum(len(w) for w in want)}
+
+
+def test_fetch_tails_send_one_suffix_range_each(http_blob):
+    """No HEAD first: the proxy logs exactly one ``Range: bytes=-n`` GET per object, all in flight together."""
+    _, data, server = http_blob
+    with FaultProxy(server.url, latency_s=0.05) as proxy:
+        got = fetch_tails([(f"{proxy.url}/blob.bin?{i}", 1028) for i in range(8)])
+    assert got == [data[-1028:]] * 8
+    assert sorted(proxy.log) == sorted(("GET", f"/blob.bin?{i}", "bytes=-1028") for i in range(8))
+    assert proxy.counts["max_in_flight"] > 1
+
+
+@pytest.mark.parametrize("kind", ["reset", "503", "truncate"])
+def test_fetch_tails_retry_faults_and_name_what_is_missing(http_blob, kind):
+    _, data, server = http_blob
+    with FaultProxy(server.url, rate=0.5, kinds=[kind], seed=4) as proxy:
+        counters: dict = {}
+        asks = [(f"{proxy.url}/blob.bin", n) for n in TAILS * 4]
+        assert fetch_tails(asks, backoff_s=0.001, retries=12, counters=counters) == [data[-n:] for _, n in asks]
+    assert proxy.counts[kind] >= 3 and counters["retries"] >= 1
+    with pytest.raises(RangeError, match=r"nothere\.bin: last 4 bytes unreadable: FileNotFoundError"):
+        fetch_tails([(f"{server.url}/nothere.bin", 4)])
+    with pytest.raises(RangeError, match=r"nothere\.bin: cannot read its last 4 bytes"):
+        fetch_tails([("/nonexistent/nothere.bin", 4)])

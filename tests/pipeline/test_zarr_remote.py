@@ -1,0 +1,111 @@
+"""The Zarr source over HTTP and S3 with the real writer's layout (``pipeline.build.build_shards``): the same
+steps as the local tar source, planning that reads every group at once, and steps whose reads are one round
+of feature ranges. The expectations are the local tar source's steps and the proxy's own log of requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexast.pipeline.datasource import open_source
+from flexast.pipeline.loader import make_loader, make_stream
+from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.transport import COALESCE_GAP
+from tests.factories import build_small_shards
+from tests.servers import FaultProxy, RangeServer
+
+WHOLE = {"budget_tokens": 128 * 400, "patches": [[1, 1]], "train": False}  # every clip whole, in one order
+SHIFTS = (10.0, 20.0)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """12 clips in 4 shards (tar and Zarr, the writer's sharded raw layout)."""
+    return build_small_shards(tmp_path_factory.mktemp("zr"), n=12, shifts_ms=SHIFTS, shard_samples=3, fmt="both")
+
+
+@pytest.fixture(scope="module")
+def served(built):
+    with RangeServer(built.out) as server:
+        yield server.url
+
+
+def assert_same_steps(a, b) -> None:
+    assert [x.keys for x in a] == [y.keys for y in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.frames, y.frames)  # same clips, same config: bitwise
+        assert torch.equal(x.n_frames, y.n_frames)
+
+
+@pytest.mark.parametrize("resolution", [{"kind": "fixed", "shift_ms": 10.0}, {"kind": "random"}])
+def test_http_zarr_gives_the_local_tar_steps(built, served, resolution):
+    cfg = StreamConfig(**WHOLE, resolution=resolution)
+    tar = list(make_stream(cfg, built.out))
+    zarr = list(make_stream(cfg, open_source(f"{served}/index.json", format="zarr")))
+    assert sum(b.n_clips for b in tar) == built.index["total_samples"] == 12
+    assert_same_steps(zarr, tar)
+
+
+def test_s3_zarr_gives_the_local_tar_steps(built, s3_bucket, s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.put(str(built.out), f"{s3_bucket}/ds", recursive=True)
+    cfg = StreamConfig(**WHOLE, resolution={"kind": "random"}, storage_options=s3_server["storage_options"])
+    zarr = make_stream(cfg, open_source(f"{s3_bucket}/ds/index.json", cfg.storage_options, format="zarr"))
+    assert_same_steps(list(zarr), list(make_stream(cfg, built.out)))
+    assert zarr.last_read["requests"] >= 1 and zarr.last_read.get("retries", 0) == 0
+
+
+def test_planning_reads_every_group_at_once(served, built):
+    """With 30 ms per request, the groups' arrays are read concurrently: the proxy holds more requests at once
+    than there are groups (reading group after group, array after array, it would hold one)."""
+    with FaultProxy(served, latency_s=0.03) as proxy:
+        source = open_source(f"{proxy.url}/index.json", format="zarr")
+        source.prefetch(source.shards)
+        records = [r for shard in source.shards for r in source.records(shard)]
+    assert len(source.shards) == 4
+    assert [r["key"] for r in records] == [r["key"] for s in open_source(built.out).shards for r in _records(s)]
+    assert proxy.counts["max_in_flight"] > len(source.shards)
+
+
+def _records(shard):
+    return open_source(shard.url.rsplit("/", 1)[0] + "/index.json").records(shard)
+
+
+@pytest.mark.parametrize("resolution", [{"kind": "fixed", "shift_ms": 10.0}, {"kind": "random"}])
+def test_step_reads_are_feature_ranges_only(served, resolution):
+    """Planning fetches each touched shard object's chunk index with one suffix-range GET (no HEAD); after
+    that every request (as the proxy logs it) is a range of feature bytes, at most one per clip; their total
+    is the bytes of the frames the steps hold plus, per clip joined to a neighbour's request, a gap of at
+    most ``COALESCE_GAP``; and ``last_read`` counts what the proxy saw."""
+    cfg = StreamConfig(**WHOLE, resolution=resolution, read_ahead_steps=2)
+    with FaultProxy(served) as proxy:
+        source = open_source(f"{proxy.url}/index.json", format="zarr")
+        loader = make_loader(cfg, source, in_process=True)
+        source.prefetch(source.shards)
+        before = len(proxy.log)  # the groups' arrays, read through zarr
+        loader.plan(0)
+        planned = len(proxy.log)
+        batches = list(loader)
+        log = list(proxy.log)
+    tails, data = log[before:planned], log[planned:]
+    assert tails and all(m == "GET" and r.startswith("bytes=-") and "/values/c/" in p for m, p, r in tails)
+    assert len({p for _, p, _ in tails}) == len(tails)  # each shard object's index once
+    assert all(m == "GET" and r and not r.startswith("bytes=-") and "/values/c/" in p for m, p, r in data)
+    assert {p for _, p, _ in data} <= {p for _, p, _ in tails}
+    spans = [tuple(int(v) for v in r.removeprefix("bytes=").split("-")) for _, _, r in data]
+    used = sum(b.frames.shape[0] * b.n_mels * 2 for b in batches)  # float16 bytes of every frame stepped on
+    clips = sum(b.n_clips for b in batches)
+    assert clips == 12 and len(data) <= clips
+    assert used <= sum(b - a + 1 for a, b in spans) <= used + COALESCE_GAP * (clips - len(data))
+    assert loader.last_read["requests"] == len(tails) + len(data)
+    again = list(loader)  # the next epoch: only the indexes of shard objects not touched before
+    assert sorted(k for b in again for k in b.keys) == sorted(k for b in batches for k in b.keys)
+    later = proxy.log[len(log) :]
+    new_tails = [p for _, p, r in later if r.startswith("bytes=-")]
+    assert not set(new_tails) & {p for _, p, _ in tails}
+    assert loader.last_read["requests"] == len(later)
+    if resolution["kind"] == "fixed":
+        assert_same_steps(again, batches)
+        assert not new_tails and len(later) == len(data)
