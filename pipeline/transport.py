@@ -7,9 +7,11 @@ Zarr chunks). Over HTTP(S) and S3 it runs on fsspec's I/O event loop: up to ``ma
 requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chunks
 (:mod:`pipeline.object_store`).
 
-* **Coalescing.** The requested ranges are sorted and a range joins the previous request when the gap
-  between them is at most :data:`COALESCE_GAP` bytes (a tar header or two) and the joined request stays
-  within :data:`COALESCE_MAX` bytes. The gap bytes are fetched and dropped; nothing else is read.
+* **Coalescing.** The requested ranges of one object are sorted; ranges that overlap or touch become one
+  request. Then the gaps between requests are joined smallest first while each is at most
+  :data:`COALESCE_GAP` bytes (a tar header or two) and all joined gaps stay within :data:`COALESCE_WASTE`
+  (10 %) of the bytes asked for; no request grows beyond :data:`COALESCE_MAX` bytes. Gap bytes are fetched
+  and dropped (so bytes sent are at most 1.1× the bytes asked for); nothing else is read.
 * **Retries.** What :func:`pipeline.retrying.is_transient` calls transient (connection errors, botocore's
   ``EndpointConnectionError`` included, timeouts, HTTP 5xx and 429, S3 throttling) is retried with
   exponential backoff ``backoff_s · 2^k`` (×0.5–1.5 jitter), ``retries`` times per request. A response
@@ -63,6 +65,7 @@ from flexast.pipeline.retrying import CutShort, backoff_delay, is_transient
 __all__ = [
     "COALESCE_GAP",
     "COALESCE_MAX",
+    "COALESCE_WASTE",
     "RangeError",
     "coalesce",
     "fetch_many",
@@ -85,6 +88,8 @@ def is_remote(url: str) -> bool:
 
 COALESCE_GAP = 8 << 10
 """Largest gap (bytes) between two requested ranges that are fetched in one request."""
+COALESCE_WASTE = 0.1
+"""Most gap bytes the requests for one object may carry, as a fraction of the bytes asked for."""
 COALESCE_MAX = 16 << 20
 """Largest coalesced request (bytes); a single range larger than this is still one request."""
 CHUNK = 64 << 10
@@ -107,18 +112,35 @@ def _loop_cap() -> asyncio.Semaphore:
 
 def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
     """``(start, stop, indices of the ranges it covers)`` per request, per the rule in the module docstring."""
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
-    groups: list[tuple[int, int, list[int]]] = []
+    order = sorted((i for i in range(len(ranges)) if ranges[i][0] < ranges[i][1]), key=lambda i: ranges[i])
+    runs: list[list] = []  # ranges that overlap or touch: one request, no byte fetched and dropped
     for i in order:
         a, b = ranges[i]
-        if a == b:
-            continue
-        if groups:
-            s, e, idx = groups[-1]
-            if a - e <= COALESCE_GAP and max(b, e) - s <= COALESCE_MAX:
-                groups[-1] = (s, max(b, e), [*idx, i])
-                continue
-        groups.append((a, b, [i]))
+        if runs and a <= runs[-1][1] and max(b, runs[-1][1]) - runs[-1][0] <= COALESCE_MAX:
+            runs[-1][1] = max(b, runs[-1][1])
+            runs[-1][2].append(i)
+        else:
+            runs.append([a, b, [i]])
+    budget = COALESCE_WASTE * sum(e - s for s, e, _ in runs)  # gap bytes this object's requests may carry
+    joined = [False] * max(0, len(runs) - 1)  # joined[j]: runs j and j + 1 are one request
+    gaps = sorted((runs[j + 1][0] - runs[j][1], j) for j in range(len(runs) - 1))
+    for gap, j in gaps:
+        if gap > min(COALESCE_GAP, budget):
+            break
+        lo, hi = j, j + 1
+        while lo > 0 and joined[lo - 1]:
+            lo -= 1
+        while hi < len(joined) and joined[hi]:
+            hi += 1
+        if runs[hi][1] - runs[lo][0] <= COALESCE_MAX:
+            joined[j], budget = True, budget - gap
+    groups: list[tuple[int, int, list[int]]] = []
+    for j, (a, b, idx) in enumerate(runs):
+        if j and joined[j - 1]:
+            s0, _, prev = groups[-1]
+            groups[-1] = (s0, b, prev + idx)
+        else:
+            groups.append((a, b, list(idx)))
     return groups
 
 
