@@ -356,23 +356,36 @@ class StepDataset(torch.utils.data.IterableDataset):
         self.start = 0
 
     def run(self, worker: int, num_workers: int) -> Iterator[tuple[int, PackedBatch, dict]]:
-        """This worker's steps; each step's reads start ``read_ahead_steps`` steps early (remote sources)."""
+        """This worker's steps; from a remote source their reads start up to ``read_ahead_steps`` steps early.
+
+        Reads go in groups of ``g = ⌊(k+1)/2⌋`` consecutive steps (``k = read_ahead_steps``), one
+        :meth:`Source.fetch` per group, ``⌊(k+1)/g⌋ - 1`` groups ahead: at most ``k + 1`` steps' features
+        held, and the byte ranges of neighbouring steps that touch (consecutive clips of one Zarr array)
+        travel as one request (:func:`pipeline.transport.coalesce`).
+        """
         counters: dict = {}
         mine = [(pos, plan) for pos, w, plan in self.steps if pos >= self.start and w % num_workers == worker]
         k = self.cfg.read_ahead_steps if getattr(self.source, "remote", False) else 0
+        g = max(1, (k + 1) // 2)
+        groups = [mine[i : i + g] for i in range(0, len(mine), g)]
         go = submit if k else _now
 
-        def start(step):  # each step reads into its own counters: the pool's threads never share a dict
+        def start(group):  # each group reads into its own counters: the pool's threads never share a dict
             mine_counters: dict = {}
-            return go(lambda: (self.source.fetch(wanted(step[1]), mine_counters), mine_counters))
+            want = [w for _, plan in group for w in wanted(plan)]
+            return go(lambda: (self.source.fetch(want, mine_counters), mine_counters))
 
-        for (pos, plan), fut in read_ahead(mine, start, k):
-            raw, step_counters = fut.result()
-            for key, v in step_counters.items():
+        for group, fut in read_ahead(groups, start, (k + 1) // g - 1 if k else 0):
+            raw, group_counters = fut.result()
+            for key, v in group_counters.items():
                 counters[key] = counters.get(key, 0) + v
-            mix_rng = keyed_rng(*self.seed_parts, _MIX, pos)
-            batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, raw)
-            yield pos, batch, dict(counters)
+            first = 0
+            for pos, plan in group:
+                mix_rng = keyed_rng(*self.seed_parts, _MIX, pos)
+                clips = raw[first : first + len(plan.items)]
+                first += len(plan.items)
+                batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, clips)
+                yield pos, batch, dict(counters)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

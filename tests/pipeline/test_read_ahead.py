@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future
 
 import pytest
@@ -13,6 +14,7 @@ from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.loader import make_loader, make_stream
 from flexast.pipeline.stream import read_ahead
 from flexast.pipeline.stream_config import StreamConfig
+from flexast.pipeline.transport import COALESCE_WASTE
 from tests.factories import write_shard_folder
 from tests.servers import FaultProxy, RangeServer
 
@@ -90,7 +92,8 @@ def assert_same_steps(a, b) -> None:
 @pytest.mark.parametrize("fmt", ["tar", "zarr"])
 def test_same_steps_with_and_without_read_ahead(served, fmt):
     """Tar by byte range and Zarr over HTTP, with augmentation and mixup: read-ahead 0 and 3 give the same
-    steps and tensors, and read the same bytes (nothing fetched twice, nothing extra)."""
+    steps and tensors; reading two steps per request group joins neighbouring ranges (fewer requests), with
+    at most COALESCE_WASTE more bytes (gaps between them, fetched and dropped) and nothing fetched twice."""
     _, url = served
     source = open_source(f"{url}/index.json", format=fmt)
     assert source.remote
@@ -98,30 +101,37 @@ def test_same_steps_with_and_without_read_ahead(served, fmt):
     on, read_on = epoch(StreamConfig(**BASE_AUG, read_ahead_steps=3), source, epochs=2)
     assert len(off) > 4  # more steps than the window
     assert_same_steps(off, on)
-    assert read_on["bytes"] == read_off["bytes"] > 0
-    assert read_on.get("requests") == read_off.get("requests")
+    assert 0 < read_off["bytes"] <= read_on["bytes"] <= (1 + COALESCE_WASTE) * read_off["bytes"]
+    assert read_on.get("requests", 0) <= read_off.get("requests", 0)
 
 
 def test_read_ahead_holds_at_most_k_steps_ahead(served):
-    """Over HTTP, while the consumer has received h steps, at most h + k + 1 fetches have begun (before the
-    first step arrives: k + 1), so at most k steps of features wait beside the one being built."""
+    """Over HTTP, while the consumer has received h steps, the fetches begun cover at most h + k + 1 steps
+    (before the first step arrives: k + 1), so at most k steps of features wait beside the one being built;
+    each fetch covers whole steps, in order, every clip once."""
     _, url = served
     source = open_source(f"{url}/index.json", format="tar")
-    fetched, handed = [], [0]
-    fetch = source.fetch
+    for k in (2, 5):
+        fetched, handed = [], [0]
+        fetch = source.fetch
 
-    def logged(wanted, counters=None):
-        fetched.append(handed[0])  # how many steps the consumer had when this fetch began
-        return fetch(wanted, counters)
+        def logged(wanted, counters=None, fetch=fetch, fetched=fetched, handed=handed):
+            fetched.append((handed[0], len(wanted)))  # steps the consumer had when this fetch began; its clips
+            return fetch(wanted, counters)
 
-    source.fetch = logged
-    k = 2
-    loader = make_stream(StreamConfig(**BASE, read_ahead_steps=k), source)
-    for _ in loader:
-        handed[0] += 1
-    assert len(fetched) == loader.steps_in_epoch(0) > k + 2
-    for i, n_handed in enumerate(fetched):  # the (i+1)-th fetch to begin: at most n_handed + k + 1 started
-        assert i <= n_handed + k
+        source.fetch = logged
+        loader = make_stream(StreamConfig(**BASE, read_ahead_steps=k), source)
+        for _ in loader:
+            handed[0] += 1
+        del source.fetch
+        clips = [len(plan.items) for _, plan in loader.plan(0)]
+        assert len(clips) > k + 2
+        bounds = list(itertools.accumulate(clips))  # clips fetched once the first j + 1 steps are
+        begun = list(itertools.accumulate(n for _, n in fetched))
+        assert begun[-1] == bounds[-1]  # every clip fetched once
+        for (n_handed, _), total in zip(fetched, begun, strict=True):
+            assert total in bounds  # whole steps
+            assert bounds.index(total) + 1 <= n_handed + k + 1
 
 
 def test_resume_is_unchanged_by_read_ahead(served):
@@ -146,7 +156,7 @@ def test_workers_with_read_ahead_give_the_same_steps(served):
     procs = make_loader(cfg, f"{url}/index.json")
     here = make_stream(StreamConfig(**{**BASE_AUG, "num_workers": 2, "read_ahead_steps": 0}), f"{url}/index.json")
     assert_same_steps(list(here), list(procs))
-    assert procs.last_read["bytes"] == here.last_read["bytes"]
+    assert here.last_read["bytes"] <= procs.last_read["bytes"] <= (1 + COALESCE_WASTE) * here.last_read["bytes"]
 
 
 def test_read_ahead_error_surfaces_at_its_step(served):

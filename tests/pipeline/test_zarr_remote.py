@@ -69,6 +69,11 @@ def test_planning_reads_every_group_at_once(served, built):
     assert proxy.counts["max_in_flight"] > len(source.shards)
 
 
+def spans(log) -> list[tuple[int, int]]:
+    """``(first, last)`` byte of each logged ``Range: bytes=first-last`` request."""
+    return [tuple(int(v) for v in r.removeprefix("bytes=").split("-")) for _, _, r in log]
+
+
 def _records(shard):
     return open_source(shard.url.rsplit("/", 1)[0] + "/index.json").records(shard)
 
@@ -94,11 +99,11 @@ def test_step_reads_are_feature_ranges_only(served, resolution):
     assert len({p for _, p, _ in tails}) == len(tails)  # each shard object's index once
     assert all(m == "GET" and r and not r.startswith("bytes=-") and "/values/c/" in p for m, p, r in data)
     assert {p for _, p, _ in data} <= {p for _, p, _ in tails}
-    spans = [tuple(int(v) for v in r.removeprefix("bytes=").split("-")) for _, _, r in data]
+    spans_ = spans(data)
     used = sum(b.frames.shape[0] * b.n_mels * 2 for b in batches)  # float16 bytes of every frame stepped on
     clips = sum(b.n_clips for b in batches)
     assert clips == 12 and len(data) <= clips
-    assert used <= sum(b - a + 1 for a, b in spans) <= used + COALESCE_GAP * (clips - len(data))
+    assert used <= sum(b - a + 1 for a, b in spans_) <= used + COALESCE_GAP * (clips - len(data))
     assert loader.last_read["requests"] == len(tails) + len(data)
     again = list(loader)  # the next epoch: only the indexes of shard objects not touched before
     assert sorted(k for b in again for k in b.keys) == sorted(k for b in batches for k in b.keys)
@@ -109,3 +114,24 @@ def test_step_reads_are_feature_ranges_only(served, resolution):
     if resolution["kind"] == "fixed":
         assert_same_steps(again, batches)
         assert not new_tails and len(later) == len(data)
+
+
+def test_neighbouring_steps_share_requests(served):
+    """Evaluation order reads a group's clips one after another: the clips of steps fetched together lie
+    back to back in ``s10/values``, so read-ahead (steps fetched in groups) sends fewer requests than one
+    fetch per step, for the same steps and exactly the same bytes (no gap was needed to join them)."""
+    cfg = {**WHOLE, "budget_tokens": 128 * 100}  # a few clips per step
+    runs = {}
+    for k in (0, 8):
+        with FaultProxy(served) as proxy:
+            source = open_source(f"{proxy.url}/index.json", format="zarr")
+            loader = make_loader(StreamConfig(**cfg, read_ahead_steps=k), source, in_process=True)
+            loader.plan(0)
+            start = len(proxy.log)
+            runs[k] = (list(loader), proxy.log[start:])
+    (off, log_off), (on, log_on) = runs[0], runs[8]
+    assert len(off) >= 4
+    assert_same_steps(on, off)
+    sent = {k: sum(b - a + 1 for a, b in spans(log)) for k, (_, log) in runs.items()}
+    assert sent[8] == sent[0] == sum(b.frames.shape[0] * b.n_mels * 2 for b in off)
+    assert len(log_on) < len(log_off)
