@@ -122,6 +122,11 @@ class Source:
         """``(T, F)`` float16 features for each ``(url, loc)`` of ``wanted``, in order."""
         raise NotImplementedError
 
+    def touching(self, a: Sequence[tuple[str, object]], b: Sequence[tuple[str, object]]) -> bool:
+        """Whether some feature of ``b`` lies right beside one of ``a`` in the same object, so that fetching
+        them together saves a request (read-ahead then fetches their steps together). Never, by default."""
+        return False
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_handles"] = {}  # file handles are per process
@@ -176,6 +181,10 @@ class TarSource(Source):
         self._handles[url] = data  # the whole shard is here now: serve its features from memory
         return records_from_members(scan_tar(data, url), lambda o, s: data[o : o + s], url)
 
+    def touching(self, a, b) -> bool:
+        """Members of one tar with at most one json member and its headers between them (a one-shift build)."""
+        return _touch(a, b, lambda url, loc: (url, loc[0], loc[0] + loc[1]), gap=3 * 512 + 1024)
+
     def fetch(self, wanted, counters=None):
         out: list = [None] * len(wanted)
         remote: dict[str, list[int]] = {}
@@ -196,6 +205,17 @@ class TarSource(Source):
             for i, data in zip(idx, blobs, strict=True):
                 out[i] = data
         return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
+
+
+def _touch(a, b, span, gap: int = 0) -> bool:
+    """Whether a feature of ``b`` begins at most ``gap`` bytes (or frames) after one of ``a`` ends, or ends
+    at most ``gap`` before one begins; ``span(url, loc)`` is ``(object, start, stop)``."""
+    spans_a = [span(url, loc) for url, loc in a]
+    for url, loc in b:
+        obj, x, y = span(url, loc)
+        if any(o == obj and (0 <= x - e <= gap or 0 <= s - y <= gap) for o, s, e in spans_a):
+            return True
+    return False
 
 
 def _read_remote(url: str, storage_options: dict | None) -> bytes:
@@ -301,6 +321,10 @@ class ZarrSource(Source):
         if self.reader is None:
             self.reader = ChunkReader(self.storage_options, self.retries, self.backoff_s)
         return self.reader
+
+    def touching(self, a, b) -> bool:
+        """Consecutive frames of one ``<shift>/values`` array."""
+        return _touch(a, b, lambda url, loc: ((url, loc[0]), loc[1], loc[2]))
 
     def prepare(self, wanted, counters=None) -> None:
         """Fetch the chunk indexes of every shard object that reading ``wanted`` touches, all at once."""

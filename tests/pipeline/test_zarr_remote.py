@@ -94,6 +94,8 @@ def test_step_reads_are_feature_ranges_only(served, resolution):
         planned = len(proxy.log)
         batches = list(loader)
         log = list(proxy.log)
+        read = loader.last_read
+        again = list(loader)  # the next epoch: only the indexes of shard objects not touched before
     tails, data = log[before:planned], log[planned:]
     assert tails and all(m == "GET" and r.startswith("bytes=-") and "/values/c/" in p for m, p, r in tails)
     assert len({p for _, p, _ in tails}) == len(tails)  # each shard object's index once
@@ -104,13 +106,12 @@ def test_step_reads_are_feature_ranges_only(served, resolution):
     clips = sum(b.n_clips for b in batches)
     assert clips == 12 and len(data) <= clips
     assert used <= sum(b - a + 1 for a, b in spans_) <= used + COALESCE_GAP * (clips - len(data))
-    assert loader.last_read["requests"] == len(tails) + len(data)
-    again = list(loader)  # the next epoch: only the indexes of shard objects not touched before
+    assert read["requests"] == len(tails) + len(data) and "retries" not in read
     assert sorted(k for b in again for k in b.keys) == sorted(k for b in batches for k in b.keys)
     later = proxy.log[len(log) :]
     new_tails = [p for _, p, r in later if r.startswith("bytes=-")]
     assert not set(new_tails) & {p for _, p, _ in tails}
-    assert loader.last_read["requests"] == len(later)
+    assert loader.last_read["requests"] == len(later) and "retries" not in loader.last_read
     if resolution["kind"] == "fixed":
         assert_same_steps(again, batches)
         assert not new_tails and len(later) == len(data)
