@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from flexast.pipeline.datasource import open_source
 from flexast.pipeline.errors import ConfigError, ShardError
 from flexast.pipeline.loader import make_loader, make_stream
-from flexast.pipeline.stream import read_ahead
+from flexast.pipeline.stream import group_steps, read_ahead
 from flexast.pipeline.stream_config import StreamConfig
 from flexast.pipeline.transport import COALESCE_WASTE
 from tests.factories import write_shard_folder
@@ -39,6 +40,44 @@ def test_read_ahead_keeps_order_and_bounds_the_window(k):
         assert started == list(range(min(10, item + k + 1)))
         out.append((item, fut.result()))
     assert out == [(i, i * 10) for i in range(10)]
+
+
+@pytest.mark.parametrize("k", [0, 2, 5])
+def test_read_ahead_holds_at_most_k_plus_one_units(k):
+    """Items of several units (steps) each: while item i is handed out, the items started and not yet passed
+    hold at most k + 1 units (or i alone, whatever its size); every item is started once, in order."""
+    sizes = [1, 3, 1, 2, 1, 4, 1, 1]
+    started: list = []
+    out = []
+    for item, fut in read_ahead(range(len(sizes)), lambda i: started_future(started, i), k, sizes.__getitem__):
+        held = sum(sizes[j] for j in started if j >= item)
+        assert held <= k + 1 or started[-1] == item
+        out.append(fut.result())
+    assert started == list(range(len(sizes))) and out == [i * 10 for i in range(len(sizes))]
+
+
+def test_group_steps_joins_only_touching_neighbours():
+    """Steps as (position, plan) with plan.items' (url, loc): a step joins the group before it only when
+    ``touching`` says so, and never beyond ``most`` steps."""
+    plan = lambda *ids: SimpleNamespace(items=[{"url": "u", "loc": i} for i in ids])  # noqa: E731
+    steps = [(0, plan(1, 2)), (1, plan(3)), (2, plan(10)), (3, plan(11, 12)), (4, plan(13)), (5, plan(14))]
+    touching = lambda a, b: any(abs(x[1] - y[1]) == 1 for x in a for y in b)  # noqa: E731
+    groups = group_steps(steps, touching, most=2)
+    assert [[pos for pos, _ in g] for g in groups] == [[0, 1], [2, 3], [4, 5]]
+    assert [[pos for pos, _ in g] for g in group_steps(steps, touching, most=1)] == [[i] for i in range(6)]
+    assert len(group_steps(steps, lambda a, b: False, most=8)) == 6
+
+
+def test_tar_members_touch_across_one_json_member(tmp_path):
+    """A one-shift tar: clip i's .npy and clip i+1's .npy have a header, a json member and a header between them."""
+    from flexast.pipeline.datasource import TarSource
+
+    source = TarSource("x", {}, [])
+    a = [("s.tar", (1024, 5000))]
+    assert source.touching(a, [("s.tar", (1024 + 5000 + 400 + 3 * 512, 7000))])
+    assert not source.touching(a, [("s.tar", (1024 + 5000 + 100_000, 7000))])
+    assert not source.touching(a, [("t.tar", (1024 + 5000 + 512, 7000))])
+    assert source.touching([("s.tar", (20_000, 100))], [*a, ("s.tar", (19_000, 500))])  # b ends just before a
 
 
 def test_read_ahead_cancels_what_the_consumer_leaves():
