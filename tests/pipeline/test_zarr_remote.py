@@ -136,3 +136,19 @@ def test_neighbouring_steps_share_requests(served):
     sent = {k: sum(b - a + 1 for a, b in spans(log)) for k, (_, log) in runs.items()}
     assert sent[8] == sent[0] == sum(b.frames.shape[0] * b.n_mels * 2 for b in off)
     assert len(log_on) < len(log_off)
+
+
+def test_worker_processes_read_http_zarr_with_the_parents_chunk_indexes(served):
+    """Two DataLoader workers over HTTP give the in-process steps; the chunk indexes fetched while the parent
+    planned travel into the workers, which then only send feature ranges (the proxy's log)."""
+    cfg = {**WHOLE, "resolution": {"kind": "random"}, "budget_tokens": 128 * 100}
+    here = list(make_stream(StreamConfig(**cfg, num_workers=2), open_source(f"{served}/index.json", format="zarr")))
+    with FaultProxy(served) as proxy:
+        source = open_source(f"{proxy.url}/index.json", format="zarr")
+        loader = make_loader(StreamConfig(**cfg, num_workers=2), source)
+        loader.plan(0)
+        planned = len(proxy.log)
+        procs = list(loader)
+        after = proxy.log[planned:]
+    assert_same_steps(procs, here)
+    assert after and not [r for _, _, r in after if r.startswith("bytes=-")]
