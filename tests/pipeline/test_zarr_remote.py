@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flexast.pipeline.datasource import open_source
+from flexast.pipeline.errors import ShardError
 from flexast.pipeline.loader import make_loader, make_stream
 from flexast.pipeline.stream_config import StreamConfig
 from flexast.pipeline.transport import COALESCE_GAP
@@ -152,3 +153,14 @@ def test_worker_processes_read_http_zarr_with_the_parents_chunk_indexes(served):
         after = proxy.log[planned:]
     assert_same_steps(procs, here)
     assert after and not [r for _, _, r in after if r.startswith("bytes=-")]
+
+
+def test_an_unreadable_remote_group_is_named(built, tmp_path):
+    """A group whose ``keys`` array is gone: the error names that group, raised when the planner reaches it."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(built.out, out)
+    shutil.rmtree(out / "store.zarr" / "train-000002" / "keys")
+    with RangeServer(out) as server, pytest.raises(ShardError, match=r"store\.zarr/train-000002: unreadable Zarr"):
+        list(make_stream(StreamConfig(**WHOLE), open_source(f"{server.url}/index.json", format="zarr")))
