@@ -27,6 +27,7 @@ them produces the same steps.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -57,7 +58,7 @@ from flexast.pipeline.tar_index import (
 )
 from flexast.pipeline.transport import MAX_IN_FLIGHT
 from flexast.pipeline.units import shift_name
-from flexast.pipeline.zarr_chunks import ChunkReader, layout, read_meta
+from flexast.pipeline.zarr_chunks import ChunkReader, Layout, layout, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,18 @@ class Source:
     def _load_records(self, shard: ShardInfo) -> list[dict]:
         raise NotImplementedError
 
+    def prepare(self, wanted: Sequence[tuple[str, object]], counters: dict | None = None) -> None:
+        """Fetch now what :meth:`fetch` of ``wanted`` would need besides the features themselves (a Zarr
+        source's chunk indexes), so that each step's reads are one round of requests. Nothing by default."""
+
     def fetch(self, wanted: Sequence[tuple[str, object]], counters: dict | None = None) -> list[np.ndarray]:
         """``(T, F)`` float16 features for each ``(url, loc)`` of ``wanted``, in order."""
         raise NotImplementedError
+
+    def touching(self, a: Sequence[tuple[str, object]], b: Sequence[tuple[str, object]]) -> bool:
+        """Whether some feature of ``b`` lies right beside one of ``a`` in the same object, so that fetching
+        them together saves a request (read-ahead then fetches their steps together). Never, by default."""
+        return False
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -171,6 +181,10 @@ class TarSource(Source):
         self._handles[url] = data  # the whole shard is here now: serve its features from memory
         return records_from_members(scan_tar(data, url), lambda o, s: data[o : o + s], url)
 
+    def touching(self, a, b) -> bool:
+        """Members of one tar with at most one json member and its headers between them (a one-shift build)."""
+        return _touch(a, b, lambda url, loc: (url, loc[0], loc[0] + loc[1]), gap=3 * 512 + 1024)
+
     def fetch(self, wanted, counters=None):
         out: list = [None] * len(wanted)
         remote: dict[str, list[int]] = {}
@@ -193,6 +207,17 @@ class TarSource(Source):
         return [load_npy(data, f"shard {url}") for data, (url, _) in zip(out, wanted, strict=True)]
 
 
+def _touch(a, b, span, gap: int = 0) -> bool:
+    """Whether a feature of ``b`` begins at most ``gap`` bytes (or frames) after one of ``a`` ends, or ends
+    at most ``gap`` before one begins; ``span(url, loc)`` is ``(object, start, stop)``."""
+    spans_a = [span(url, loc) for url, loc in a]
+    for url, loc in b:
+        obj, x, y = span(url, loc)
+        if any(o == obj and (0 <= x - e <= gap or 0 <= s - y <= gap) for o, s, e in spans_a):
+            return True
+    return False
+
+
 def _read_remote(url: str, storage_options: dict | None) -> bytes:
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs.cat_file(path)
@@ -208,7 +233,14 @@ def zarr_group_path(shard: dict) -> str:
 
 
 class ZarrSource(Source):
-    """The Zarr v3 store of a build (see the module docstring); shard URLs are the groups' URLs."""
+    """The Zarr v3 store of a build (see the module docstring); shard URLs are the groups' URLs.
+
+    Planning reads every group's small arrays (keys, labels, offsets, durations) and its ``values``
+    arrays' metadata through zarr's asynchronous API, all groups and arrays at once (:meth:`prefetch`):
+    three rounds of requests (group, array metadata, chunks) however many groups. :meth:`prepare` then
+    fetches the chunk indexes of the shard objects an epoch's steps touch, so each step's features are one
+    round of ranged requests (:class:`~pipeline.zarr_chunks.ChunkReader`).
+    """
 
     kind = "zarr"
 
@@ -216,6 +248,9 @@ class ZarrSource(Source):
         shards = [ShardInfo(f"{folder}/{zarr_group_path(s)}", int(s["samples"])) for s in index.get("shards", [])]
         super().__init__(spec, index, shards, storage_options)
         self._handles: dict = {}
+        self._read: dict[str, dict | BaseException] = {}  # group url → its arrays, as read by prefetch
+        self.layouts: dict[tuple[str, str], Layout | None] = {}  # (group url, shift) → writer layout or None
+        self.reader: ChunkReader | None = None  # kept when pickled into workers: its chunk indexes travel along
 
     def _group(self, url: str):
         if url not in self._handles:
@@ -233,20 +268,29 @@ class ZarrSource(Source):
             self._handles[(url, shift)] = self._group(url)[f"{shift}/values"]
         return self._handles[(url, shift)]
 
+    def prefetch(self, shards: Sequence[ShardInfo], threads: int = 16) -> None:
+        """Read the groups of ``shards`` not read yet, all at once; errors wait for :meth:`records` to raise."""
+        todo = [s.url for s in shards if s.url not in self._records and s.url not in self._read]
+        if not todo:
+            return
+        from zarr.core.sync import sync
+
+        got = sync(_read_groups(todo, self.storage_options, self.index.get("shifts_ms", [])))
+        self._read.update(zip(todo, got, strict=True))
+
     def _load_records(self, shard: ShardInfo) -> list[dict]:
         url = shard.url
+        if url not in self._read:
+            self.prefetch([shard])
+        got = self._read.pop(url)
+        if isinstance(got, BaseException):
+            raise ShardError(f"shard {url}: unreadable Zarr group ({type(got).__name__}: {got})") from got
         names = self.label_names
-        try:
-            g = self._group(url)
-            keys = [str(k) for k in g["keys"][...]]
-            values, offsets = g["label_values"][...], g["label_offsets"][...]
-            shifts = [shift_name(float(s)) for s in g.attrs.get("shifts_ms", self.index.get("shifts_ms", []))]
-            frame_offsets = {s: g[f"{s}/offsets"][...] for s in shifts}
-            durations = g["duration_s"][...] if "duration_s" in g else None
-        except ShardError:
-            raise
-        except Exception as exc:
-            raise ShardError(f"shard {url}: unreadable Zarr group ({type(exc).__name__}: {exc})") from exc
+        keys = [str(k) for k in got["keys"]]
+        values, offsets, durations = got["label_values"], got["label_offsets"], got["duration_s"]
+        frame_offsets = got["offsets"]
+        for shift, meta in got["values_meta"].items():
+            self.layouts[(url, shift)] = layout(f"{url}/{shift}/values", meta)
         recs = []
         for j, key in enumerate(keys):
             ids = [int(i) for i in values[int(offsets[j]) : int(offsets[j + 1])]]
@@ -258,27 +302,42 @@ class ZarrSource(Source):
             recs.append({"key": key, "url": url, "meta": meta, "loc": loc})
         return recs
 
-    def _layout(self, url: str, shift: str):
+    def _layout(self, url: str, shift: str) -> Layout | None:
         """The writer's chunk layout of ``<shift>/values`` (read directly), or None (read through zarr)."""
-        key = ("layout", url, shift)
-        if key not in self._handles:
+        if (url, shift) not in self.layouts:
             try:
-                self._handles[key] = layout(
-                    f"{url}/{shift}/values", read_meta(f"{url}/{shift}/values", self.storage_options)
-                )
+                meta = read_meta(f"{url}/{shift}/values", self.storage_options)
+                self.layouts[(url, shift)] = layout(f"{url}/{shift}/values", meta)
             except (OSError, ValueError):
-                self._handles[key] = None
-        return self._handles[key]
+                self.layouts[(url, shift)] = None
+        return self.layouts[(url, shift)]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_read"] = {}  # read but not yet turned into records: nothing a worker needs
+        return state
+
+    def _reader(self) -> ChunkReader:
+        if self.reader is None:
+            self.reader = ChunkReader(self.storage_options, self.retries, self.backoff_s)
+        return self.reader
+
+    def touching(self, a, b) -> bool:
+        """Consecutive frames of one ``<shift>/values`` array."""
+        return _touch(a, b, lambda url, loc: ((url, loc[0]), loc[1], loc[2]))
+
+    def prepare(self, wanted, counters=None) -> None:
+        """Fetch the chunk indexes of every shard object that reading ``wanted`` touches, all at once."""
+        items = [(lay, t0, t1) for url, (shift, t0, t1) in wanted if (lay := self._layout(url, shift)) is not None]
+        self._reader().load_indexes(items, counters)
 
     def fetch(self, wanted, counters=None):
         """Slices of the writer's layout read chunk by chunk directly (:mod:`pipeline.zarr_chunks`), others via zarr."""
-        if "reader" not in self._handles:
-            self._handles["reader"] = ChunkReader(self.storage_options, self.retries, self.backoff_s)
         lays = [self._layout(url, shift) for url, (shift, _, _) in wanted]
         direct = [i for i, lay in enumerate(lays) if lay is not None]
         out: list = [None] * len(wanted)
         try:
-            got = self._handles["reader"].read([(lays[i], *wanted[i][1][1:]) for i in direct], counters)
+            got = self._reader().read([(lays[i], *wanted[i][1][1:]) for i in direct], counters)
         except ShardError:
             raise
         except Exception as exc:
@@ -295,6 +354,38 @@ class ZarrSource(Source):
                 if counters is not None:
                     counters["bytes"] = counters.get("bytes", 0) + out[i].nbytes
         return out
+
+
+async def _read_groups(urls: list[str], storage_options: dict | None, shifts_ms: list) -> list[dict | BaseException]:
+    """For each group: ``keys``, ``label_values``, ``label_offsets``, ``duration_s`` (or None), ``offsets``
+    (``{shift: (N+1,)}``) and ``values_meta`` (``{shift: zarr.json of <shift>/values}``), or the exception
+    that stopped it. Runs on zarr's event loop; every group and array is read concurrently."""
+    import zarr.api.asynchronous as za
+
+    async def one(url: str) -> dict:
+        g = await za.open_group(store=url, mode="r", storage_options=storage_options or None)
+        shifts = [shift_name(float(s)) for s in g.attrs.get("shifts_ms", shifts_ms)]
+        small = ["keys", "label_values", "label_offsets", *(f"{s}/offsets" for s in shifts)]
+        names = [*small, "duration_s", *(f"{s}/values" for s in shifts)]
+        arrays = await asyncio.gather(*(g.getitem(n) for n in names), return_exceptions=True)
+        found = dict(zip(names, arrays, strict=True))
+        for name in [*small, *(f"{s}/values" for s in shifts)]:
+            if isinstance(found[name], BaseException):
+                raise found[name]
+        durations = found["duration_s"] if not isinstance(found["duration_s"], BaseException) else None
+        reads = [found[n] for n in small] + ([durations] if durations is not None else [])
+        data = await asyncio.gather(*(a.getitem(slice(None)) for a in reads))
+        got = dict(zip(small, data, strict=False))
+        return {
+            "keys": got["keys"],
+            "label_values": got["label_values"],
+            "label_offsets": got["label_offsets"],
+            "duration_s": data[len(small)] if durations is not None else None,
+            "offsets": {s: got[f"{s}/offsets"] for s in shifts},
+            "values_meta": {s: found[f"{s}/values"].metadata.to_dict() for s in shifts},
+        }
+
+    return list(await asyncio.gather(*(one(u) for u in urls), return_exceptions=True))
 
 
 # ---- memory -------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from flexast.pipeline.datasource import Source, label_map, open_source
 from flexast.pipeline.errors import ConfigError, PipelineError
 from flexast.pipeline.packing import PackPlan, PackStats
 from flexast.pipeline.sources import is_remote
-from flexast.pipeline.stream import StepDataset, plan_slot
+from flexast.pipeline.stream import StepDataset, plan_slot, wanted
 from flexast.pipeline.stream_config import StreamConfig, _Const
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ class StreamLoader:
                 f"{counters.get('shard_errors', 0)} shards failed): check the data and the length and patch settings"
             )
         steps = equalise(steps, big_k - k, self.n_mels, self.cfg.stride)
+        if self.source.remote:  # e.g. a Zarr source's chunk indexes: then each step's reads are one round trip
+            self.source.prepare([w for _, p in steps for w in wanted(p)], counters)
         self._plan = (epoch, steps, counters)
         self._lengths[epoch] = len(steps)
         return steps
@@ -327,17 +329,22 @@ class StreamLoader:
             self.position += 1
             self._account(batch, steps[want][1])
             yield batch
-        self.last_stats, self.last_read = self.stats, {**plan_read, **self.read_counters()}
+        self.last_stats, self.last_read = self.stats, _sum_counters([plan_read, *self.read.values()])
         log.info("epoch %d rank %d: %s; read %s", self.epoch, self.rank, self.stats.summary(), self.last_read)
         self.set_epoch(self.epoch + 1)
 
     def read_counters(self) -> dict:
         """Bytes and requests of this rank's workers so far in the epoch."""
-        total: dict = {}
-        for counters in self.read.values():
-            for k, v in counters.items():
-                total[k] = total.get(k, 0) + v if not isinstance(v, list) else total.get(k, []) + v
-        return total
+        return _sum_counters(self.read.values())
+
+
+def _sum_counters(dicts) -> dict:
+    """Counters summed key by key (lists, such as ``failed_shards``, concatenated)."""
+    total: dict = {}
+    for counters in dicts:
+        for k, v in counters.items():
+            total[k] = total.get(k, 0) + v if not isinstance(v, list) else total.get(k, []) + v
+    return total
 
 
 def make_loader(

@@ -143,6 +143,48 @@ async def get_s3(fs, url: str, start: int, stop: int, buf: bytearray, counters: 
         body.close()
 
 
+async def tail_http(fs, url: str, n: int) -> bytes:
+    """The last ``n`` bytes of ``url`` from one suffix-range GET (``Range: bytes=-n``); all of it when shorter."""
+    kw = fs.kwargs.copy()
+    headers = {**kw.pop("headers", {}), "Range": f"bytes=-{n}"}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), headers=headers, **kw) as r:
+        _raise_if_absent(r.status, url)
+        if r.status not in (200, 206):
+            raise HTTPStatus(r.status, url)
+        data = await r.read()  # a body cut short raises aiohttp's ClientPayloadError (transient: retried whole)
+    return data[-n:] if r.status == 200 else data  # 200: a server that ignores Range sent the whole object
+
+
+async def tail_s3(fs, path: str, n: int) -> bytes:
+    """Like :func:`tail_http` through s3fs's aiobotocore client."""
+    import botocore.exceptions
+
+    bucket, key, version = fs.split_path(path)
+    await fs.set_session()
+    s3 = await fs.get_s3(bucket)
+    try:
+        resp = await s3.get_object(
+            Bucket=bucket, Key=key, Range=f"bytes=-{n}", **({"VersionId": version} if version else {})
+        )
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            raise FileNotFoundError(path) from exc
+        if code in ("AccessDenied", "403"):
+            raise PermissionError(f"{path}: {exc}") from exc
+        raise
+    body = resp["Body"]
+    try:
+        data = await body.read()
+    finally:
+        body.close()
+    length = resp.get("ContentLength")
+    if length is not None and len(data) < int(length):
+        raise ConnectionError(f"{path}: response ended after {len(data)} of {length} bytes")  # transient
+    return data[-n:]
+
+
 async def head_http(fs, url: str) -> int:
     """The size of ``url`` from a ``HEAD`` (or, without a length there, from a one-byte ranged GET)."""
     kw = fs.kwargs.copy()

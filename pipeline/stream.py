@@ -6,7 +6,7 @@ Notation: ``R`` ranks, ``W`` DataLoader workers per rank, a *slot* is one (rank,
 Every stage is a plain generator ``stage(src, **params)`` over dicts, testable on lists:
 
     assign_shards → record_stage → [reweight_stage] → resolve_stage → shuffle_stage → pack_stage   (plan)
-    read_ahead → materialise                                                                       (per step)
+    group_steps → read_ahead → materialise                                                         (per step)
 
 * :func:`assign_shards` is the visible split by rank and worker. Shards are shuffled with
   (seed, epoch), identically on every rank, then dealt to slots. With fewer shards than slots the
@@ -195,23 +195,51 @@ def wanted(plan: PackPlan) -> list[tuple[str, object]]:
     return [(it["url"], it["loc"]) for it in plan.items]
 
 
-def read_ahead(items: Iterable, start: Callable[[object], Future], k: int) -> Iterator[tuple[object, Future]]:
-    """``(item, start(item))`` in order, with the next ``k`` items already started when one is yielded.
+def read_ahead(
+    items: Iterable, start: Callable[[object], Future], k: int, size: Callable[[object], int] = lambda _: 1
+) -> Iterator[tuple[object, Future]]:
+    """``(item, start(item))`` in order, items started ahead while at most ``k + 1`` units are held.
 
-    So at most ``k + 1`` started items are held: the one yielded and the ``k`` ahead of it. Items left
-    when the consumer stops are cancelled (a running one finishes and is dropped).
+    An item holds ``size(item)`` units (steps) from its start until the consumer asks for the item after
+    it; the item being handed out counts, and an item is always started when nothing is held. With
+    ``size`` 1: when item ``i`` is handed out, items up to ``i + k`` have been started. Items left when the
+    consumer stops are cancelled (a running one finishes and is dropped).
     """
     window: deque = deque()
+    held = 0
+    source = iter(items)
+    done = object()
+    upcoming = next(source, done)
     try:
-        for item in items:
-            window.append((item, start(item)))
-            if len(window) > k:
-                yield window.popleft()
-        while window:
-            yield window.popleft()
+        while True:
+            while upcoming is not done and (not window or held + size(upcoming) <= k + 1):
+                window.append((upcoming, start(upcoming)))
+                held += size(upcoming)
+                upcoming = next(source, done)
+            if not window:
+                return
+            item, fut = window.popleft()
+            yield item, fut
+            held -= size(item)  # held until the consumer asks for the next item
     finally:
         for _, fut in window:
             fut.cancel()
+
+
+def group_steps(steps: list, touching: Callable[[list, list], bool], most: int) -> list[list]:
+    """Consecutive steps in groups of at most ``most``; a step joins the group before it only when
+    ``touching(group's wanted, step's wanted)`` (some of its byte ranges touch the group's: one request)."""
+    groups: list[list] = []
+    want: list = []
+    for step in steps:
+        mine = wanted(step[1])
+        if groups and len(groups[-1]) < most and touching(want, mine):
+            groups[-1].append(step)
+            want += mine
+        else:
+            groups.append([step])
+            want = list(mine)
+    return groups
 
 
 def _now(fn, *args) -> Future:
@@ -356,23 +384,35 @@ class StepDataset(torch.utils.data.IterableDataset):
         self.start = 0
 
     def run(self, worker: int, num_workers: int) -> Iterator[tuple[int, PackedBatch, dict]]:
-        """This worker's steps; each step's reads start ``read_ahead_steps`` steps early (remote sources)."""
+        """This worker's steps; from a remote source their reads start up to ``read_ahead_steps`` steps early.
+
+        One :meth:`Source.fetch` per step, except that a step whose byte ranges touch the previous step's
+        (consecutive clips of one Zarr array, :meth:`Source.touching`) is fetched with it, up to
+        ``⌊(k+1)/2⌋`` steps per fetch (``k = read_ahead_steps``), so the touching ranges are one request
+        (:func:`pipeline.transport.coalesce`). At most ``k + 1`` steps' features are held.
+        """
         counters: dict = {}
         mine = [(pos, plan) for pos, w, plan in self.steps if pos >= self.start and w % num_workers == worker]
         k = self.cfg.read_ahead_steps if getattr(self.source, "remote", False) else 0
+        groups = group_steps(mine, self.source.touching, max(1, (k + 1) // 2))
         go = submit if k else _now
 
-        def start(step):  # each step reads into its own counters: the pool's threads never share a dict
+        def start(group):  # each group reads into its own counters: the pool's threads never share a dict
             mine_counters: dict = {}
-            return go(lambda: (self.source.fetch(wanted(step[1]), mine_counters), mine_counters))
+            want = [w for _, plan in group for w in wanted(plan)]
+            return go(lambda: (self.source.fetch(want, mine_counters), mine_counters))
 
-        for (pos, plan), fut in read_ahead(mine, start, k):
-            raw, step_counters = fut.result()
-            for key, v in step_counters.items():
+        for group, fut in read_ahead(groups, start, k, len):
+            raw, group_counters = fut.result()
+            for key, v in group_counters.items():
                 counters[key] = counters.get(key, 0) + v
-            mix_rng = keyed_rng(*self.seed_parts, _MIX, pos)
-            batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, raw)
-            yield pos, batch, dict(counters)
+            first = 0
+            for pos, plan in group:
+                mix_rng = keyed_rng(*self.seed_parts, _MIX, pos)
+                clips = raw[first : first + len(plan.items)]
+                first += len(plan.items)
+                batch = materialise(plan, self.cfg, self.norm, self.n_classes, mix_rng, self.policy, clips)
+                yield pos, batch, dict(counters)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

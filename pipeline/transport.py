@@ -7,9 +7,11 @@ Zarr chunks). Over HTTP(S) and S3 it runs on fsspec's I/O event loop: up to ``ma
 requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chunks
 (:mod:`pipeline.object_store`).
 
-* **Coalescing.** The requested ranges are sorted and a range joins the previous request when the gap
-  between them is at most :data:`COALESCE_GAP` bytes (a tar header or two) and the joined request stays
-  within :data:`COALESCE_MAX` bytes. The gap bytes are fetched and dropped; nothing else is read.
+* **Coalescing.** The requested ranges of one object are sorted; ranges that overlap or touch become one
+  request. Then the gaps between requests are joined smallest first while each is at most
+  :data:`COALESCE_GAP` bytes (a tar header or two) and all joined gaps stay within :data:`COALESCE_WASTE`
+  (10 %) of the bytes asked for; no request grows beyond :data:`COALESCE_MAX` bytes. Gap bytes are fetched
+  and dropped (so bytes sent are at most 1.1× the bytes asked for); nothing else is read.
 * **Retries.** What :func:`pipeline.retrying.is_transient` calls transient (connection errors, botocore's
   ``EndpointConnectionError`` included, timeouts, HTTP 5xx and 429, S3 throttling) is retried with
   exponential backoff ``backoff_s · 2^k`` (×0.5–1.5 jitter), ``retries`` times per request. A response
@@ -27,9 +29,11 @@ requests at once, each a ``Range: bytes=start-(stop-1)`` GET read in 64 KiB chun
   ``Range`` and sent the whole object (read up to the range's end, the rest dropped).
 
 :func:`fetch_object` reads a whole object the same way (its size from one ``HEAD``, then 8 MiB requests),
-and :func:`object_size` is that ``HEAD`` alone. Other fsspec protocols (``gs://`` …) read through
-``fs.cat_file`` with the same retries but no resume. :func:`submit` runs any of them (or a source's
-``fetch``) on a per-process thread pool and returns a ``Future``: that is how reads start early.
+and :func:`object_size` is that ``HEAD`` alone. :func:`fetch_tails` reads the last ``n`` bytes of many
+objects with one suffix-range GET each (``Range: bytes=-n``, no ``HEAD``), all in flight together. Other
+fsspec protocols (``gs://`` …) read through ``fs.cat_file`` with the same retries but no resume.
+:func:`submit` runs any of them (or a source's ``fetch``) on a per-process thread pool and returns a
+``Future``: that is how reads start early.
 """
 
 from __future__ import annotations
@@ -53,17 +57,21 @@ from flexast.pipeline.object_store import (
     get_s3,
     head_http,
     head_s3,
+    tail_http,
+    tail_s3,
 )
 from flexast.pipeline.retrying import CutShort, backoff_delay, is_transient
 
 __all__ = [
     "COALESCE_GAP",
     "COALESCE_MAX",
+    "COALESCE_WASTE",
     "RangeError",
     "coalesce",
     "fetch_many",
     "fetch_object",
     "fetch_ranges",
+    "fetch_tails",
     "is_remote",
     "is_transient",
     "object_size",
@@ -80,6 +88,8 @@ def is_remote(url: str) -> bool:
 
 COALESCE_GAP = 8 << 10
 """Largest gap (bytes) between two requested ranges that are fetched in one request."""
+COALESCE_WASTE = 0.1
+"""Most gap bytes the requests for one object may carry, as a fraction of the bytes asked for."""
 COALESCE_MAX = 16 << 20
 """Largest coalesced request (bytes); a single range larger than this is still one request."""
 CHUNK = 64 << 10
@@ -102,18 +112,35 @@ def _loop_cap() -> asyncio.Semaphore:
 
 def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
     """``(start, stop, indices of the ranges it covers)`` per request, per the rule in the module docstring."""
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
-    groups: list[tuple[int, int, list[int]]] = []
+    order = sorted((i for i in range(len(ranges)) if ranges[i][0] < ranges[i][1]), key=lambda i: ranges[i])
+    runs: list[list] = []  # ranges that overlap or touch: one request, no byte fetched and dropped
     for i in order:
         a, b = ranges[i]
-        if a == b:
-            continue
-        if groups:
-            s, e, idx = groups[-1]
-            if a - e <= COALESCE_GAP and max(b, e) - s <= COALESCE_MAX:
-                groups[-1] = (s, max(b, e), [*idx, i])
-                continue
-        groups.append((a, b, [i]))
+        if runs and a <= runs[-1][1] and max(b, runs[-1][1]) - runs[-1][0] <= COALESCE_MAX:
+            runs[-1][1] = max(b, runs[-1][1])
+            runs[-1][2].append(i)
+        else:
+            runs.append([a, b, [i]])
+    budget = COALESCE_WASTE * sum(e - s for s, e, _ in runs)  # gap bytes this object's requests may carry
+    joined = [False] * max(0, len(runs) - 1)  # joined[j]: runs j and j + 1 are one request
+    gaps = sorted((runs[j + 1][0] - runs[j][1], j) for j in range(len(runs) - 1))
+    for gap, j in gaps:
+        if gap > min(COALESCE_GAP, budget):
+            break
+        lo, hi = j, j + 1
+        while lo > 0 and joined[lo - 1]:
+            lo -= 1
+        while hi < len(joined) and joined[hi]:
+            hi += 1
+        if runs[hi][1] - runs[lo][0] <= COALESCE_MAX:
+            joined[j], budget = True, budget - gap
+    groups: list[tuple[int, int, list[int]]] = []
+    for j, (a, b, idx) in enumerate(runs):
+        if j and joined[j - 1]:
+            s0, _, prev = groups[-1]
+            groups[-1] = (s0, b, prev + idx)
+        else:
+            groups.append((a, b, list(idx)))
     return groups
 
 
@@ -354,6 +381,70 @@ def fetch_many(
                 a, b = ranges[k]
                 sliced[k] = blob[a - start : b - start]
         out.append(sliced)
+    return out
+
+
+def fetch_tails(
+    requests: Sequence[tuple[str, int]],
+    storage_options: dict | None = None,
+    *,
+    retries: int = 4,
+    backoff_s: float = 0.2,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    counters: dict | None = None,
+) -> list[bytes]:
+    """The last ``n`` bytes of each object of ``[(url, n), ...]``: one suffix-range request each, all in flight
+    together (no ``HEAD`` first), retried whole. An object shorter than ``n`` gives all its bytes.
+
+    For what sits at an object's end, such as the chunk index of a Zarr shard object (:mod:`pipeline.zarr_chunks`).
+
+    Raises:
+        ShardError: naming the URL, when an object is missing, denied, or stays unreadable after ``retries``.
+    """
+    out: list = [None] * len(requests)
+    jobs = []  # (position, tail, fs, target, n)
+    for i, (url, n) in enumerate(requests):
+        if n <= 0:
+            raise RangeError(f"{url}: a tail of {n} bytes was asked for")
+        if not is_remote(url):
+            path = url.removeprefix("file://")
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - n))
+                    out[i] = f.read()
+            except OSError as exc:
+                raise RangeError(f"{url}: cannot read its last {n} bytes: {type(exc).__name__}: {exc}") from exc
+            _count(counters, requests=1, bytes=len(out[i]))
+            continue
+        fs, path = filesystem(url, storage_options)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        tail = {"http": tail_http, "https": tail_http, "s3": tail_s3, "s3a": tail_s3}.get(protocol)
+        if tail is None:
+
+            async def tail(fs, p, n):
+                return await asyncio.to_thread(fs.cat_file, p, start=-n)
+
+        jobs.append((i, tail, fs, url if tail is tail_http else path, n))
+
+    async def one(tail, fs, target, n, sem):
+        async def call():
+            async with sem, _loop_cap():
+                return await tail(fs, target, n)
+
+        data = await _retrying(f"{target}: last {n} bytes", call, retries, backoff_s, counters)
+        _count(counters, bytes=len(data))
+        return data
+
+    loops = {id(fs.loop): fs.loop for _, _, fs, _, _ in jobs}
+    for loop in loops.values():
+        mine = [j for j in jobs if j[2].loop is loop]
+
+        async def run(mine=mine):
+            sem = asyncio.Semaphore(max(1, max_in_flight))
+            return await asyncio.gather(*(one(tail, fs, t, n, sem) for _, tail, fs, t, n in mine))
+
+        for (i, *_), data in zip(mine, fsspec.asyn.sync(loop, run), strict=True):
+            out[i] = data
     return out
 
 

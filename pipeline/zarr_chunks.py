@@ -9,22 +9,23 @@ The writer's layout (``docs/shard-format.md``): a regular grid of shard objects 
 ``S / c`` pairs ``(offset, nbytes)`` as little-endian uint64, then a CRC-32C.
 
 Reading a clip's ``values[t0:t1]`` through zarr costs a few milliseconds of Python per call. Here it is
-the index (read once per shard object) plus, for raw chunks stored in order, one byte range per clip
-(its exact bytes), else one range and one decode per inner chunk, all through
-:func:`pipeline.sources.fetch_ranges` (local, HTTP, S3 alike). :func:`layout` returns None for any
-other layout, and the caller then reads through zarr.
+the index (read once per shard object, by one suffix-range request) plus, for raw chunks stored in order,
+one byte range per clip (its exact bytes), else one range and one decode per inner chunk, all through
+:mod:`pipeline.transport` (local, HTTP, S3 alike), every object of a call in flight together.
+:func:`layout` returns None for any other layout, and the caller then reads through zarr.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from numcodecs import Zstd
 
 from flexast.pipeline.errors import ShardError
-from flexast.pipeline.sources import fetch_ranges
+from flexast.pipeline.transport import MAX_IN_FLIGHT, fetch_many, fetch_tails
 
 _EMPTY = 2**64 - 1  # an inner chunk that was never written (all fill value)
 
@@ -69,68 +70,86 @@ def layout(url: str, meta: dict) -> Layout | None:
 
 
 class ChunkReader:
-    """Reads frame ranges of writer-layout arrays; caches each shard object's chunk index (per process)."""
+    """Reads frame ranges of writer-layout arrays; caches each shard object's chunk index (per process).
+
+    A call needs at most two rounds of requests, each sent all at once: the indexes of the shard objects
+    it touches that are not cached yet (one suffix-range GET each, :func:`pipeline.transport.fetch_tails`;
+    :meth:`load_indexes` fetches them ahead, e.g. while an epoch is planned), then every byte range of
+    every object (one :func:`pipeline.transport.fetch_many`).
+    """
 
     def __init__(self, storage_options: dict | None = None, retries: int = 4, backoff_s: float = 0.2):
         self.storage_options, self.retries, self.backoff_s = storage_options, retries, backoff_s
         self.indexes: dict[str, np.ndarray] = {}
         self.codec = Zstd()
+        self._lock = threading.Lock()  # one index fetch at a time: steps read ahead on threads never fetch one twice
 
-    def _get(self, url: str, ranges, counters):
-        return fetch_ranges(
-            url, ranges, self.storage_options, retries=self.retries, backoff_s=self.backoff_s, counters=counters
-        )
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
 
-    def _index(self, lay: Layout, k: int, counters) -> tuple[str, np.ndarray]:
-        obj = f"{lay.url}/c/{k}/0"
-        if obj not in self.indexes:
-            n = lay.shard_frames // lay.chunk_frames
-            from flexast.pipeline.sources import is_remote
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
-            if is_remote(obj):
-                import fsspec
+    @staticmethod
+    def objects(lay: Layout, t0: int, t1: int) -> list[str]:
+        """The shard objects holding frames ``[t0, t1)``."""
+        if t1 <= t0:
+            return []
+        return [f"{lay.url}/c/{k}/0" for k in range(t0 // lay.shard_frames, (t1 - 1) // lay.shard_frames + 1)]
 
-                fs, path = fsspec.core.url_to_fs(obj, **(self.storage_options or {}))
-                size = fs.size(path)
-            else:
-                import os
-
-                size = os.path.getsize(obj.removeprefix("file://"))
-            (raw,) = self._get(obj, [(size - 16 * n - 4, size - 4)], counters)
-            self.indexes[obj] = np.frombuffer(raw, "<u8").reshape(n, 2)  # (n, 2): offset, nbytes
-        return obj, self.indexes[obj]
+    def load_indexes(self, items: list[tuple[Layout, int, int]], counters: dict | None = None) -> None:
+        """Fetch the chunk indexes of every shard object ``items`` touch that is not cached, all at once."""
+        need = {obj: lay for lay, t0, t1 in items for obj in self.objects(lay, t0, t1)}
+        if all(obj in self.indexes for obj in need):
+            return
+        with self._lock:
+            missing = [obj for obj in need if obj not in self.indexes]
+            if not missing:
+                return
+            sizes = [16 * (need[obj].shard_frames // need[obj].chunk_frames) + 4 for obj in missing]
+            tails = fetch_tails(
+                list(zip(missing, sizes, strict=True)), self.storage_options, retries=self.retries,
+                backoff_s=self.backoff_s, counters=counters,
+            )  # fmt: skip
+            for obj, n, raw in zip(missing, sizes, tails, strict=True):
+                if len(raw) != n:
+                    raise ShardError(f"{obj}: {len(raw)} bytes, shorter than its chunk index ({n} bytes): corrupt")
+                self.indexes[obj] = np.frombuffer(raw[:-4], "<u8").reshape(-1, 2)  # (S / c, 2): offset, nbytes
 
     def read(self, items: list[tuple[Layout, int, int]], counters: dict | None = None) -> list[np.ndarray]:
         """``values[t0:t1]`` as ``(T, F)`` float16 for each ``(layout, t0, t1)``.
 
         Raw chunks stored in order are read as one byte range per clip and shard object (exactly the
-        clip's bytes); otherwise each needed inner chunk is read and decoded once per call.
+        clip's bytes); otherwise each needed inner chunk is read and decoded once per call. Every range
+        of the call is in one :func:`~pipeline.transport.fetch_many` (all objects in flight together).
         """
+        self.load_indexes(items, counters)
         out: list = [None] * len(items)
+        asks: dict[str, list[tuple[int, int]]] = {}  # shard object → byte ranges
+        where: list[tuple[str, int]] = []  # per range asked: (object, position in asks[object])
+        spans_of: dict[int, list[int]] = {}  # item → its ranges (numbers in ``where``)
         rest = []
-        ranged: dict[str, list] = {}  # shard object → [(item, start byte, stop byte)]
         for i, (lay, t0, t1) in enumerate(items):
-            spans = self._raw_spans(lay, t0, t1, counters) if not lay.compressed else None
+            spans = self._raw_spans(lay, t0, t1) if not lay.compressed else None
             if spans is None:
                 rest.append(i)
                 continue
-            out[i] = []
-            for obj, a, b in spans:
-                ranged.setdefault(obj, []).append((i, a, b))
-        for obj, wanted in ranged.items():
-            for (i, _, _), blob in zip(wanted, self._get(obj, [(a, b) for _, a, b in wanted], counters), strict=True):
-                out[i].append(blob)
-        for i in range(len(items)):
-            if isinstance(out[i], list):
-                lay = items[i][0]
-                data = out[i][0] if len(out[i]) == 1 else b"".join(out[i])
-                out[i] = np.frombuffer(data, "<f2").reshape(-1, lay.shape[1])  # (T, F)
-        if rest:
-            for i, x in zip(rest, self._read_chunks([items[i] for i in rest], counters), strict=True):
-                out[i] = x
+            spans_of[i] = [_ask(asks, where, obj, a, b) for obj, a, b in spans]
+        need = self._chunk_asks([items[i] for i in rest], asks, where)
+        got = _fetch_all(asks, self.storage_options, self.retries, self.backoff_s, counters)
+        blobs = [got[obj][j] for obj, j in where]
+        for i, nums in spans_of.items():
+            data = blobs[nums[0]] if len(nums) == 1 else b"".join(blobs[j] for j in nums)
+            out[i] = np.frombuffer(data, "<f2").reshape(-1, items[i][0].shape[1])  # (T, F)
+        chunks = self._decode(need, blobs)
+        for i, x in zip(rest, self._assemble([items[i] for i in rest], chunks), strict=True):
+            out[i] = x
         return out
 
-    def _raw_spans(self, lay: Layout, t0: int, t1: int, counters) -> list[tuple[str, int, int]] | None:
+    def _raw_spans(self, lay: Layout, t0: int, t1: int) -> list[tuple[str, int, int]] | None:
         """Byte ranges ``(shard object, start, stop)`` holding exactly frames ``[t0, t1)`` of a raw layout,
         or None when a needed chunk is missing or the chunks are not stored in order."""
         row = lay.shape[1] * 2  # bytes per frame
@@ -139,7 +158,8 @@ class ChunkReader:
         while t < t1:
             k = t // lay.shard_frames
             stop = min(t1, (k + 1) * lay.shard_frames)
-            obj, index = self._index(lay, k, counters)
+            obj = f"{lay.url}/c/{k}/0"
+            index = self.indexes[obj]
             c0 = (t - k * lay.shard_frames) // lay.chunk_frames
             c1 = -(-(stop - k * lay.shard_frames) // lay.chunk_frames)
             offs, sizes = index[c0:c1, 0], index[c0:c1, 1]
@@ -150,30 +170,36 @@ class ChunkReader:
             t = stop
         return spans
 
-    def _read_chunks(self, items: list[tuple[Layout, int, int]], counters) -> list[np.ndarray]:
-        need: dict[tuple[str, int], tuple] = {}  # (array url, chunk number) → (layout, shard object, index row)
+    def _chunk_asks(self, items: list[tuple[Layout, int, int]], asks: dict, where: list) -> dict:
+        """Add the inner chunks ``items`` overlap (each once) to ``asks``; ``need`` maps ``(array url, chunk
+        number)`` to ``(layout, shard object, range number in where or None for a never-written chunk)``."""
+        need: dict[tuple[str, int], tuple] = {}
         for lay, t0, t1 in items:
             for j in range(t0 // lay.chunk_frames, -(-t1 // lay.chunk_frames)):
+                if (lay.url, j) in need:
+                    continue
                 k, row = divmod(j * lay.chunk_frames, lay.shard_frames)
-                need.setdefault((lay.url, j), (lay, k, row // lay.chunk_frames))
-        by_obj: dict[str, list] = {}
-        for (url, j), (lay, k, row) in need.items():
-            obj, index = self._index(lay, k, counters)
-            offset, nbytes = (int(v) for v in index[row])
-            by_obj.setdefault(obj, []).append(((url, j), lay, offset, nbytes))
+                obj = f"{lay.url}/c/{k}/0"
+                offset, nbytes = (int(v) for v in self.indexes[obj][row // lay.chunk_frames])
+                num = None if offset == _EMPTY else _ask(asks, where, obj, offset, offset + nbytes)
+                need[(lay.url, j)] = (lay, obj, num)
+        return need
+
+    def _decode(self, need: dict, blobs: list[bytes]) -> dict[tuple[str, int], np.ndarray]:
         chunks: dict[tuple[str, int], np.ndarray] = {}
-        for obj, wanted in by_obj.items():
-            present = [w for w in wanted if w[2] != _EMPTY]
-            blobs = self._get(obj, [(off, off + n) for _, _, off, n in present], counters) if present else []
-            for (key, lay, _, _), blob in zip(present, blobs, strict=True):
-                try:
-                    data = self.codec.decode(blob) if lay.compressed else blob
-                except Exception as exc:
-                    raise ShardError(f"{obj}: inner chunk {key[1]} does not decode ({exc})") from exc
-                chunks[key] = np.frombuffer(data, "<f2").reshape(lay.chunk_frames, lay.shape[1])  # (c, F)
-            for key, lay, off, _ in wanted:
-                if off == _EMPTY:
-                    chunks[key] = np.full((lay.chunk_frames, lay.shape[1]), lay.fill, np.float16)
+        for key, (lay, obj, num) in need.items():
+            if num is None:
+                chunks[key] = np.full((lay.chunk_frames, lay.shape[1]), lay.fill, np.float16)  # (c, F)
+                continue
+            try:
+                data = self.codec.decode(blobs[num]) if lay.compressed else blobs[num]
+            except Exception as exc:
+                raise ShardError(f"{obj}: inner chunk {key[1]} does not decode ({exc})") from exc
+            chunks[key] = np.frombuffer(data, "<f2").reshape(lay.chunk_frames, lay.shape[1])  # (c, F)
+        return chunks
+
+    @staticmethod
+    def _assemble(items: list[tuple[Layout, int, int]], chunks: dict) -> list[np.ndarray]:
         out = []
         for lay, t0, t1 in items:
             j0, j1 = t0 // lay.chunk_frames, -(-t1 // lay.chunk_frames)
@@ -182,6 +208,25 @@ class ChunkReader:
             start = t0 - j0 * lay.chunk_frames
             out.append(x[start : start + t1 - t0])
         return out
+
+
+def _ask(asks: dict, where: list, obj: str, a: int, b: int) -> int:
+    """Queue bytes ``[a, b)`` of ``obj``; returns the range's number in ``where``."""
+    ranges = asks.setdefault(obj, [])
+    ranges.append((a, b))
+    where.append((obj, len(ranges) - 1))
+    return len(where) - 1
+
+
+def _fetch_all(asks: dict, storage_options, retries: int, backoff_s: float, counters) -> dict[str, list[bytes]]:
+    """Every object's ranges in one :func:`~pipeline.transport.fetch_many`: ``{object: [bytes per range]}``."""
+    if not asks:
+        return {}
+    got = fetch_many(
+        list(asks.items()), storage_options, retries=retries, backoff_s=backoff_s, max_in_flight=MAX_IN_FLIGHT,
+        counters=counters,
+    )  # fmt: skip
+    return dict(zip(asks, got, strict=True))
 
 
 def read_meta(url: str, storage_options: dict | None = None) -> dict:

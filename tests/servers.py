@@ -3,6 +3,9 @@ and a proxy that adds latency and injects faults in front of any HTTP server (th
 
 Both run in daemon threads of this process, serve HTTP/1.1 with keep-alive, and stop on ``close()``
 (or as context managers). Sockets time out after 30 s, so a stuck client cannot hold a thread forever.
+Accepted sockets set ``TCP_NODELAY`` (as production servers do; moto's handler too when started from
+:func:`main`): with ``http.server``'s default, Nagle's algorithm held back each response's last segment
+until the client's delayed ACK, about 9 ms per request on 127.0.0.1 (one 120 KB range: 9.9 ms → 0.6 ms).
 
 Fault kinds of :class:`FaultProxy` (each drawn per request from a seeded generator, at ``rate``):
 
@@ -64,6 +67,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = 30
+    disable_nagle_algorithm = True  # TCP_NODELAY, as real servers set
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -135,6 +139,7 @@ def _reset(handler: http.server.BaseHTTPRequestHandler) -> None:
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 30
+    disable_nagle_algorithm = True
     proxy: FaultProxy
 
     def log_message(self, *args):
@@ -143,7 +148,13 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self) -> None:
         p = self.proxy
         body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        fault = p.draw(self.command, self.path)
+        fault = p.draw(self.command, self.path, self.headers.get("Range"))
+        try:
+            self._answer(p, fault, body)
+        finally:
+            p.count("in_flight", -1)
+
+    def _answer(self, p: FaultProxy, fault: str | None, body: bytes) -> None:
         if p.latency_s:
             time.sleep(p.latency_s)
         if fault == "reset":
@@ -208,7 +219,9 @@ class FaultProxy(_Server):
         port: listen on this port (0: a free one).
 
     Attributes:
-        counts: ``Counter`` of ``requests``, ``bytes`` forwarded, and one entry per fault kind injected.
+        counts: ``Counter`` of ``requests``, ``bytes`` forwarded, one entry per fault kind injected, and
+            ``max_in_flight``: the most requests the proxy held at once (received, not yet answered).
+        log: ``(method, path, Range header or None)`` of every request, in arrival order.
     """
 
     def __init__(
@@ -232,6 +245,7 @@ class FaultProxy(_Server):
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
+        self.log: list[tuple[str, str, str | None]] = []
         handler = type("Handler", (_ProxyHandler,), {"proxy": self})
         super().__init__(handler, port)
 
@@ -242,10 +256,13 @@ class FaultProxy(_Server):
     def faults(self) -> int:
         return sum(self.counts[k] for k in FAULT_KINDS)
 
-    def draw(self, method: str, path: str) -> str | None:
-        """The fault for this request, or None."""
+    def draw(self, method: str, path: str, byte_range: str | None = None) -> str | None:
+        """Log the request (it is in flight until :meth:`count` ``("in_flight", -1)``) and draw its fault, or None."""
         with self.lock:
             self.counts["requests"] += 1
+            self.log.append((method, path, byte_range))
+            self.counts["in_flight"] += 1
+            self.counts["max_in_flight"] = max(self.counts["max_in_flight"], self.counts["in_flight"])
             if method not in self.methods or not self.rate or not self.kinds or (self.only or "") not in path:
                 return None
             if self.max_faults is not None and sum(self.counts[k] for k in FAULT_KINDS) >= self.max_faults:
@@ -271,7 +288,10 @@ def main(argv=None) -> None:
     sub.add_parser("moto", help="moto S3 in server mode")
     args = ap.parse_args(argv)
     if args.kind == "moto":
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler
         from moto.server import ThreadedMotoServer
+
+        MotoRequestHandler.disable_nagle_algorithm = True  # TCP_NODELAY, as real servers set (see module docstring)
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import itertools
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from flexast.pipeline.errors import ShardError
 from flexast.pipeline.sources import fetch_many, fetch_object, fetch_ranges, is_transient
-from flexast.pipeline.transport import COALESCE_GAP, RangeError, coalesce, submit_many
+from flexast.pipeline.transport import COALESCE_GAP, COALESCE_WASTE, RangeError, coalesce, fetch_tails, submit_many
 from tests.conftest import free_port
 from tests.servers import FaultProxy, RangeServer, _Server
 
@@ -60,10 +61,33 @@ def s3_blob(s3_bucket, s3_server, blob):
     return f"{s3_bucket}/blob.bin", data
 
 
-def test_coalesce_joins_small_gaps_only():
-    groups = coalesce([(0, 10), (10 + COALESCE_GAP, 20 + COALESCE_GAP), (10**6, 10**6 + 5), (3, 4), (7, 7)])
-    assert [(s, e) for s, e, _ in groups] == [(0, 20 + COALESCE_GAP), (10**6, 10**6 + 5)]
-    assert [sorted(i) for _, _, i in groups] == [[0, 1, 3], [2]]  # the empty range needs no request
+def test_coalesce_joins_touching_ranges_and_small_gaps_within_the_waste_budget():
+    groups = coalesce([(0, 10), (10, 20), (5, 15), (7, 7), (10**6, 10**6 + 5)])
+    assert [(s, e, sorted(i)) for s, e, i in groups] == [(0, 20, [0, 1, 2]), (10**6, 10**6 + 5, [4])]  # 3: empty
+    big = 100_000  # gaps of 500 and COALESCE_GAP bytes: 3 % of what is asked for, so joined
+    groups = coalesce([(0, big), (big + 500, 2 * big), (2 * big + COALESCE_GAP, 3 * big)])
+    assert [(s, e) for s, e, _ in groups] == [(0, 3 * big)]
+    # the same gap next to tiny ranges would more than double the bytes: not joined
+    assert len(coalesce([(0, 10), (10 + COALESCE_GAP, 20 + COALESCE_GAP)])) == 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_coalesce_covers_every_range_once_within_the_budget(seed):
+    """Against the union of the ranges: each range lies in exactly one request, requests do not overlap, and the
+    bytes requested are at most (1 + COALESCE_WASTE) times the union's."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, 2_000_000, 300)
+    ranges = [(int(a), int(a + rng.integers(0, 20_000))) for a in starts]
+    groups = coalesce(ranges)
+    covered = sorted(i for _, _, idx in groups for i in idx)
+    assert covered == [i for i, (a, b) in enumerate(ranges) if a < b]
+    for s, e, idx in groups:
+        assert all(s <= ranges[i][0] and ranges[i][1] <= e for i in idx)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(groups))  # disjoint, with a gap between
+    union = np.zeros(2_100_000, bool)
+    for a, b in ranges:
+        union[a:b] = True
+    assert union.sum() <= sum(e - s for s, e, _ in groups) <= (1 + COALESCE_WASTE) * union.sum()
 
 
 def test_local_equals_slicing(blob):
@@ -270,3 +294,40 @@ def test_submit_many_reads_ahead_and_reports_errors(http_blob):
     assert counters["requests"] == len(a)
     with pytest.raises(RangeError, match=r"blob\.bin: bytes \[299990, 300010\) run past the end"):
         second.result(timeout=60)
+
+
+TAILS = (1, 1028, 70_000, SIZE + 50)  # the last one is longer than the object: all of it
+
+
+def test_fetch_tails_local_http_s3(blob, http_blob, s3_blob, s3_server):
+    """The last n bytes of each object, one request each, the same bytes locally, over HTTP and from S3."""
+    folder, data = blob
+    want = [data[-n:] for n in TAILS]
+    for url, so in ((str(folder / "blob.bin"), None), (http_blob[0], None), (s3_blob[0], s3_server["storage_options"])):
+        counters: dict = {}
+        assert fetch_tails([(url, n) for n in TAILS], so, counters=counters) == want
+        assert counters == {"requests": len(TAILS), "bytes": sum(len(w) for w in want)}
+
+
+def test_fetch_tails_send_one_suffix_range_each(http_blob):
+    """No HEAD first: the proxy logs exactly one ``Range: bytes=-n`` GET per object, all in flight together."""
+    _, data, server = http_blob
+    with FaultProxy(server.url, latency_s=0.05) as proxy:
+        got = fetch_tails([(f"{proxy.url}/blob.bin?{i}", 1028) for i in range(8)])
+    assert got == [data[-1028:]] * 8
+    assert sorted(proxy.log) == sorted(("GET", f"/blob.bin?{i}", "bytes=-1028") for i in range(8))
+    assert proxy.counts["max_in_flight"] > 1
+
+
+@pytest.mark.parametrize("kind", ["reset", "503", "truncate"])
+def test_fetch_tails_retry_faults_and_name_what_is_missing(http_blob, kind):
+    _, data, server = http_blob
+    with FaultProxy(server.url, rate=0.5, kinds=[kind], seed=4) as proxy:
+        counters: dict = {}
+        asks = [(f"{proxy.url}/blob.bin", n) for n in TAILS * 4]
+        assert fetch_tails(asks, backoff_s=0.001, retries=12, counters=counters) == [data[-n:] for _, n in asks]
+    assert proxy.counts[kind] >= 3 and counters["retries"] >= 1
+    with pytest.raises(RangeError, match=r"nothere\.bin: last 4 bytes unreadable: FileNotFoundError"):
+        fetch_tails([(f"{server.url}/nothere.bin", 4)])
+    with pytest.raises(RangeError, match=r"nothere\.bin: cannot read its last 4 bytes"):
+        fetch_tails([("/nonexistent/nothere.bin", 4)])
