@@ -110,8 +110,10 @@ async def get_http(fs, url: str, start: int, stop: int, buf: bytearray, counters
                 return
 
 
-async def get_s3(fs, url: str, start: int, stop: int, buf: bytearray, counters: dict | None) -> None:
-    """Like :func:`get_http` through s3fs's aiobotocore client (credentials and endpoint from the storage options)."""
+async def _s3_get_object(fs, url: str, byte_range: str, span: str) -> dict:
+    """s3fs's aiobotocore ``get_object`` of ``url`` with the ``Range`` header ``byte_range``; S3's error codes
+    become ``FileNotFoundError`` / ``PermissionError`` (permanent) and ``RangeError`` (``span``, in words, runs
+    past the end)."""
     import botocore.exceptions
 
     bucket, key, version = fs.split_path(url)
@@ -119,7 +121,7 @@ async def get_s3(fs, url: str, start: int, stop: int, buf: bytearray, counters: 
     s3 = await fs.get_s3(bucket)
     kw = {"VersionId": version} if version else {}
     try:
-        resp = await s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start + len(buf)}-{stop - 1}", **kw)
+        return await s3.get_object(Bucket=bucket, Key=key, Range=byte_range, **kw)
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchKey", "NoSuchBucket", "404"):
@@ -127,8 +129,13 @@ async def get_s3(fs, url: str, start: int, stop: int, buf: bytearray, counters: 
         if code in ("AccessDenied", "403"):
             raise PermissionError(f"{url}: {exc}") from exc
         if code == "InvalidRange":
-            raise RangeError(f"{url}: bytes [{start}, {stop}) run past the end of the object") from exc
+            raise RangeError(f"{url}: {span} run past the end of the object") from exc
         raise
+
+
+async def get_s3(fs, url: str, start: int, stop: int, buf: bytearray, counters: dict | None) -> None:
+    """Like :func:`get_http` through s3fs's aiobotocore client (credentials and endpoint from the storage options)."""
+    resp = await _s3_get_object(fs, url, f"bytes={start + len(buf)}-{stop - 1}", f"bytes [{start}, {stop})")
     body = resp["Body"]
     try:
         total = _content_range_total(resp.get("ContentRange"))
@@ -158,22 +165,7 @@ async def tail_http(fs, url: str, n: int) -> bytes:
 
 async def tail_s3(fs, path: str, n: int) -> bytes:
     """Like :func:`tail_http` through s3fs's aiobotocore client."""
-    import botocore.exceptions
-
-    bucket, key, version = fs.split_path(path)
-    await fs.set_session()
-    s3 = await fs.get_s3(bucket)
-    try:
-        resp = await s3.get_object(
-            Bucket=bucket, Key=key, Range=f"bytes=-{n}", **({"VersionId": version} if version else {})
-        )
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "NoSuchBucket", "404"):
-            raise FileNotFoundError(path) from exc
-        if code in ("AccessDenied", "403"):
-            raise PermissionError(f"{path}: {exc}") from exc
-        raise
+    resp = await _s3_get_object(fs, path, f"bytes=-{n}", f"the last {n} bytes")
     body = resp["Body"]
     try:
         data = await body.read()

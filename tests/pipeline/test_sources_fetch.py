@@ -176,6 +176,8 @@ def test_s3_past_end_and_missing_key(s3_blob, s3_server):
     so = s3_server["storage_options"]
     with pytest.raises(RangeError, match=rf"blob\.bin: bytes \[0, {SIZE + 1}\) run past the end.*{SIZE} bytes"):
         fetch_ranges(url, [(0, SIZE + 1)], so)
+    with pytest.raises(RangeError, match=rf"blob\.bin: bytes \[{SIZE}, {SIZE + 1}\) run past the end"):
+        fetch_ranges(url, [(SIZE, SIZE + 1)], so)  # S3 answers InvalidRange: nothing of the range exists
     with pytest.raises(RangeError, match=r"nothere\.bin: bytes \[0, 1\) unreadable: FileNotFoundError"):
         fetch_ranges(url.replace("blob.bin", "nothere.bin"), [(0, 1)], so)
 
