@@ -393,7 +393,7 @@ class StepDataset(torch.utils.data.IterableDataset):
         """
         counters: dict = {}
         mine = [(pos, plan) for pos, w, plan in self.steps if pos >= self.start and w % num_workers == worker]
-        k = self.cfg.read_ahead_steps if getattr(self.source, "remote", False) else 0
+        k = self.cfg.read_ahead_steps if self.source.remote else 0
         groups = group_steps(mine, self.source.touching, max(1, (k + 1) // 2))
         go = submit if k else _now
 
