@@ -209,14 +209,14 @@ def memory_demo_section(folder: str, repeats: int) -> None:
     """One epoch of the demo's training data (``configs/demo.yaml``'s data settings) from the memory source."""
     from flexast.model.config import load_config
     from flexast.model.data import open_data, stream_config
-    from flexast.model.recipes import plan_stages
+    from flexast.model.recipes import plan_phases
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [f"data.train={folder}"])
     t0 = time.perf_counter()
     source = open_data(folder, "data.train", "memory")
     read_s = time.perf_counter() - t0
-    stage = plan_stages(cfg, [float(s) for s in source.index["shifts_ms"]])[0]
-    opts = StreamConfig.from_dict(stream_config(cfg, stage, 0))
+    phase = plan_phases(cfg, [float(s) for s in source.index["shifts_ms"]])[0]
+    opts = StreamConfig.from_dict(stream_config(cfg, phase, 0))
     times = []
     for epoch in range(repeats):
         t0 = time.perf_counter()
