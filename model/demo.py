@@ -14,7 +14,7 @@
    - ``flexiast``: FlexiAST only: the ``ast`` row's final weights (the paper fine-tunes a trained AST)
      fine-tuned for half as many steps again with a patch size drawn per step (PI-resize), distilling
      the ``ast`` row (FlexiAST's knowledge distillation);
-   - ``elasticast``: packed native lengths, a frame shift drawn per clip, factorised positions,
+   - ``elasticast``: packed native lengths, a frame shift drawn per clip (40 ms for half), factorised positions,
      attention pooling, token dropout (ElasticAST only, fixed patch 32), trained twice as many steps as
      ``ast`` (it learns three frame shifts, and converges later);
    - ``flexi_elastic``: both: the ``elasticast`` row fine-tuned with random patches as ``flexiast`` is;

@@ -107,6 +107,10 @@ def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
         "c2f": 250, "ast_short": 250,  # c2f's phases: 50 pooled steps (as many clips as 200 full ones) + 200 full
     }  # fmt: skip
     assert [ph.steps for ph in cfgs["c2f"].recipe.phases] == list(plan.c2f_steps) == [50, 200]
+    for r in ("elasticast", "flexi_elastic"):  # 40 ms, the hardest shift, for half the clips; 10 and 20 a quarter each
+        policy = cfgs[r].data.loader.policy()
+        assert policy.kind == "random" and sorted(policy.shifts_ms) == [10, 20, 40, 40]
+    assert {cfgs[r].data.loader.policy().shift_ms for r in ("ast", "flexiast", "c2f", "ast_short")} == {10}
     assert cfgs["ast"].run.ckpt_every == 200 and cfgs["elasticast"].run.ckpt_every == 300
     assert cfgs["flexiast"].model.init == str(tmp_path / "ast_s3" / "half") and not cfgs["flexiast"].recipe.kd.teacher
 
