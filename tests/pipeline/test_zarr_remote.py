@@ -34,7 +34,7 @@ def served(built):
 def assert_same_steps(a, b) -> None:
     assert [x.keys for x in a] == [y.keys for y in b]
     for x, y in zip(a, b, strict=True):
-        assert torch.equal(x.frames, y.frames)  # same clips, same config: bitwise
+        assert torch.equal(x.frames, y.frames)  # the same float16 bytes through the same ops and shapes: bitwise
         assert torch.equal(x.n_frames, y.n_frames)
 
 
