@@ -40,6 +40,7 @@ from flexast.model import step as step_io  # noqa: E402
 from flexast.model.config import from_dict  # noqa: E402
 from flexast.model.train import Trainer  # noqa: E402
 from tests.factories import synthetic_clipset  # noqa: E402
+from tests.model.sync_counter import CountedBatches, SyncCounter  # noqa: E402
 
 
 def make_config(args, out_dir: str, compile_: bool, device: str):
@@ -73,19 +74,6 @@ def make_config(args, out_dir: str, compile_: bool, device: str):
     )
 
 
-class _Counted:
-    def __init__(self, it):
-        self.it, self.drawn = it, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        b = next(self.it)
-        self.drawn += 1
-        return b
-
-
 def _endless(loader):
     while True:
         yield from loader
@@ -98,22 +86,14 @@ def run_steps(args, device: str, compile_: bool, count_syncs: bool) -> dict:
         tr = Trainer(make_config(args, out, compile_, device), train_data=data)
         tr.setup()
         phase = tr.phases[0]
-        src = _Counted(_endless(tr.loader))
+        src = CountedBatches(_endless(tr.loader))
         cuda = tr.device.type == "cuda"
         sync = (lambda: torch.cuda.synchronize(tr.device)) if cuda else (lambda: None)
         times, graphs, syncs, micro = [], [], [], []
         counter, move = None, step_io.to_device
         if count_syncs and not cuda:
-            from tests.model.sync_counter import SyncCounter
-
             counter = SyncCounter(tr.model)
-
-            def to_device(batch, dev):
-                out_b = move(batch, dev)
-                counter.mark(out_b.labels, out_b.frames)
-                return out_b
-
-            step_io.to_device = to_device
+            step_io.to_device = counter.marking(move)
             tr.optimizer.step = counter.paused(tr.optimizer.step)
         try:
             for i in range(args.steps):
@@ -130,7 +110,7 @@ def run_steps(args, device: str, compile_: bool, count_syncs: bool) -> dict:
                 elif counter is not None and i >= 1:
                     # the loader builds batches on the host; drawn outside the count (its .to("cpu") calls would
                     # otherwise look like moves to the device on a CPU)
-                    ahead = _Counted(iter([next(src) for _ in range(8)]))
+                    ahead = CountedBatches(iter([next(src) for _ in range(8)]))
                     before = counter.count
                     with counter:
                         tr._update(ahead, phase)

@@ -80,6 +80,16 @@ class SyncCounter(TorchFunctionMode):
         for t in tensors:
             self.device[t] = True
 
+    def marking(self, move):
+        """``move`` (:func:`model.step.to_device`) wrapped so that the batch it moves is marked as on the device."""
+
+        def to_device(batch, device):
+            out = move(batch, device)
+            self.mark(out.labels, out.frames)
+            return out
+
+        return to_device
+
     def _is_device(self, t: torch.Tensor) -> bool:
         if t in self.device:
             return True
@@ -113,3 +123,18 @@ class SyncCounter(TorchFunctionMode):
             for t in _tensors(out):
                 self.device[t] = True
         return out
+
+
+class CountedBatches:
+    """An iterator over batches that counts how many (micro-steps) were drawn from it."""
+
+    def __init__(self, batches):
+        self.src, self.drawn = iter(batches), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.src)
+        self.drawn += 1
+        return batch

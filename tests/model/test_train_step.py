@@ -15,7 +15,7 @@ from flexast.model.cli import main
 from flexast.model.config import save_config
 from flexast.model.train import Trainer
 from tests.factories import synthetic_clipset, write_shard_folder
-from tests.model.sync_counter import SyncCounter
+from tests.model.sync_counter import CountedBatches, SyncCounter
 from tests.model.train_helpers import tiny_run_config
 
 RECIPES = {
@@ -25,21 +25,6 @@ RECIPES = {
         {"model": {"pos_embed": "factorized", "pool": "attn", "token_dropout": 0.1}},
     ),
 }
-
-
-class _Counted:
-    """An iterator over batches that counts how many micro-steps were drawn."""
-
-    def __init__(self, batches):
-        self.src, self.drawn = iter(batches), 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.src)
-        self.drawn += 1
-        return batch
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -57,17 +42,10 @@ def test_one_host_sync_per_optimizer_step(name, tmp_path, monkeypatch):
     tr.setup()
     batches = list(iter(tr.loader))
     counter = SyncCounter(tr.model)
-    move = step_io.to_device
-
-    def to_device(batch, device):
-        out = move(batch, device)
-        counter.mark(out.labels, getattr(out, "frames", None) if hasattr(out, "frames") else out.x)
-        return out
-
-    monkeypatch.setattr(step_io, "to_device", to_device)
+    monkeypatch.setattr(step_io, "to_device", counter.marking(step_io.to_device))
     tr.optimizer.step = counter.paused(tr.optimizer.step)
     steps = 0
-    src = _Counted(batches)
+    src = CountedBatches(batches)
     with counter:
         while src.drawn < len(batches) - 3:
             before = counter.count
