@@ -88,7 +88,7 @@ def test_cut_set_keeps_the_centre_of_one_shift():
     cut = cut_set(MemorySource("mem", {}, {"u": [rec]}), 10.0, 4)
     out = cut.records(cut.shards[0])[0]
     assert set(out["loc"]) == {"s10"} and out["meta"]["frames"] == {"s10": 4}
-    np.testing.assert_array_equal(out["loc"]["s10"], x[3:7])
+    np.testing.assert_array_equal(out["loc"]["s10"], x[3:7])  # a slice of the stored frames: an exact copy
     np.testing.assert_array_equal(_lengths(cut, 10.0), [4])
 
 

@@ -42,7 +42,7 @@ def test_same_seed_same_audio(tmp_path):
     write_demo(str(tmp_path / "c"), n_clips=10, seed=4)
     rel = [line.split(",")[0] for line in Path(a["all"]).read_text().splitlines()[1:]]
     assert rel == [line.split(",")[0] for line in Path(b["all"]).read_text().splitlines()[1:]]
-    for r in rel:
+    for r in rel:  # the same generator code twice in one process, on one CPU, written as PCM: identical samples
         np.testing.assert_array_equal(sf.read(tmp_path / "a" / r)[0], sf.read(tmp_path / "b" / r)[0])
     assert not np.array_equal(sf.read(tmp_path / "a" / rel[0])[0][:100], sf.read(tmp_path / "c" / rel[0])[0][:100])
     assert Path(a["classes"]).read_text().split() == list(CLASSES)
