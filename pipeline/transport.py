@@ -110,6 +110,40 @@ def _loop_cap() -> asyncio.Semaphore:
     return cap
 
 
+_NATIVE = {  # pipeline.object_store's calls (resumed ranges, typed errors) per fsspec protocol; they take:
+    "http": ({"get": get_http, "head": head_http, "tail": tail_http}, "url"),  # the URL
+    "s3": ({"get": get_s3, "head": head_s3, "tail": tail_s3}, "path"),  # fsspec's bucket/key path
+}
+_NATIVE["https"], _NATIVE["s3a"] = _NATIVE["http"], _NATIVE["s3"]
+
+
+def _native(fs, url: str, path: str, op: str):
+    """``(call, target)``: :mod:`pipeline.object_store`'s ``op`` (``get``, ``head`` or ``tail``) for ``fs``'s protocol
+    and what it takes (``url`` or ``path``); ``(None, path)`` for other fsspec protocols (``gs://`` …)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    calls, takes = _NATIVE.get(protocol, ({}, "path"))
+    call = calls.get(op)
+    return call, (url if call is not None and takes == "url" else path)
+
+
+def _on_their_loops(jobs: list, run_one, max_in_flight: int) -> list:
+    """``await run_one(job, sem)`` for every job (``job[2]`` its filesystem), on that filesystem's event loop with
+    ``max_in_flight`` slots per loop (fsspec runs every async filesystem on one loop: normally one pass); results
+    in job order."""
+    results: list = [None] * len(jobs)
+    loops = {id(j[2].loop): j[2].loop for j in jobs}
+    for loop in loops.values():
+        mine = [k for k, j in enumerate(jobs) if j[2].loop is loop]
+
+        async def run(mine=mine):
+            sem = asyncio.Semaphore(max(1, max_in_flight))
+            return await asyncio.gather(*(run_one(jobs[k], sem) for k in mine))
+
+        for k, got in zip(mine, fsspec.asyn.sync(loop, run), strict=True):
+            results[k] = got
+    return results
+
+
 def coalesce(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:
     """``(start, stop, indices of the ranges it covers)`` per request, per the rule in the module docstring."""
     order = sorted((i for i in range(len(ranges)) if ranges[i][0] < ranges[i][1]), key=lambda i: ranges[i])
@@ -209,14 +243,12 @@ def object_size(
         except OSError as exc:
             raise RangeError(f"{url}: size unreadable: {type(exc).__name__}: {exc}") from exc
     fs, path = filesystem(url, storage_options)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    head = {"http": head_http, "https": head_http, "s3": head_s3, "s3a": head_s3}.get(protocol)
+    head, target = _native(fs, url, path, "head")
     if head is None:
 
         async def head(fs, path):
             return int(await asyncio.to_thread(fs.size, path))
 
-    target = url if head is head_http else path
     call = functools.partial(head, fs, target)
     return fsspec.asyn.sync(fs.loop, _retrying, f"{url}: size", call, retries, backoff_s, counters)
 
@@ -293,11 +325,9 @@ def _fetch_groups(url, groups, storage_options, retries, backoff_s, max_in_fligh
     if not is_remote(url):
         return _read_local(url, groups, counters)
     fs, path = filesystem(url, storage_options)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    get = {"http": get_http, "https": get_http, "s3": get_s3, "s3a": get_s3}.get(protocol)
+    get, target = _native(fs, url, path, "get")
     if get is None:
         return _read_generic(fs, path, groups, retries, backoff_s, max_in_flight, counters)
-    target = url if get is get_http else path
     return fsspec.asyn.sync(fs.loop, _gather, get, fs, target, groups, retries, backoff_s, max_in_flight, counters)
 
 
@@ -351,28 +381,22 @@ def fetch_many(
             blobs[i] = _read_local(url, groups, counters)
             continue
         fs, path = filesystem(url, storage_options)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        get = {"http": get_http, "https": get_http, "s3": get_s3, "s3a": get_s3}.get(protocol)
+        get, target = _native(fs, url, path, "get")
         if get is None:
             blobs[i] = _read_generic(fs, path, groups, retries, backoff_s, max_in_flight, counters)
             continue
-        jobs.append((i, get, fs, url if get is get_http else path, groups))
-    loops = {id(fs.loop): fs.loop for _, _, fs, _, _ in jobs}
-    for loop in loops.values():  # fsspec runs every async filesystem on one loop: normally one pass
+        jobs.append((i, get, fs, target, groups))
 
-        async def run(loop=loop):
-            sem = asyncio.Semaphore(max(1, max_in_flight))
-            mine = [j for j in jobs if j[2].loop is loop]
-            got = await asyncio.gather(
-                *(
-                    asyncio.gather(*(_fetch_one(get, fs, t, s, e, sem, retries, backoff_s, counters) for s, e, _ in g))
-                    for _, get, fs, t, g in mine
-                )
+    async def requests_of(job, sem):  # one object's coalesced requests, sharing the loop's slots
+        _, get, fs, target, groups = job
+        return list(
+            await asyncio.gather(
+                *(_fetch_one(get, fs, target, a, b, sem, retries, backoff_s, counters) for a, b, _ in groups)
             )
-            return [(j[0], list(b)) for j, b in zip(mine, got, strict=True)]
+        )
 
-        for i, got in fsspec.asyn.sync(loop, run):
-            blobs[i] = got
+    for job, got in zip(jobs, _on_their_loops(jobs, requests_of, max_in_flight), strict=True):
+        blobs[job[0]] = got
     out = []
     for (_, ranges, groups), got in zip(plans, blobs, strict=True):
         sliced = [b""] * len(ranges)
@@ -417,16 +441,17 @@ def fetch_tails(
             _count(counters, requests=1, bytes=len(out[i]))
             continue
         fs, path = filesystem(url, storage_options)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        tail = {"http": tail_http, "https": tail_http, "s3": tail_s3, "s3a": tail_s3}.get(protocol)
+        tail, target = _native(fs, url, path, "tail")
         if tail is None:
 
             async def tail(fs, p, n):
                 return await asyncio.to_thread(fs.cat_file, p, start=-n)
 
-        jobs.append((i, tail, fs, url if tail is tail_http else path, n))
+        jobs.append((i, tail, fs, target, n))
 
-    async def one(tail, fs, target, n, sem):
+    async def one(job, sem):
+        _, tail, fs, target, n = job
+
         async def call():
             async with sem, _loop_cap():
                 return await tail(fs, target, n)
@@ -435,16 +460,8 @@ def fetch_tails(
         _count(counters, bytes=len(data))
         return data
 
-    loops = {id(fs.loop): fs.loop for _, _, fs, _, _ in jobs}
-    for loop in loops.values():
-        mine = [j for j in jobs if j[2].loop is loop]
-
-        async def run(mine=mine):
-            sem = asyncio.Semaphore(max(1, max_in_flight))
-            return await asyncio.gather(*(one(tail, fs, t, n, sem) for _, tail, fs, t, n in mine))
-
-        for (i, *_), data in zip(mine, fsspec.asyn.sync(loop, run), strict=True):
-            out[i] = data
+    for job, data in zip(jobs, _on_their_loops(jobs, one, max_in_flight), strict=True):
+        out[job[0]] = data
     return out
 
 
