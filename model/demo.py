@@ -7,18 +7,20 @@
    shared vocabulary;
 3. train the rows of :data:`ROWS` (two processes at a time, one torch thread each), all from
    ``configs/demo.yaml`` with a few overrides; every step packs the same token budget, so a step costs
-   about the same FLOPs whatever the row (the measured FLOPs are reported):
+   about the same FLOPs whatever the row (the measured FLOPs are reported). A patch spans all 64 mel bins
+   and 16 frames (``model.base_patch``); a patch *size* in the FlexiAST draw and the patch sweep is a
+   width in frames (``recipe.time_only``, FlexiAST's speaker setting):
 
-   - ``ast``: the classic fixed AST: one patch (32), one shift (10 ms), one length (256 frames: every
+   - ``ast``: the classic fixed AST: one patch (64×16), one shift (10 ms), one length (256 frames: every
      training clip is longer and is cut to it; in evaluation shorter inputs are padded to it);
    - ``flexiast``: FlexiAST only: the ``ast`` row's final weights (the paper fine-tunes a trained AST)
-     fine-tuned for half as many steps again with a patch size drawn per step (PI-resize), distilling
+     fine-tuned for half as many steps again with a patch width drawn per step (PI-resize), distilling
      the ``ast`` row (FlexiAST's knowledge distillation);
    - ``elasticast``: packed native lengths, a frame shift drawn per clip (40 ms for half), factorised positions,
-     attention pooling, token dropout (ElasticAST only, fixed patch 32), trained twice as many steps as
+     attention pooling, token dropout (ElasticAST only, fixed patch), trained twice as many steps as
      ``ast`` (it learns three frame shifts, and converges later);
    - ``flexi_elastic``: both: the ``elasticast`` row fine-tuned with random patches as ``flexiast`` is;
-   - ``c2f``: coarse-to-fine on the ``ast`` row: phase 1 on frames avg-pooled by 4 (2 token columns per
+   - ``c2f``: coarse-to-fine on the ``ast`` row: phase 1 on frames avg-pooled by 4 (4 token columns per
      clip, not 1) for as many clips as half the baseline's steps carry (in a quarter of the steps), then
      full resolution for ``c2f_phase2`` of the baseline's steps; ``ast_short``: the ``ast`` row with c2f's
      step count, which matches c2f's training FLOPs;
@@ -57,7 +59,7 @@ from flexast.model.recipes_registry import builtin_recipe
 
 CONFIG = builtin_recipe("demo")
 SHIFTS_MS = (10.0, 20.0, 40.0)
-BASE_PATCH = 32
+BASE_PATCH = load_config(CONFIG).recipe.patch[1]  # the fixed AST's patch width (frames); heights: patch_of
 SWEEP_SECONDS = 2.56  # every shift of the shift sweep sees this much audio: 256 / 128 / 64 frames
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
 
@@ -94,17 +96,17 @@ class DemoPlan:
 
     n_train_collection: int = 576  # seed 0: 5/6 train, 1/6 valid
     n_held_out: int = 816  # seed 1: all held out (68 per class)
-    steps: int = 2400  # optimizer steps of the fixed AST row (the FlexiAST rows add half of it to their parent's)
+    steps: int = 3600  # optimizer steps of the fixed AST row (the FlexiAST rows add half of it to their parent's)
     elastic_steps: int = 4800  # steps of the ElasticAST row (packed, three shifts: slower to converge); 0 = steps
-    c2f_factor: int = 4  # phase 1 pools frames by R: 256 → 64 frames, 2 token columns at patch 32
+    c2f_factor: int = 4  # phase 1 pools frames by R: 256 → 64 frames, 4 token columns at patch width 16
     c2f_phase1: float = 0.5  # share of the baseline's clips that c2f sees pooled (in 1/R of the steps)
     c2f_phase2: float = 0.58  # share of the baseline's steps that c2f trains at full resolution
     flex_lr: float = 2e-3  # peak lr of the FlexiAST fine-tuning (the recipe's own lr)
     flex_init: str = "final"  # the FlexiAST rows start from their parent's "final" weights or those at "half" its steps
     flex_kd: float = 1.0  # > 0: the FlexiAST rows distil their parent's final weights (KL weight; FlexiAST's KD)
-    flex_patches: tuple[int, ...] = (16, 24, 32, 32, 32, 40, 48)  # patch draw per step: 32 in 3 of 7 steps
+    flex_patches: tuple[int, ...] = (8, 12, 16, 16, 16, 24, 32, 48)  # patch width drawn per step: 16 in 3 of 8
     seeds: tuple[int, ...] = (0,)
-    patches: tuple[int, ...] = (16, 24, 32, 40, 48)
+    patches: tuple[int, ...] = (8, 12, 16, 24, 32, 48)  # patch widths (frames) of the patch sweep
     lengths: tuple[int, ...] = (64, 128, 256, 512)  # frames at 10 ms
     in_process: bool = False  # train in this process (no subprocess start-up: the quick smoke test)
 
@@ -134,7 +136,7 @@ PLANS = {
         steps=8,
         elastic_steps=16,
         seeds=(0,),
-        patches=(16, 32),
+        patches=(8, 16),
         lengths=(128, 256),
         in_process=True,
     ),
@@ -211,7 +213,6 @@ def row_config(row: str, plan: DemoPlan, seed: int, shards: dict[str, str], run_
         f"run.seed={seed}",
         "run.progress=false",
         f"optim.steps={steps}",
-        f"recipe.patch={BASE_PATCH},{BASE_PATCH}",
         *extra,
     ]
     if row != "c2f":
@@ -398,6 +399,7 @@ def _evaluate(items: list[tuple[str, int, str]], plan: DemoPlan, eval_dir: str, 
     from flexast.model.data import open_data, training_stats
     from flexast.model.evaluate import score_source
     from flexast.model.metrics import wilson_interval
+    from flexast.model.patch_embed import patch_of
     from flexast.pipeline.datasource import open_source
     from flexast.pipeline.demo_sounds import TEMPORAL
     from flexast.pipeline.resolution import TimeScale
@@ -422,7 +424,7 @@ def _evaluate(items: list[tuple[str, int, str]], plan: DemoPlan, eval_dir: str, 
                 out = score_source(
                     model,
                     clips,
-                    patch=(p, p),
+                    patch=patch_of(model.config.base_patch, model.config.resize_axes, p),
                     resolution=TimeScale(shift),
                     max_frames=frames,
                     norm=tuple(stats[str(float(shift))]),  # the training statistics, as prediction uses

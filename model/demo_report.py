@@ -21,7 +21,12 @@ from flexast.model.metrics import wilson_interval
 from flexast.model.report import human_flops
 
 MAIN_ROWS = ("ast", "flexiast", "elasticast", "flexi_elastic")
-OWN = {"patch": 32, "shift": 10.0, "length": 256}  # the fixed AST's own patch, shift and length
+OWN = {"shift": 10.0, "length": 256}  # the fixed AST's own shift and length; its patch: own_patch(rows)
+
+
+def own_patch(rows: list[dict]) -> int:
+    """The fixed AST's own patch width (frames): the value of the operating point every row is scored at."""
+    return next(r["value"] for r in rows if r["sweep"] == "operating")
 
 
 def cell(rows: list[dict], row: str, sweep: str, value) -> dict | None:
@@ -55,17 +60,18 @@ def _spread(values: list[float]) -> float:
 def claims(rows: list[dict], runs: dict, info: dict, seeds: list[int]) -> dict:
     """The five claims of issue 13 with what was measured and whether each target holds."""
     out = []
-    f32, x32 = cell(rows, "ast", "patch", 32), cell(rows, "flexiast", "patch", 32)
+    base_p = own_patch(rows)
+    f32, x32 = cell(rows, "ast", "patch", base_p), cell(rows, "flexiast", "patch", base_p)
     out.append(
         {
             "id": "flexiast_base_patch",
             "target": "FlexiAST only is within 2 points of the fixed AST at the fixed AST's own patch",
-            "measured": {"fixed": _r(f32["top1"]), "flexible": _r(x32["top1"]), "patch": 32},
+            "measured": {"fixed": _r(f32["top1"]), "flexible": _r(x32["top1"]), "patch": base_p},
             "interval": {"fixed": [_r(f32["lo"]), _r(f32["hi"])], "flexible": [_r(x32["lo"]), _r(x32["hi"])]},
             "holds": bool(x32["top1"] >= f32["top1"] - 0.02),
         }
     )
-    patches = sorted({r["value"] for r in rows if r["sweep"] == "patch" and r["value"] != 32})
+    patches = sorted({r["value"] for r in rows if r["sweep"] == "patch" and r["value"] != base_p})
     fx = [cell(rows, "ast", "patch", p) for p in patches]
     fl = [cell(rows, "flexiast", "patch", p) for p in patches]
     out.append(
@@ -110,7 +116,7 @@ def claims(rows: list[dict], runs: dict, info: dict, seeds: list[int]) -> dict:
                 "holds": bool(spread <= 0.03 and worst_drop > 0.10),
             }
         )
-    base, c2f, short = (cell(rows, r, "operating", 32) for r in ("ast", "c2f", "ast_short"))
+    base, c2f, short = (cell(rows, r, "operating", base_p) for r in ("ast", "c2f", "ast_short"))
     fl = {
         r: float(np.mean([v["flops"] for (row, _), v in runs.items() if row == r])) for r in ("ast", "c2f", "ast_short")
     }
@@ -173,7 +179,7 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, legend_size: int) -> Pa
     return path
 
 
-def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[str, str]) -> list[Path]:
+def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[str, str], bins: int) -> list[Path]:
     """``top1_vs_{patch,shift,length}.png``: one line per model, 95% Wilson error bars."""
     import matplotlib
 
@@ -182,7 +188,7 @@ def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[st
 
     paths = []
     for sweep, xlabel in (
-        ("patch", "patch size p (p×p)"),
+        ("patch", f"patch width p (frames; patches {bins}×p)"),
         ("shift", f"frame shift (ms), {2.56:.2f} s of audio each"),
         ("length", "max length (frames at 10 ms)"),
     ):
@@ -195,7 +201,7 @@ def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[st
             xs = np.array(values, dtype=float) * (1 + 0.01 * (k - 1.5))  # nudge so error bars do not overlap
             ax.errorbar(xs, y, yerr=err, marker="o", capsize=3, label=model_names[row])
         ax.axhline(chance, color="grey", linestyle="--", label="chance")
-        ax.axvline(OWN[sweep], color="black", alpha=0.2, linewidth=4, label="fixed AST's own")
+        ax.axvline(OWN.get(sweep, own_patch(rows)), color="black", alpha=0.2, linewidth=4, label="fixed AST's own")
         if sweep != "patch":
             ax.set_xscale("log", base=2)
             ax.set_xticks(values, [f"{v:g}" for v in values])
@@ -240,7 +246,7 @@ def plot_training(runs: dict, rows: list[dict], out: Path, model_names: dict[str
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, row in enumerate(("ast", "ast_short", "c2f")):
-        c = cell(rows, row, "operating", 32)
+        c = cell(rows, row, "operating", own_patch(rows))
         flops = np.mean([v["flops"] for (r, _), v in runs.items() if r == row]) / 1e12
         for (r, _), run in runs.items():  # validation top-1 during training; a step costs about flops / steps
             if r == row:
@@ -300,8 +306,8 @@ def _claims_table(c: dict) -> str:
     return "\n".join(lines)
 
 
-def training_text(plan) -> str:
-    """How many steps each row trains and from what (``plan``: a ``model.demo.DemoPlan``)."""
+def training_text(plan, patch: tuple[int, int]) -> str:
+    """How many steps each row trains and from what (``plan``: a ``model.demo.DemoPlan``; ``patch`` the base)."""
     s1, s2 = plan.c2f_steps
     el = plan.row_steps("elasticast")
     flex = plan.row_steps("flexiast")
@@ -312,18 +318,19 @@ def training_text(plan) -> str:
         + f". Coarse-to-fine and the FLOP-matched baseline train {plan.short_steps} steps each. Every step packs the "
         "same token budget, so a step costs about the same FLOPs whatever the row: rows are compared at the steps "
         "and FLOPs listed below. Coarse-to-fine's phase 1 trains on frames avg-pooled by "
-        f"{plan.c2f_factor} (256 → {256 // plan.c2f_factor} frames, {256 // plan.c2f_factor // 32} token columns at "
-        f"patch 32) for {s1} steps, which carry as many clips as {round(plan.steps * plan.c2f_phase1)} "
+        f"{plan.c2f_factor} (256 → {256 // plan.c2f_factor} frames, {256 // plan.c2f_factor // patch[1]} token "
+        f"columns at patch {patch[0]}×{patch[1]}) for {s1} steps, which carry as many clips as "
+        f"{round(plan.steps * plan.c2f_phase1)} "
         f"full-resolution steps; phase 2 trains {s2} steps at full resolution. Positions are interpolated and the "
         "optimizer and lr schedule reset between phases, as in the paper. "
     )
     start = "final weights" if plan.flex_init == "final" else "weights at half its steps"
     text += (
         f"The FlexiAST rows fine-tune their parent row's {start} (FlexiAST fine-tunes a trained AST) for {flex} "
-        f"more steps at lr {plan.flex_lr:g} with a patch drawn per step from "
+        f"more steps at lr {plan.flex_lr:g} with a patch width drawn per step from "
         + ("the recipe's sizes" if not plan.flex_patches else "{" + ", ".join(map(str, plan.flex_patches)) + "}")
         + (
-            f", distilling the parent's final weights (KL weight {plan.flex_kd:g}, the teacher at patch 32; "
+            f", distilling the parent's final weights (KL weight {plan.flex_kd:g}, the teacher at the base patch; "
             "FlexiAST's knowledge distillation)"
             if plan.flex_kd > 0
             else ""
@@ -346,13 +353,15 @@ def write_report(
         item["deciding"] = verdict(item)
     (out / "claims.json").write_text(json.dumps(c, indent=1))
     write_csv(rows, out / "results.csv")
-    plots = plot_sweeps(rows, out, info["chance"], names) + plot_training(runs, rows, out, names)
+    cfg = next(iter(runs.values()))["config"]
+    bins = cfg.model.base_patch[0]
+    plots = plot_sweeps(rows, out, info["chance"], names, bins) + plot_training(runs, rows, out, names)
     table = _claims_table(c)
     train_lines = []
     for row in names:
         mine = [v for (r, _), v in runs.items() if r == row]
         losses = [float(np.mean(_losses(v["dir"])[1][-5:])) for v in mine]
-        op = cell(rows, row, "operating", 32)
+        op = cell(rows, row, "operating", own_patch(rows))
         valid = " / ".join(f"{v.get('valid', {}).get('top1', float('nan')):.3f}" for v in mine)
         flops = human_flops(float(np.mean([v["flops"] for v in mine])))
         train_lines.append(
@@ -381,9 +390,9 @@ def write_report(
         table,
         "",
         "## Training (steps and the measured FLOPs of every row)",
-        training_text(plan),
+        training_text(plan, tuple(cfg.model.base_patch)),
         "",
-        "| row | steps | training FLOPs | final train loss | validation top-1 | held-out top-1 (p32, 10 ms, 256) "
+        "| row | steps | training FLOPs | final train loss | validation top-1 | held-out top-1 (own patch, 10 ms, 256) "
         "| wall |",
         "|---|---|---|---|---|---|---|",
         *train_lines,
@@ -396,7 +405,7 @@ def write_report(
         "256 (longer ones are cut). The others see the same frames without padding. The last line of each table",
         "gives the mean seconds of audio a clip was seen for, by a packed model and by the fixed AST.",
         "",
-        sweep_table(rows, "patch", "patch size (p×p, 10 ms, 256 frames)", names),
+        sweep_table(rows, "patch", f"patch width p (patches {bins}×p, 10 ms, 256 frames)", names),
         "",
         sweep_table(rows, "shift", "frame shift in ms (2.56 s each)", names),
         "",

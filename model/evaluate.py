@@ -31,6 +31,7 @@ from flexast.model.checkpoint import load_checkpoint
 from flexast.model.config import Config
 from flexast.model.data import eval_config, model_input, norm_table, open_data, shifts_of, training_norm
 from flexast.model.metrics import chance_metrics, classification_metrics
+from flexast.model.patch_embed import patch_of
 from flexast.model.run_dir import read_labels
 from flexast.pipeline.datasource import Source
 from flexast.pipeline.errors import ConfigError
@@ -151,8 +152,7 @@ class GridSpec:
 
 
 def _patch_for(model, p: int) -> tuple[int, int]:
-    c = model.config
-    return (c.base_patch[0], p) if c.resize_axes == "time" else (p, p)
+    return patch_of(model.config.base_patch, model.config.resize_axes, p)
 
 
 def eval_grid(

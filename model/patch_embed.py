@@ -18,6 +18,8 @@ patch size it is resized by:
 * ``none``: no resize; only the base size is accepted.
 
 ``resize_axes="time"`` allows only time to change (``p_f == p0_f``), as FlexiAST did for speaker tasks.
+A patch *size* ``p`` names a time width; :func:`patch_of` gives its ``(p_f, p_t)``: the base kernel's shape
+scaled to width ``p`` (``p × p`` for a square base), or ``(p0_f, p)`` with ``resize_axes="time"``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def pi_resize_matrix(old: tuple[int, int], new: tuple[int, int], device=None) ->
     pinv_f = torch.linalg.pinv(_resize_matrix_1d(old[0], new[0], device).T)  # (new_f, old_f)
     pinv_t = torch.linalg.pinv(_resize_matrix_1d(old[1], new[1], device).T)  # (new_t, old_t)
     return torch.kron(pinv_f, pinv_t)  # (new_f·new_t, old_f·old_t)
+
+
+def patch_of(base_patch: tuple[int, int], resize_axes: str, p: int) -> tuple[int, int]:
+    """``(p_f, p_t)`` of patch size ``p`` (a time width) for a kernel stored at ``base_patch``.
+
+    ``time``: ``(p0_f, p)``; ``both``: the base shape scaled to width ``p``, ``(round(p · p0_f / p0_t), p)``,
+    which is ``(p, p)`` for a square base (FlexiAST's sizes).
+    """
+    p0_f, p0_t = int(base_patch[0]), int(base_patch[1])
+    if resize_axes == "time":
+        return (p0_f, int(p))
+    return (max(1, round(int(p) * p0_f / p0_t)), int(p))
 
 
 class FlexiPatchEmbed(nn.Module):

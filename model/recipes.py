@@ -11,8 +11,9 @@ Units: frames at the clip's own resolution; frame shifts in ms; R the temporal c
 
 Recipe → phase mapping:
     ast            patch fixed; resolution from ``data``; padded input with ``data.loader.target_frames``.
-    flexiast       patch drawn uniformly per step from ``recipe.patch_sizes`` (square, or
-                   ``(base_f, p)`` with ``time_only``), resized by ``recipe.resize``; optional KD.
+    flexiast       patch drawn uniformly per step from ``recipe.patch_sizes`` (``patch_embed.patch_of``:
+                   p×p for a square base, the base's shape at width p, ``(base_f, p)`` with ``time_only``),
+                   resized by ``recipe.resize``; optional KD.
     elasticast     packed native lengths, resolution from ``data`` (random shifts or pool), fixed patch.
     coarse_to_fine phase i compresses time by R_i: ``fshift`` (stored shift 10·R ms), ``pool`` (avg|max
                    pool by R of the base shift), or ``patch`` (rectangular patch (p_f, R·p_t)); the
@@ -28,7 +29,7 @@ import torch
 from flexast.model.ast import ASTModel, ModelConfig
 from flexast.model.checkpoint import load_init
 from flexast.model.config import Config, PhaseConfig
-from flexast.model.patch_embed import resample_patch_embed
+from flexast.model.patch_embed import patch_of, resample_patch_embed
 from flexast.model.pos_embed import resample_grid_pos_embed, resize_table
 from flexast.pipeline.errors import ConfigError
 from flexast.pipeline.resolution import ResolutionPolicy
@@ -55,9 +56,8 @@ class Phase:
 def _patches(cfg: Config, kind: str) -> list[tuple[int, int]]:
     if kind != "flexiast":
         return [tuple(cfg.recipe.patch)]
-    if cfg.recipe.time_only:
-        return [(int(cfg.model.base_patch[0]), int(p)) for p in cfg.recipe.patch_sizes]
-    return [(int(p), int(p)) for p in cfg.recipe.patch_sizes]
+    axes = "time" if cfg.recipe.time_only else "both"
+    return [patch_of(cfg.model.base_patch, axes, p) for p in cfg.recipe.patch_sizes]
 
 
 def _base_policy(cfg: Config, stored: list[float]) -> ResolutionPolicy:

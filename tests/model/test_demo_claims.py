@@ -111,6 +111,9 @@ def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
         policy = cfgs[r].data.loader.policy()
         assert policy.kind == "random" and sorted(policy.shifts_ms) == [10, 20, 40, 40]
     assert {cfgs[r].data.loader.policy().shift_ms for r in ("ast", "flexiast", "c2f", "ast_short")} == {10}
+    # one tokenisation for every row: full-band patches 16 frames wide; a patch size is a width (time_only)
+    assert {tuple(c.model.base_patch) for c in cfgs.values()} == {(64, 16)}
+    assert all(c.recipe.time_only for c in cfgs.values())
     assert cfgs["ast"].run.ckpt_every == 200 and cfgs["elasticast"].run.ckpt_every == 300
     assert cfgs["flexiast"].model.init == str(tmp_path / "ast_s3" / "half") and not cfgs["flexiast"].recipe.kd.teacher
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flexast.model.errors import ShapeError
-from flexast.model.patch_embed import FlexiPatchEmbed, pi_resize_matrix, resize_matrix
+from flexast.model.patch_embed import FlexiPatchEmbed, patch_of, pi_resize_matrix, resize_matrix
 
 
 def _embed(base=(8, 8), resize="pi", axes="both", dim=6, seed=0):
@@ -115,6 +115,20 @@ def test_time_only_resize():
     torch.testing.assert_close(rhs, lhs, atol=1e-5, rtol=0)
     with pytest.raises(ShapeError, match="pins the frequency"):
         pe.kernel((10, 20))
+
+
+def test_patch_of_keeps_the_base_shape():
+    """A patch size is a time width: square bases give p×p, others keep their shape, ``time`` pins frequency."""
+    assert [patch_of((16, 16), "both", p) for p in (8, 24)] == [(8, 8), (24, 24)]
+    assert [patch_of((32, 16), "both", p) for p in (8, 12, 24)] == [(16, 8), (24, 12), (48, 24)]
+    assert patch_of((32, 16), "time", 24) == (32, 24)
+    # the identity ⟨x, w⟩ = ⟨resize(x), PI-resize(w)⟩ holds at a shape-keeping upsampled size too
+    pe = FlexiPatchEmbed(4, (4, 2), "pi").double()
+    x = torch.randn(3, 1, 4, 2, dtype=torch.float64)
+    size = patch_of((4, 2), "both", 5)  # (10, 5)
+    x_up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    lhs = torch.einsum("nchw,dchw->nd", x, pe.proj.weight)
+    torch.testing.assert_close(torch.einsum("nchw,dchw->nd", x_up, pe.kernel(size)), lhs, atol=1e-8, rtol=0)
 
 
 def test_packed_patchify_equals_strided_conv():
