@@ -21,9 +21,9 @@
      ``ast`` (it learns three frame shifts, and converges later);
    - ``flexi_elastic``: both: the ``elasticast`` row fine-tuned with random patches as ``flexiast`` is;
    - ``c2f``: coarse-to-fine on the ``ast`` row: phase 1 on frames avg-pooled by 4 (4 token columns per
-     clip, not 1) for as many clips as half the baseline's steps carry (in a quarter of the steps), then
-     full resolution for ``c2f_phase2`` of the baseline's steps; ``ast_short``: the ``ast`` row with c2f's
-     step count, which matches c2f's training FLOPs;
+     clip, not 1) for as many clips as a quarter of the baseline's steps carry (the paper's phase 1, in
+     1/R of the steps), then full resolution for ``c2f_phase2`` of the baseline's steps; ``ast_short``:
+     the ``ast`` row with c2f's step count, which matches c2f's training FLOPs;
 
 4. evaluate on the held-out set (normalised with the *training* statistics, labels matched by name): the
    patch sweep, the frame-shift sweep (every shift sees the same 2.56 s) and the length sweep;
@@ -99,8 +99,8 @@ class DemoPlan:
     steps: int = 3600  # optimizer steps of the fixed AST row (the FlexiAST rows add half of it to their parent's)
     elastic_steps: int = 4800  # steps of the ElasticAST row (packed, three shifts: slower to converge); 0 = steps
     c2f_factor: int = 4  # phase 1 pools frames by R: 256 → 64 frames, 4 token columns at patch width 16
-    c2f_phase1: float = 0.5  # share of the baseline's clips that c2f sees pooled (in 1/R of the steps)
-    c2f_phase2: float = 0.58  # share of the baseline's steps that c2f trains at full resolution
+    c2f_phase1: float = 0.25  # share of the baseline's clips c2f sees pooled (in 1/R of the steps): the paper's
+    c2f_phase2: float = 0.625  # share of the baseline's steps that c2f trains at full resolution
     flex_lr: float = 2e-3  # peak lr of the FlexiAST fine-tuning (the recipe's own lr)
     flex_init: str = "final"  # the FlexiAST rows start from their parent's "final" weights or those at "half" its steps
     flex_kd: float = 1.0  # > 0: the FlexiAST rows distil their parent's final weights (KL weight; FlexiAST's KD)
