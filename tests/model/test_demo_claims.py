@@ -104,9 +104,9 @@ def test_row_configs_share_steps_warm_starts_and_teachers(tmp_path):
     cfgs = {r: row_config(r, plan, 3, shards, tmp_path / f"{r}_s3") for r in ROWS}
     assert {r: c.optim.steps for r, c in cfgs.items()} == {
         "ast": 400, "flexiast": 200, "elasticast": 600, "flexi_elastic": 200,  # FlexiAST: steps / 2 on the parent
-        "c2f": 250, "ast_short": 250,  # c2f's phases: 50 pooled steps (as many clips as 200 full ones) + 200 full
+        "c2f": 225, "ast_short": 225,  # c2f's phases: 25 pooled steps (as many clips as 100 full ones) + 200 full
     }  # fmt: skip
-    assert [ph.steps for ph in cfgs["c2f"].recipe.phases] == list(plan.c2f_steps) == [50, 200]
+    assert [ph.steps for ph in cfgs["c2f"].recipe.phases] == list(plan.c2f_steps) == [25, 200]
     for r in ("elasticast", "flexi_elastic"):  # 40 ms, the hardest shift, for half the clips; 10 and 20 a quarter each
         policy = cfgs[r].data.loader.policy()
         assert policy.kind == "random" and sorted(policy.shifts_ms) == [10, 20, 40, 40]

@@ -6,7 +6,7 @@ import csv
 import json
 
 from flexast.model.cli import main
-from flexast.model.demo import PLANS, ROWS, eval_points
+from flexast.model.demo import BASE_PATCH, PLANS, ROWS, eval_points
 
 CLAIM_FIELDS = {
     "flexiast_base_patch": {"fixed", "flexible", "patch"},
@@ -31,7 +31,8 @@ def test_demo_quick_writes_claims_report_and_plots(tmp_path, capsys):
         assert set(by_id[cid]["measured"]) == fields, cid
         assert isinstance(by_id[cid]["holds"], bool)
     other = by_id["flexiast_other_patches"]["measured"]
-    assert other["patches"] == [p for p in plan.patches if p != 32]
+    assert other["patches"] == [p for p in plan.patches if p != BASE_PATCH]
+    assert by_id["flexiast_base_patch"]["measured"]["patch"] == BASE_PATCH == 16  # the demo's 64×16 patch
     assert by_id["elastic_shifts"]["measured"]["shifts_ms"] == [10.0, 20.0, 40.0]
     # The FLOP-matched baseline and coarse-to-fine both spend less than the full baseline.
     c2f = by_id["c2f_flops"]
