@@ -122,7 +122,7 @@ class RecipeConfig:
     name: Literal["ast", "flexiast", "elasticast", "coarse_to_fine"] = "ast"
     patch: list[int] = field(default_factory=lambda: [16, 16])  # fixed patch (ast, elasticast)
     patch_sizes: list[int] = field(default_factory=lambda: [8, 10, 12, 16, 20, 24, 30, 32, 40, 48])
-    time_only: bool = False  # flexiast: patches (p_f_fixed, p) (VoxCeleb)
+    time_only: bool = False  # flexiast: patches (p_f_fixed, p) (VoxCeleb); else the base's shape at width p
     resize: Literal["pi", "bilinear"] = "pi"
     kd: KDConfig = field(default_factory=KDConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
