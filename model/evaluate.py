@@ -6,7 +6,8 @@ frames at the clip's own resolution.
 Three sweeps, each around the model's operating point (its native kernel, the base 10 ms shift and
 the full length):
 
-* patch sizes (FlexiAST Table 1): square ``(p, p)``, or ``(p0_f, p)`` for time-only models;
+* patch sizes (FlexiAST Table 1), each a width ``p`` (``patch_embed.patch_of``): ``(p, p)`` for a square
+  kernel, the kernel's shape at width ``p`` otherwise, ``(p0_f, p)`` for time-only models;
 * resolution: stored frame shifts, or avg/max pooling factors of the base shift;
 * max length: clips longer than the cap are cut (centre), shorter ones are never padded.
 
