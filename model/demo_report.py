@@ -372,8 +372,10 @@ def write_report(
     lines = [
         "# flexast demo report",
         "",
-        "Written by `model demo`. Each row below is a tiny Audio Spectrogram Transformer (64 wide, 3 blocks,",
-        f"64 mel bins) trained on the same demo sounds ({len(info['classes'])} classes: {', '.join(info['classes'])}),",
+        "Written by `model demo`. Each row below is a tiny Audio Spectrogram Transformer "
+        f"({cfg.model.embed_dim} wide, {cfg.model.depth} blocks,",
+        f"{cfg.model.n_mels} mel bins, patches of {bins} bins × {own_patch(rows)} frames) trained on the same demo "
+        f"sounds ({len(info['classes'])} classes: {', '.join(info['classes'])}),",
         "and evaluated on a held-out set generated from its own seed:",
         f"**{info['n_eval']} clips**, normalised with the training statistics, labels matched by name.",
         f"Seeds: {', '.join(map(str, seeds))}. Every number carries its 95% Wilson interval in brackets"
