@@ -61,14 +61,17 @@ def claims(rows: list[dict], runs: dict, info: dict, seeds: list[int]) -> dict:
     """The five claims of issue 13 with what was measured and whether each target holds."""
     out = []
     base_p = own_patch(rows)
-    f32, x32 = cell(rows, "ast", "patch", base_p), cell(rows, "flexiast", "patch", base_p)
+    fixed_b, flex_b = cell(rows, "ast", "patch", base_p), cell(rows, "flexiast", "patch", base_p)
     out.append(
         {
             "id": "flexiast_base_patch",
             "target": "FlexiAST only is within 2 points of the fixed AST at the fixed AST's own patch",
-            "measured": {"fixed": _r(f32["top1"]), "flexible": _r(x32["top1"]), "patch": base_p},
-            "interval": {"fixed": [_r(f32["lo"]), _r(f32["hi"])], "flexible": [_r(x32["lo"]), _r(x32["hi"])]},
-            "holds": bool(x32["top1"] >= f32["top1"] - 0.02),
+            "measured": {"fixed": _r(fixed_b["top1"]), "flexible": _r(flex_b["top1"]), "patch": base_p},
+            "interval": {
+                "fixed": [_r(fixed_b["lo"]), _r(fixed_b["hi"])],
+                "flexible": [_r(flex_b["lo"]), _r(flex_b["hi"])],
+            },
+            "holds": bool(flex_b["top1"] >= fixed_b["top1"] - 0.02),
         }
     )
     patches = sorted({r["value"] for r in rows if r["sweep"] == "patch" and r["value"] != base_p})
@@ -186,6 +189,7 @@ def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    own = {**OWN, "patch": own_patch(rows)}
     paths = []
     for sweep, xlabel in (
         ("patch", f"patch width p (frames; patches {bins}×p)"),
@@ -201,7 +205,7 @@ def plot_sweeps(rows: list[dict], out: Path, chance: float, model_names: dict[st
             xs = np.array(values, dtype=float) * (1 + 0.01 * (k - 1.5))  # nudge so error bars do not overlap
             ax.errorbar(xs, y, yerr=err, marker="o", capsize=3, label=model_names[row])
         ax.axhline(chance, color="grey", linestyle="--", label="chance")
-        ax.axvline(OWN.get(sweep, own_patch(rows)), color="black", alpha=0.2, linewidth=4, label="fixed AST's own")
+        ax.axvline(own[sweep], color="black", alpha=0.2, linewidth=4, label="fixed AST's own")
         if sweep != "patch":
             ax.set_xscale("log", base=2)
             ax.set_xticks(values, [f"{v:g}" for v in values])
@@ -245,8 +249,9 @@ def plot_training(runs: dict, rows: list[dict], out: Path, model_names: dict[str
     loss_path = _save(fig, ax, out / "loss_curves.png", "optimizer step", ylabel, 6)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    base_p = own_patch(rows)
     for k, row in enumerate(("ast", "ast_short", "c2f")):
-        c = cell(rows, row, "operating", own_patch(rows))
+        c = cell(rows, row, "operating", base_p)
         flops = np.mean([v["flops"] for (r, _), v in runs.items() if r == row]) / 1e12
         for (r, _), run in runs.items():  # validation top-1 during training; a step costs about flops / steps
             if r == row:
@@ -354,14 +359,14 @@ def write_report(
     (out / "claims.json").write_text(json.dumps(c, indent=1))
     write_csv(rows, out / "results.csv")
     cfg = next(iter(runs.values()))["config"]
-    bins = cfg.model.base_patch[0]
+    bins, base_p = cfg.model.base_patch[0], own_patch(rows)
     plots = plot_sweeps(rows, out, info["chance"], names, bins) + plot_training(runs, rows, out, names)
     table = _claims_table(c)
     train_lines = []
     for row in names:
         mine = [v for (r, _), v in runs.items() if r == row]
         losses = [float(np.mean(_losses(v["dir"])[1][-5:])) for v in mine]
-        op = cell(rows, row, "operating", own_patch(rows))
+        op = cell(rows, row, "operating", base_p)
         valid = " / ".join(f"{v.get('valid', {}).get('top1', float('nan')):.3f}" for v in mine)
         flops = human_flops(float(np.mean([v["flops"] for v in mine])))
         train_lines.append(
@@ -374,7 +379,7 @@ def write_report(
         "",
         "Written by `model demo`. Each row below is a tiny Audio Spectrogram Transformer "
         f"({cfg.model.embed_dim} wide, {cfg.model.depth} blocks,",
-        f"{cfg.model.n_mels} mel bins, patches of {bins} bins × {own_patch(rows)} frames) trained on the same demo "
+        f"{cfg.model.n_mels} mel bins, patches of {bins} bins × {base_p} frames) trained on the same demo "
         f"sounds ({len(info['classes'])} classes: {', '.join(info['classes'])}),",
         "and evaluated on a held-out set generated from its own seed:",
         f"**{info['n_eval']} clips**, normalised with the training statistics, labels matched by name.",

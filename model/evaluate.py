@@ -152,10 +152,6 @@ class GridSpec:
     base_shift_ms: float = 10.0
 
 
-def _patch_for(model, p: int) -> tuple[int, int]:
-    return patch_of(model.config.base_patch, model.config.resize_axes, p)
-
-
 def eval_grid(
     models: dict[str, object],
     data: Source,
@@ -180,7 +176,8 @@ def eval_grid(
         native = tuple(model.config.base_patch)
         points = []
         for p in spec.patch_sizes:
-            points.append(("patch", p, _patch_for(model, p), TimeScale(spec.base_shift_ms), spec.base_max_frames))
+            patch = patch_of(native, model.config.resize_axes, p)
+            points.append(("patch", p, patch, TimeScale(spec.base_shift_ms), spec.base_max_frames))
         for s in spec.shifts_ms:
             mf = max(1, int(spec.base_max_frames * spec.base_shift_ms / s))
             points.append(("shift", s, native, TimeScale(float(s)), mf))
