@@ -64,6 +64,8 @@ def patch_of(base_patch: tuple[int, int], resize_axes: str, p: int) -> tuple[int
     ``time``: ``(p0_f, p)``; ``both``: the base shape scaled to width ``p``, ``(round(p · p0_f / p0_t), p)``,
     which is ``(p, p)`` for a square base (FlexiAST's sizes).
     """
+    if resize_axes not in ("both", "time"):
+        raise ModelConfigError(f"resize_axes must be 'both' or 'time', got {resize_axes!r}")
     p0_f, p0_t = int(base_patch[0]), int(base_patch[1])
     if resize_axes == "time":
         return (p0_f, int(p))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexast.model.errors import ShapeError
+from flexast.model.errors import ModelConfigError, ShapeError
 from flexast.model.patch_embed import FlexiPatchEmbed, patch_of, pi_resize_matrix, resize_matrix
 
 
@@ -122,6 +122,8 @@ def test_patch_of_keeps_the_base_shape():
     assert [patch_of((16, 16), "both", p) for p in (8, 24)] == [(8, 8), (24, 24)]
     assert [patch_of((32, 16), "both", p) for p in (8, 12, 24)] == [(16, 8), (24, 12), (48, 24)]
     assert patch_of((32, 16), "time", 24) == (32, 24)
+    with pytest.raises(ModelConfigError, match="'freq'"):
+        patch_of((32, 16), "freq", 24)
     # the identity ⟨x, w⟩ = ⟨resize(x), PI-resize(w)⟩ holds at a shape-keeping upsampled size too
     pe = FlexiPatchEmbed(4, (4, 2), "pi").double()
     x = torch.randn(3, 1, 4, 2, dtype=torch.float64)
